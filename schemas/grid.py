@@ -1,0 +1,72 @@
+"""The occupancy voxel grid (DESIGN §3).
+
+Ego frame of the key frame (x forward, y left, z up, origin at the rear axle), range
+``[-50, -50, -4, 50, 50, 4]`` m, 0.5 m voxels, indexed ``[x, y, z]``; OpenScene's flat index is
+``x + 200 * y + 40000 * z``. The range is half-open: a point exactly at a maximum is outside.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class VoxelGrid:
+    """An axis-aligned voxel grid in the ego frame.
+
+    Attributes:
+        range_min_m: (x, y, z) lower corner, metres, inclusive.
+        range_max_m: (x, y, z) upper corner, metres, exclusive.
+        voxel_size_m: edge length of a cubic voxel, metres.
+    """
+
+    range_min_m: tuple[float, float, float] = (-50.0, -50.0, -4.0)
+    range_max_m: tuple[float, float, float] = (50.0, 50.0, 4.0)
+    voxel_size_m: float = 0.5
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """Number of voxels along x, y, z."""
+        return tuple(  # type: ignore[return-value]
+            round((hi - lo) / self.voxel_size_m)
+            for lo, hi in zip(self.range_min_m, self.range_max_m, strict=True)
+        )
+
+    @property
+    def num_voxels(self) -> int:
+        nx, ny, nz = self.shape
+        return nx * ny * nz
+
+    def to_dict(self) -> dict:
+        """JSON-ready form, stored in manifests and Zarr attributes."""
+        return {**asdict(self), "shape": list(self.shape), "index_order": "xyz", "flat": "x + nx*y + nx*ny*z"}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> VoxelGrid:
+        return cls(tuple(d["range_min_m"]), tuple(d["range_max_m"]), float(d["voxel_size_m"]))
+
+    def voxel_centres(self) -> np.ndarray:
+        """(nx, ny, nz, 3) float64 voxel centre coordinates, metres, ego frame."""
+        axes = [
+            lo + (np.arange(n) + 0.5) * self.voxel_size_m
+            for lo, n in zip(self.range_min_m, self.shape, strict=True)
+        ]
+        return np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1)
+
+    def flat_index(self, ijk: np.ndarray) -> np.ndarray:
+        """OpenScene flat index ``x + nx*y + nx*ny*z`` of (N, 3) integer voxel indices."""
+        nx, ny, _ = self.shape
+        ijk = np.asarray(ijk, dtype=np.int64)
+        return ijk[..., 0] + nx * ijk[..., 1] + nx * ny * ijk[..., 2]
+
+    def unflatten_index(self, flat: np.ndarray) -> np.ndarray:
+        """(N, 3) voxel indices of OpenScene flat indices."""
+        nx, ny, _ = self.shape
+        flat = np.asarray(flat, dtype=np.int64)
+        return np.stack([flat % nx, (flat // nx) % ny, flat // (nx * ny)], axis=-1)
+
+
+#: The grid of format version 1.
+GRID = VoxelGrid()
