@@ -9,6 +9,7 @@ so that ``driveengine --help`` stays instant.
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import typer
 
@@ -40,6 +41,495 @@ def version() -> None:
 
 # -- foundation: inspect, synth ------------------------------------------------------------------
 # (commands are added below by each stage; keep each one a thin parse-and-delegate)
+
+
+@app.command("inspect")
+def inspect_command(
+    path: Path = typer.Argument(..., help="A nuPlan log database (.db) or a point cloud (.pcd)."),
+    json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+) -> None:
+    """One-screen summary of an input file: a log's sweeps, key frames, boxes, cameras; a PCD's fields."""
+    import json
+
+    from driveengine.inspect import format_summary, inspect_path
+
+    summary = inspect_path(path)
+    typer.echo(json.dumps(summary, indent=1) if json_out else format_summary(summary))
+
+
+@app.command()
+def synth(
+    out: Path = typer.Option(..., "--out", help="Output root (splits/<split>/*.db, sensor_blobs/<log>/)."),
+    logs: int = typer.Option(2, "--logs", min=0, help="Number of logs."),
+    seconds: float = typer.Option(20.0, "--seconds", min=0.05, help="Duration of each log, seconds."),
+    seed: int = typer.Option(0, "--seed", help="Seed: the same seed writes identical files."),
+    split: str = typer.Option("mini", "--split", help="Split directory name under splits/."),
+    points: int = typer.Option(32_768, "--points", min=64, help="LiDAR rays per sweep (full size: 150016)."),
+    image_size: str = typer.Option("160x90", "--image-size", help="Camera image size WIDTHxHEIGHT, pixels."),
+    key_frames_only: bool = typer.Option(False, "--key-frames-only", help=".pcd only every 10th sweep."),
+    no_blobs: bool = typer.Option(False, "--no-blobs", help="Databases only (no .pcd/.jpg)."),
+    static_only: bool = typer.Option(False, "--static-only", help="Objects never move (the ego does)."),
+) -> None:
+    """Write synthetic nuPlan logs with exactly known geometry (demo data and test oracle)."""
+    from driveengine.synth import SynthError, synthesize
+    from driveengine.synth.api import format_summary
+
+    try:
+        width, height = (int(v) for v in image_size.lower().split("x"))
+    except ValueError as exc:
+        raise SynthError(f"--image-size {image_size!r}: expected WIDTHxHEIGHT, e.g. 160x90") from exc
+    results = synthesize(
+        out,
+        logs=logs,
+        seconds=seconds,
+        seed=seed,
+        split=split,
+        points=points,
+        image_size=(width, height),
+        key_frames_only=key_frames_only,
+        blobs=not no_blobs,
+        static_only=static_only,
+        progress=True,
+    )
+    typer.echo(format_summary(results))
+
+
+# -- download, verify, md5 (driveengine.download) ------------------------------------------------
+
+
+@app.command()
+def download(
+    split: str = typer.Option(
+        "mini", "--split", help="Release split: mini, trainval, test, private_test_*, navtrain."
+    ),
+    out: Path = typer.Option(
+        ..., "--out", help="Download folder (archives and the extracted openscene-v1.1/ tree)."
+    ),
+    modality: str | None = typer.Option(
+        None, "--modality", help="Comma-separated subset, e.g. metadata,lidar (default: all)."
+    ),
+    shards: str | None = typer.Option(
+        None, "--shards", help="Shards of sharded modalities, e.g. 0-3,7 (default: all)."
+    ),
+    mirror: str | None = typer.Option(None, "--mirror", help="huggingface (default) or modelscope."),
+    base_url: str | None = typer.Option(
+        None, "--base-url", help="Any http(s):// or file:// prefix instead of a mirror."
+    ),
+    jobs: int = typer.Option(4, "--jobs", min=1, help="Files downloaded in parallel."),
+    md5_file: Path | None = typer.Option(
+        None, "--md5-file", help="md5sum/sha256sum file with expected digests."
+    ),
+    dry_run: bool = typer.Option(
+        False, "--dry-run", help="List files, sizes and the disk space needed; download nothing."
+    ),
+    keep_archives: bool = typer.Option(
+        False, "--keep-archives", help="Keep archives after a verified extraction."
+    ),
+    no_extract: bool = typer.Option(False, "--no-extract", help="Download (and verify) archives only."),
+    retries: int = typer.Option(
+        5, "--retries", min=0, help="Retries per file after failures without progress."
+    ),
+    backoff: float = typer.Option(
+        1.0, "--backoff", min=0.0, help="First retry delay in seconds (doubles per retry)."
+    ),
+    timeout: float = typer.Option(60.0, "--timeout", min=0.1, help="Network timeout in seconds."),
+) -> None:
+    """Download, verify and extract OpenScene release archives (resumable: run the same command again)."""
+    from driveengine.download.download import DownloadRequest, run_download
+    from driveengine.download.fetch import FetchOptions
+    from driveengine.download.release import parse_shards
+
+    req = DownloadRequest(
+        split=split,
+        out=out,
+        modalities=[m.strip() for m in modality.split(",") if m.strip()] if modality else None,
+        shards=parse_shards(shards),
+        mirror=mirror,
+        base_url=base_url,
+        md5_file=md5_file,
+        extract=not no_extract,
+        keep_archives=keep_archives,
+        dry_run=dry_run,
+        options=FetchOptions(jobs=jobs, retries=retries, backoff_s=backoff, timeout_s=timeout),
+    )
+    report = run_download(req, echo=typer.echo)
+    if report.interrupted:
+        raise typer.Exit(130)
+    if report.failures:
+        raise typer.Exit(1)
+
+
+@app.command()
+def verify(
+    root: Path = typer.Argument(..., help="Download folder (holds openscene-v1.1/)."),
+    split: str = typer.Option("mini", "--split", help="Split to check."),
+    json_out: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+    shard_map: Path | None = typer.Option(
+        None,
+        "--shard-map",
+        help="Published log-to-shard map JSON (e.g. openscene_sensor_trainval_0-199.json).",
+    ),
+    md5_file: Path | None = typer.Option(
+        None, "--md5-file", help="md5sum file to re-check archives on disk against."
+    ),
+    content: bool = typer.Option(
+        True, "--content/--no-content", help="Check PCD and JPEG headers, not only presence."
+    ),
+    archives: bool = typer.Option(
+        True, "--archives/--no-archives", help="Re-hash archives still on disk against known checksums."
+    ),
+    jobs: int = typer.Option(8, "--jobs", min=1, help="Threads reading file headers."),
+) -> None:
+    """Check that every blob the metadata references exists and is readable; name the shard to fetch."""
+    from driveengine.download.verify import verify_release
+
+    report = verify_release(
+        root,
+        split,
+        shard_map=shard_map,
+        md5_file=md5_file,
+        check_content=content,
+        check_archives=archives,
+        jobs=jobs,
+    )
+    typer.echo(report.to_json() if json_out else report.format())
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+@app.command()
+def md5(
+    files: list[Path] = typer.Argument(..., help="Files to hash."),
+    jobs: int = typer.Option(1, "--jobs", min=1, help="Files hashed in parallel."),
+) -> None:
+    """Print md5sum-compatible lines ('<md5>  <file>') for FILES."""
+    from driveengine.download.checksums import md5sum_files, md5sum_line
+    from driveengine.download.errors import DownloadError
+
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing:
+        raise DownloadError(f"{', '.join(missing)}: no such file")
+    for path, digest in md5sum_files(files, jobs=jobs):
+        typer.echo(md5sum_line(digest, path))
+
+
+# -- collect, schema, splits, stats, export (driveengine.collect, driveengine.store) --------------
+
+
+@app.command()
+def collect(
+    split: str = typer.Option(
+        "mini", "--split", help="Split name (see `driveengine splits`) or a split YAML file."
+    ),
+    out: Path = typer.Option(..., "--out", help="Output root; the split is written to OUT/<split>/."),
+    source: str = typer.Option(
+        "nuplan", "--source", help="nuplan (SQLite logs) or openscene (v1.1 metadata pickles)."
+    ),
+    nuplan_root: Path | None = typer.Option(
+        None, "--nuplan-root", help="Folder holding splits/<split>/*.db and sensor_blobs/."
+    ),
+    openscene_root: Path | None = typer.Option(
+        None, "--openscene-root", help="Folder holding meta_datas/<split>/*.pkl and sensor_blobs/<split>/."
+    ),
+    sensor_root: Path | None = typer.Option(
+        None, "--sensor-root", help="Sensor blob folder, if not the default under the root."
+    ),
+    workers: int = typer.Option(1, "--workers", min=1, help="Local worker processes (one log per task)."),
+    scheduler: str | None = typer.Option(
+        None,
+        "--scheduler",
+        help="Dask: tcp://HOST:PORT (existing cluster) or local:N (LocalCluster on 127.0.0.1).",
+    ),
+    logs: str | None = typer.Option(
+        None, "--logs", help="Comma-separated log names to collect (default: all of the split)."
+    ),
+    sample_interval: int = typer.Option(
+        10, "--sample-interval", min=1, help="Key frame every N lidar_pc (10 = 2 Hz)."
+    ),
+    is_test: bool = typer.Option(False, "--is-test", help="Test data: no boxes (null anns)."),
+    filter_instance: bool = typer.Option(
+        False, "--filter-instance", help="Drop traffic_cone, barrier, czone_sign, generic_object boxes."
+    ),
+    labels: bool = typer.Option(
+        True, "--labels/--no-labels", help="Build occupancy/flow labels (occ/<log>.zarr)."
+    ),
+    openscene_occupancy: Path | None = typer.Option(
+        None,
+        "--openscene-occupancy",
+        help="Import OpenScene v1.0 occupancy labels from this folder instead of building them.",
+    ),
+    check_blobs: bool = typer.Option(
+        True, "--check-blobs/--no-check-blobs", help="Drop frames whose .pcd or images are missing."
+    ),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Redo logs even when their manifest entry is up to date."
+    ),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
+) -> None:
+    """Collect nuPlan logs / OpenScene metadata into per-log frame shards (and labels); resumable."""
+    from driveengine.collect.runner import CollectConfig, CollectError
+    from driveengine.collect.runner import collect as run_collect
+
+    root = nuplan_root if source == "nuplan" else openscene_root if source == "openscene" else None
+    if root is None:
+        raise CollectError(
+            f"--source {source} needs --{source}-root DIR"
+            if source in ("nuplan", "openscene")
+            else f"unknown --source {source!r}; use nuplan or openscene"
+        )
+    config = CollectConfig(
+        source=source, root=root, out=out, split=split, sensor_root=sensor_root, sample_interval=sample_interval,
+        is_test=is_test, filter_instance=filter_instance, check_blobs=check_blobs, labels=labels,
+        openscene_occupancy=openscene_occupancy, overwrite=overwrite,
+        logs=[x.strip() for x in logs.split(",") if x.strip()] if logs else None,
+        workers=workers, scheduler=scheduler, progress=progress,
+    )  # fmt: skip
+    summary = run_collect(config, echo=typer.echo)
+    typer.echo(summary.format())
+    if not summary.ok:
+        raise typer.Exit(1)
+
+
+@app.command()
+def schema() -> None:
+    """Print the Arrow schema of a frame row (field, type, doc) and its version."""
+    from driveengine.schemas.frame import FRAME_SCHEMA_VERSION, describe_schema
+
+    rows = describe_schema()
+    width = max(len(name) for name, _, _ in rows)
+    typer.echo(f"frame row schema, version {FRAME_SCHEMA_VERSION} (meta/<log>.parquet)")
+    for name, dtype, doc in rows:
+        typer.echo(f"{name:<{width}}  {dtype}\n{'':<{width}}    {doc}")
+
+
+@app.command()
+def splits() -> None:
+    """List the shipped splits with their input folder and log / token counts."""
+    from driveengine.splits import list_splits
+
+    for s in list_splits():
+        logs = "all logs" if s.log_names is None else f"{len(s.log_names)} logs"
+        tokens = "" if s.tokens is None else f", {len(s.tokens)} key frames"
+        typer.echo(f"{s.name:<14} folder {s.folder:<9} {logs}{tokens}  {s.description}")
+
+
+@app.command()
+def stats(
+    split_dir: Path = typer.Argument(..., help="A collected split folder OUT/<split>."),
+    json_out: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+) -> None:
+    """Logs, frames, boxes per class, dropped frames by reason and duration of a collected split."""
+    import json
+
+    from driveengine.stats import compute_stats, format_stats
+
+    result = compute_stats(split_dir)
+    typer.echo(json.dumps(result, indent=1) if json_out else format_stats(result))
+
+
+@app.command()
+def export(
+    split_dir: Path = typer.Argument(..., help="A collected split folder OUT/<split>."),
+    out: Path = typer.Option(..., "--out", help="Folder for the exported files."),
+    fmt: str = typer.Option(
+        "openscene", "--format", help="Export format: openscene (per-log .pkl as OpenScene v1.1)."
+    ),
+) -> None:
+    """Export a collected split in OpenScene's formats (per-log metadata .pkl)."""
+    from driveengine.store.legacy import export_split
+
+    for line in export_split(split_dir, out, fmt):
+        typer.echo(line)
+
+
+# -- evaluate, show (driveengine.evaluate, driveengine.viz) --------------------------------------
+
+
+@app.command()
+def evaluate(
+    pred: Path = typer.Option(
+        ..., "--pred", help="Predicted labels: a collected split folder or OpenScene v1.0 .npy folder."
+    ),
+    gt: Path = typer.Option(
+        ..., "--gt", help="Ground-truth labels: a collected split folder or OpenScene v1.0 .npy folder."
+    ),
+    mask_lidar: bool | None = typer.Option(
+        None,
+        "--mask-lidar/--no-mask-lidar",
+        help="Count only voxels in the ground truth's mask_lidar (default: when it has one).",
+    ),
+    json_out: bool = typer.Option(False, "--json", help="Print the metrics as JSON."),
+    workers: int = typer.Option(4, "--workers", min=1, help="Threads loading and scoring frames."),
+) -> None:
+    """Occupancy mIoU (OpenScene SSCMetrics), completion/foreground/near/far IoU and flow EPE of PRED vs GT."""
+    import json
+
+    from driveengine.evaluate import evaluate as run_evaluate
+    from driveengine.evaluate import to_json_ready
+    from driveengine.train.metrics import format_metrics_table
+
+    result = run_evaluate(pred, gt, mask_lidar=mask_lidar, workers=workers, progress=not json_out)
+    if json_out:
+        typer.echo(json.dumps(to_json_ready(result), indent=1))
+    else:
+        typer.echo(
+            f"pred {result['pred']}\ngt   {result['gt']}\nmask_lidar {result['mask_lidar']}, matched by {result['matched_by']}"
+        )
+        typer.echo(format_metrics_table(result))
+
+
+@app.command()
+def show(
+    split_dir: Path = typer.Argument(..., help="Collected split folder <out>/<split>."),
+    log: str = typer.Option(..., "--log", help="Log name (as listed in the manifest)."),
+    frame: int = typer.Option(0, "--frame", min=0, help="Row index of the frame in the log."),
+    out: Path | None = typer.Option(
+        None,
+        "--out",
+        help="Picture to write (default frame.png; with --video <log>.gif, or a folder for PNGs).",
+    ),
+    blob_root: Path | None = typer.Option(
+        None,
+        "--blob-root",
+        help="Sensor-blob root for the camera image (default: from the manifest's source).",
+    ),
+    camera: str = typer.Option("CAM_F0", "--camera", help="Camera of the side panel, or 'none'."),
+    video: bool = typer.Option(
+        False, "--video", help="Render every frame of the log as a GIF (or PNGs into a folder)."
+    ),
+    three_d: bool = typer.Option(
+        False, "--3d", help="Open an Open3D voxel view of the frame (needs a display and the o3d extra)."
+    ),
+    size: int | None = typer.Option(
+        None, "--size", min=100, help="Panel edge in pixels (default 800, 400 for --video)."
+    ),
+) -> None:
+    """Picture of a frame: BEV of occupancy classes, flow arrows, boxes and ego, next to a camera image."""
+    from driveengine.viz import bev
+
+    cam = None if camera.lower() == "none" else camera
+    if three_d:
+        try:
+            bev.show_frame_3d(split_dir, log, frame)
+        except bev.VizError as exc:
+            typer.echo(f"3D view skipped: {exc}")
+        return
+    if video:
+        target = bev.show_video(
+            split_dir, log, out or Path(f"{log}.gif"), blob_root=blob_root, camera=cam, size_px=size or 400
+        )
+    else:
+        target = bev.show_frame(
+            split_dir,
+            log,
+            frame,
+            out or Path("frame.png"),
+            blob_root=blob_root,
+            camera=cam,
+            size_px=size or 800,
+        )
+    typer.echo(f"wrote {target}")
+
+
+# -- pretrain (driveengine.train) -------------------------------------------------------------------
+
+
+@app.command()
+def pretrain(
+    data: str | None = typer.Option(
+        None,
+        "--data",
+        help="Collect output folder OUT (local or s3://...); default: the demo data, made if missing.",
+    ),
+    split: str = typer.Option("mini", "--split", help="Split folder under --data to train on."),
+    eval_split: str | None = typer.Option(
+        None, "--eval-split", help="Split to evaluate on (default: --split)."
+    ),
+    sensor_root: str | None = typer.Option(
+        None, "--sensor-root", help="Folder of the .pcd blobs (default: from the manifest)."
+    ),
+    demo_dir: str = typer.Option(
+        "demo_data", "--demo-dir", help="Where the demo data lives or is made (without --data)."
+    ),
+    name: str = typer.Option("pretrain", "--name", help="Run name: outputs go to <run-dir>/<name>/."),
+    run_dir: str = typer.Option("runs", "--run-dir", help="Parent folder of runs."),
+    gpu_defaults: bool = typer.Option(
+        False,
+        "--gpu-defaults",
+        help="Start from the defaults of a real GPU run (full-width ResNet, long schedule).",
+    ),
+    depth: int | None = typer.Option(None, "--depth", help="ResNet depth: 18, 34, 50 or 101."),
+    width: int | None = typer.Option(None, "--width", help="ResNet base width (64 = torchvision)."),
+    stem_stride: int | None = typer.Option(None, "--stem-stride", help="ResNet stem stride: 1, 2 or 4."),
+    batch_size: int | None = typer.Option(None, "--batch-size", help="Samples per rank per micro-step."),
+    grad_accum: int | None = typer.Option(None, "--grad-accum", help="Micro-steps per optimiser step."),
+    max_steps: int | None = typer.Option(None, "--max-steps", help="Optimiser steps."),
+    lr: float | None = typer.Option(None, "--lr", help="Peak learning rate (AdamW)."),
+    warmup_steps: int | None = typer.Option(None, "--warmup-steps", help="Linear warmup steps."),
+    num_workers: int | None = typer.Option(None, "--num-workers", help="DataLoader workers per rank."),
+    eval_every: int | None = typer.Option(None, "--eval-every", help="Evaluate every N steps (0 = never)."),
+    eval_frames: int | None = typer.Option(
+        None, "--eval-frames", help="Frames per evaluation (0 = the whole eval split)."
+    ),
+    ckpt_every: int | None = typer.Option(
+        None, "--ckpt-every", help="Checkpoint every N steps (0 = only at the end)."
+    ),
+    resume: str | None = typer.Option(
+        None, "--resume", help="Checkpoint to resume from, or 'auto' (<run>/last.pt if present)."
+    ),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    compile_model: bool = typer.Option(False, "--compile", help="torch.compile the model."),
+    cpu_threads: int | None = typer.Option(
+        None, "--cpu-threads", help="torch intra-op threads (0 = torch's default)."
+    ),
+    seed: int | None = typer.Option(None, "--seed", help="Seed of the data order and the initialisation."),
+    no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar."),
+) -> None:
+    """LiDAR-to-occupancy pre-training (ResNet BEV encoder-decoder); DDP under torchrun; resumable."""
+    from driveengine.train.config import PretrainConfig
+    from driveengine.train.loop import pretrain as run_pretrain
+
+    overrides = {
+        "depth": depth, "width": width, "stem_stride": stem_stride, "batch_size": batch_size, "grad_accum": grad_accum,
+        "max_steps": max_steps, "lr": lr, "warmup_steps": warmup_steps, "num_workers": num_workers,
+        "eval_every": eval_every, "eval_frames": eval_frames, "ckpt_every": ckpt_every, "cpu_threads": cpu_threads,
+        "seed": seed,
+    }  # fmt: skip
+    chosen = {k: v for k, v in overrides.items() if v is not None}
+    chosen.update(
+        data=data, split=split, eval_split=eval_split, sensor_root=sensor_root, demo_dir=demo_dir, name=name,
+        run_dir=run_dir, resume=resume, device=device, compile=compile_model, progress=not no_progress,
+    )  # fmt: skip
+    config = PretrainConfig.for_gpu(**chosen) if gpu_defaults else PretrainConfig(**chosen)
+    summary = run_pretrain(config)
+    if summary["world_size"] > 1 and summary.get("rank", 0) != 0:
+        return
+    last = summary["train_loss"][-1][1] if summary["train_loss"] else float("nan")
+    typer.echo(
+        f"pretrain: {summary['step']} steps on {summary['device']} x{summary['world_size']}, last loss {last:.4f}"
+    )
+    if summary["eval"]:
+        ev = summary["eval"]
+        typer.echo(
+            f"eval: mIoU {ev['miou']:.2f} (present classes {ev['miou_present']:.2f}), completion IoU {ev['completion_iou']:.2f}"
+        )
+    typer.echo(f"run folder {summary['run_dir']} (metrics.csv, config.json, checkpoints)")
+
+
+@app.command("export-backbone")
+def export_backbone(
+    checkpoint: Path = typer.Argument(
+        ..., help="A checkpoint of `driveengine pretrain --modality camera` (e.g. runs/<name>/last.pt)."
+    ),
+    out: Path | None = typer.Option(
+        None, "--out", help="Output file (default: backbone.pth next to the checkpoint)."
+    ),
+) -> None:
+    """Save the camera model's ResNet backbone alone, with torchvision names (backbone.pth + backbone.json)."""
+    from driveengine.train.backbone_export import export_backbone as run_export
+
+    target = run_export(checkpoint, out)
+    typer.echo(f"wrote {target} (torchvision ResNet state_dict, no fc) and {target.with_suffix('.json')}")
 
 
 def main() -> None:

@@ -27,14 +27,15 @@ def run_step(title: str, args: list[str]) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--out", type=Path, default=Path("demo_data"), help="folder for everything the demo writes")
+    parser.add_argument(
+        "--out", type=Path, default=Path("demo_data"), help="folder for everything the demo writes"
+    )
     parser.add_argument("--logs", type=int, default=2)
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
     nuplan = args.out / "nuplan"
-    dataset = args.out / "dataset"
     run_step(
         "synthesise a nuPlan world",
         ["synth", "--out", str(nuplan), "--logs", str(args.logs), "--seconds", str(args.seconds),

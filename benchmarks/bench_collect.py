@@ -1,0 +1,102 @@
+"""Metadata-only ``collect`` (no labels, no blob checks) on full-size synthetic logs, against a raw SQL scan.
+
+- **collect vs raw SQL**: one log collected in this process (read the ``.db`` with the nuPlan reader,
+  choose key frames, build the Arrow table column-wise, write and commit the Parquet shard) against
+  ``SELECT *`` of the same tables with ``sqlite3`` (fetching every row into Python, nothing else),
+  same log, same run. Goal: <= 1.5x.
+- **frames/s per worker** of that run, and the peak resident memory of the worker
+  (``resource.getrusage`` inside the worker process).
+- **2 workers vs 1 worker** (local process pool) on the same logs: speed-up of the whole run
+  (process start included; goal >= 1.5x on 2 free cores).
+
+``BENCH_COLLECT_SECONDS`` (default 1200 = 20 min, nuPlan's typical log length) and ``BENCH_COLLECT_LOGS``
+(default 2) size the synthetic input (databases only, no blobs).
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import tempfile
+import time
+from pathlib import Path
+
+from benchmarks.harness import best_time, report, section
+from driveengine.collect.runner import CollectConfig, collect
+from driveengine.synth import synthesize
+
+#: The tables the nuPlan reader queries.
+TABLES = (
+    "log", "lidar", "camera", "lidar_pc", "ego_pose", "image", "lidar_box", "track", "category", "scene",
+    "scenario_tag", "traffic_light_status",
+)  # fmt: skip
+
+
+def raw_sql_scan(db: Path) -> int:
+    """Rows of every table the reader needs, fetched with plain sqlite3 (the floor for any reader)."""
+    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        return sum(len(con.execute(f"SELECT * FROM {table}").fetchall()) for table in TABLES)
+    finally:
+        con.close()
+
+
+def _collect(root: Path, out: Path, workers: int, logs: list[str] | None = None):
+    config = CollectConfig(
+        source="nuplan", root=root, out=out, split="mini", labels=False, check_blobs=False,
+        overwrite=True, workers=workers, logs=logs, progress=False,
+    )  # fmt: skip
+    return collect(config, echo=lambda _: None)
+
+
+def main() -> None:
+    seconds = float(os.environ.get("BENCH_COLLECT_SECONDS", "1200"))
+    n_logs = int(os.environ.get("BENCH_COLLECT_LOGS", "2"))
+    with tempfile.TemporaryDirectory(prefix="bench_collect_") as tmp:
+        tmp = Path(tmp)
+        start = time.perf_counter()
+        logs = synthesize(tmp / "nuplan", logs=n_logs, seconds=seconds, seed=0, split="mini", blobs=False)
+        db_mib = sum(log.db_path.stat().st_size for log in logs) / 2**20
+        print(
+            f"synthetic input: {n_logs} logs x {seconds:.0f} s ({db_mib:.0f} MiB of .db) in {time.perf_counter() - start:.0f} s"
+        )
+
+        section("one log, in this process: collect vs raw SQL scan of the same tables")
+        first = logs[0]
+        sql = best_time(lambda: raw_sql_scan(first.db_path), repeat=3)
+        summaries = []
+        ours = best_time(
+            lambda: summaries.append(_collect(tmp / "nuplan", tmp / "out1", 1, [first.log_name])), repeat=3
+        )
+        frames = summaries[-1].frames
+        report("collect one log (read + frames + parquet + commit)", ours, sql, "s", goal="<= 1.5x")
+        print(
+            f"  {frames} frames: {frames / ours:.0f} frames/s per worker; peak RSS {summaries[-1].peak_rss_mib:.0f} MiB"
+        )
+
+        section(f"{n_logs} logs: local process pool, 2 workers vs 1")
+        one = _timed(lambda: _collect(tmp / "nuplan", tmp / "out1", 1))
+        two = _timed(lambda: _collect(tmp / "nuplan", tmp / "out2", 2))
+        report(
+            "collect all logs, 2 workers (rate)",
+            one[0] / two[0],
+            1.0,
+            "x",
+            goal=">= 1.5x on 2 free cores",
+            higher_is_better=True,
+        )
+        print(
+            f"  1 worker {one[0]:.2f} s ({one[1].frames / one[0]:.0f} frames/s), 2 workers {two[0]:.2f} s "
+            f"({two[1].frames / two[0]:.0f} frames/s, {two[1].frames / two[0] / 2:.0f} per worker); "
+            f"peak RSS per worker {two[1].peak_rss_mib:.0f} MiB"
+        )
+
+
+def _timed(fn):
+    start = time.perf_counter()
+    result = fn()
+    return time.perf_counter() - start, result
+
+
+if __name__ == "__main__":
+    main()

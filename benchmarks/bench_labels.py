@@ -1,0 +1,194 @@
+"""Label generation speed and size (driveengine/collect/labels.py, voxel_ops.py, store/occ.py), one core.
+
+Inputs are synthetic but realistic: full-size 150k-ray LiDAR sweeps of the synthetic world
+(:mod:`driveengine.synth`), ring-ordered like real merged point clouds. Every figure is a ratio against
+a floor measured in the same run:
+
+* voxelisation (transform + voxel index + count) vs ``np.bincount`` of precomputed voxel indices;
+* points in boxes (numba, BEV bins) vs a numpy loop over the boxes;
+* ray casting (DDA, one ray per distinct end voxel and one per point) vs scattering the same number of
+  voxel visits into the grid with ``np.bincount``;
+* end to end (read nothing: sweeps are preloaded; aggregate, vote, cast, compress, write Zarr) frames/s
+  vs only writing the same frames to Zarr;
+* bytes per frame in Zarr vs the same labels as OpenScene sparse ``.npy`` files.
+"""
+
+from __future__ import annotations
+
+import io
+import tempfile
+import time
+from pathlib import Path
+
+import numba
+import numpy as np
+
+from benchmarks.harness import best_time, peak_rss_mib, report, section
+
+SECONDS = 12.0  # log length: 25 key frames at 2 Hz
+
+
+def _setup(rays: int) -> tuple:
+    from driveengine.sources.nuplan_db import read_nuplan_log
+    from driveengine.synth import synthesize
+    from driveengine.synth.sensors import lidar_sweep
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench_labels_"))
+    synth = synthesize(tmp, logs=1, seconds=SECONDS, seed=0, blobs=False)[0]
+    log = read_nuplan_log(synth.db_path)
+    keys = np.arange(0, log.num_sweeps, 10)
+    sweeps = {
+        int(k): lidar_sweep(synth.world, int(log.sweep_timestamp_us[k]), rays, int(k)).xyz for k in keys
+    }
+    return tmp, log, keys, sweeps
+
+
+def main() -> None:
+    numba.set_num_threads(1)
+    from driveengine.schemas import GRID
+
+    from driveengine.collect import voxel_ops as vo
+    from driveengine.collect.labels import LabelConfig, LabelGenerator, write_log_labels
+    from driveengine.store.occ import create_occ, open_occ
+    from driveengine.synth.sensors import FULL_SWEEP_RAYS
+
+    lo, vs, shape = vo.grid_params(GRID)
+    nv = GRID.num_voxels
+    tmp, log, keys, sweeps = _setup(FULL_SWEEP_RAYS)
+    k0 = int(keys[len(keys) // 2])
+    pts = sweeps[k0]
+    section(f"one sweep: {len(pts)} points (150k rays), grid {GRID.shape}")
+
+    # -- voxelisation -----------------------------------------------------------------------------------
+    yaw = 0.3
+    rot = np.array([[np.cos(yaw), -np.sin(yaw), 0], [np.sin(yaw), np.cos(yaw), 0], [0, 0, 1]])
+    trans = np.array([1.5, -2.0, 0.1])
+    counts = np.zeros(nv, np.int32)
+    lin = vo.points_to_voxels(pts, rot, trans, lo, vs, shape)
+    inside = lin[lin >= 0]
+    t_ours = best_time(lambda: vo.accumulate_counts(pts, rot, trans, lo, vs, shape, counts), repeat=9)
+    t_floor = best_time(lambda: np.bincount(inside, minlength=nv), repeat=9)
+    report("voxelise: transform + index + count (numba)", t_ours * 1e3, t_floor * 1e3, "ms", "<= 5x bincount")
+    occupied = np.zeros(vo.bitset_words(nv), np.uint64)
+    contested = np.zeros_like(occupied)
+    vo.mark_voxels(inside[:: max(1, len(inside) // 2000)], contested)  # ~2000 voxels shared with objects
+    t_static = best_time(
+        lambda: vo.accumulate_static(pts, rot, trans, lo, vs, shape, occupied, contested, counts), repeat=9
+    )
+    report(
+        "voxelise as the generator does (occupancy bits)",
+        t_static * 1e3,
+        t_floor * 1e3,
+        "ms",
+        "<= 5x bincount",
+    )
+
+    def numpy_voxelise() -> np.ndarray:
+        q = pts.astype(np.float64) @ rot.T + trans
+        ijk = np.floor((q - lo) / vs).astype(np.int64)
+        ok = np.all((ijk >= 0) & (ijk < shape), axis=1)
+        return np.bincount(np.ravel_multi_index(ijk[ok].T, GRID.shape), minlength=nv)
+
+    t_np = best_time(numpy_voxelise, repeat=5)
+    report("voxelise: numba vs the same in plain numpy", t_ours * 1e3, t_np * 1e3, "ms", "< 1")
+
+    # -- points in boxes ---------------------------------------------------------------------------------
+    b = log.boxes(k0)
+    from driveengine.collect.labels import relative_transform
+    from driveengine.geometry import make_transform, yaw_to_quaternion
+
+    g_box = make_transform(yaw_to_quaternion(log.box_yaw[b]), log.box_center[b])
+    box_from_ego = relative_transform(g_box, log.global_from_ego()[k0])
+    half = 0.5 * log.box_size[b] + 0.2
+    br, bt = np.ascontiguousarray(box_from_ego[:, :3, :3]), np.ascontiguousarray(box_from_ego[:, :3, 3])
+    t_pib = best_time(lambda: vo.points_in_boxes(pts, br, bt, -half, half, 4.0), repeat=9)
+
+    def numpy_pib() -> np.ndarray:
+        out = np.full(len(pts), -1)
+        p = pts.astype(np.float64)
+        for i in range(len(half)):  # broadcasting rather than matmul: no BLAS threads in the baseline
+            q = (p[:, None, :] * br[i][None]).sum(axis=2) + bt[i]
+            out[np.all(np.abs(q) <= half[i], axis=1) & (out < 0)] = i
+        return out
+
+    t_pib_np = best_time(numpy_pib, repeat=3)
+    report(
+        f"points in {len(half)} boxes (numba, BEV bins)",
+        t_pib * 1e3,
+        t_pib_np * 1e3,
+        "ms",
+        "< 0.1 numpy per box",
+    )
+
+    # -- ray casting ---------------------------------------------------------------------------------------
+    origin = log.ego_from_lidar[:3, 3].copy()
+    state = np.zeros(nv, np.uint8)
+    ws = np.zeros(nv, np.uint8)
+    eye, zero = np.eye(3), np.zeros(3)
+    rays, visits = vo.cast_rays_dedup(origin, pts, eye, zero, lo, vs, shape, state, ws)
+    t_dedup = best_time(
+        lambda: vo.cast_rays_dedup(origin, pts, eye, zero, lo, vs, shape, state, ws), repeat=5
+    )
+    visit_idx = np.random.default_rng(0).integers(0, nv, visits)
+    t_scatter = best_time(lambda: np.bincount(visit_idx, minlength=nv), repeat=5)
+    report(f"ray casting, {rays} rays to distinct end voxels", t_dedup * 1e3, t_scatter * 1e3, "ms",
+           f"<= 3x scattering its {visits} visits")  # fmt: skip
+    p64 = pts.astype(np.float64)
+    exact_visits = vo.cast_rays(origin, p64, lo, vs, shape, state)
+    t_exact = best_time(lambda: vo.cast_rays(origin, p64, lo, vs, shape, state), repeat=3)
+    visit_idx = np.random.default_rng(0).integers(0, nv, exact_visits)
+    t_scatter2 = best_time(lambda: np.bincount(visit_idx, minlength=nv), repeat=3)
+    report(f"ray casting, one ray per point ({len(pts)})", t_exact * 1e3, t_scatter2 * 1e3, "ms",
+           f"<= 3x scattering its {exact_visits} visits")  # fmt: skip
+
+    # -- end to end ----------------------------------------------------------------------------------------
+    section(f"end to end: {len(keys)} key frames, +-10 s windows of 2 Hz sweeps, one core")
+    cfg = LabelConfig()
+    gen = LabelGenerator(log, keys, sweeps.get, cfg)
+    for _ in gen.frames():  # warm-up (compilation is cached on disk, loading is not)
+        break
+    start = time.perf_counter()
+    for _ in LabelGenerator(log, keys, sweeps.get, cfg).frames():
+        pass
+    fps_gen = len(keys) / (time.perf_counter() - start)
+    start = time.perf_counter()
+    zpath = tmp / "labels.zarr"
+    stats = write_log_labels(log, keys, tmp, zpath, cfg, load_points=sweeps.get)
+    t_e2e = time.perf_counter() - start
+    occ = open_occ(zpath)
+    frames = [occ.frame(i) for i in range(occ.num_frames)]
+    start = time.perf_counter()
+    with create_occ(tmp / "copy.zarr", len(frames), generator={}) as w:
+        for f in frames:
+            w.append(*f)
+    t_write = time.perf_counter() - start
+    fps, fps_write = len(keys) / t_e2e, len(keys) / t_write
+    report("labels without writing, frames/s", fps_gen, fps_write, "frame/s", "vs Zarr writing alone",
+           higher_is_better=True)  # fmt: skip
+    report("labels end to end, frames/s (goal >= 20)", fps, fps_write, "frame/s", "as close to 1 as possible",
+           higher_is_better=True)  # fmt: skip
+    print(f"    points per frame {stats['points_per_frame']:.0f}, rays per frame {stats['rays'] / len(keys):.0f}, "
+          f"occupied voxels per frame {stats['occupied_voxels_per_frame']:.0f}")  # fmt: skip
+
+    # -- size ------------------------------------------------------------------------------------------------
+    section("size on disk")
+    zbytes = sum(f.stat().st_size for f in zpath.rglob("*") if f.is_file())
+    zbytes_no_mask = sum(
+        f.stat().st_size for f in zpath.rglob("*") if f.is_file() and "mask_lidar" not in f.parts
+    )
+    npy = 0
+    for f in frames:
+        occ_sparse, flow_sparse = vo.dense_to_sparse(f.semantics, f.flow)
+        for arr in (occ_sparse, flow_sparse):
+            buf = io.BytesIO()
+            np.save(buf, arr)
+            npy += buf.tell()
+    n = len(frames)
+    report("bytes/frame: Zarr (semantics, flow, mask) vs OpenScene .npy", zbytes / n, npy / n, "B", "<= 0.5")
+    report("bytes/frame: Zarr without the mask vs OpenScene .npy", zbytes_no_mask / n, npy / n, "B", "<= 0.5")
+    section("memory")
+    print(f"peak RSS of this benchmark process: {peak_rss_mib():.0f} MiB")
+
+
+if __name__ == "__main__":
+    main()

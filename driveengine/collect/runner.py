@@ -1,0 +1,479 @@
+"""``driveengine collect``: plan the logs of a split, run the per-log job in parallel, record the manifest.
+
+Schedulers (one log per task, dynamic scheduling, per-log error isolation):
+
+* ``workers=1``: in this process;
+* ``workers=N``: a local process pool (``forkserver`` context: workers start clean, forked from a
+  server process that imported the job's modules once);
+* ``scheduler="local:N"``: a Dask ``LocalCluster`` of N single-threaded worker processes on 127.0.0.1;
+* ``scheduler="tcp://host:port"``: an existing Dask distributed cluster; the output folder must be on a
+  file system the workers share.
+
+Workers write and commit their own log files (:mod:`driveengine.store.commit`); this process alone
+owns ``manifest.json`` and saves it after each finished log, so an interrupted run keeps its finished
+logs (for huge manifests, saves are spaced by :data:`MANIFEST_SAVE_BACKOFF` times their cost; a log
+whose entry was not saved yet is simply redone). A lock file refuses a second ``collect`` on the same
+output. Logs about to be redone lose their entry first, so an entry never disagrees with its files.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import as_completed as futures_as_completed
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from driveengine.collect.frames import FrameOptions
+from driveengine.collect.job import PARQUET_OPTIONS, LogResult, LogTask, run_log
+from driveengine.errors import DriveEngineError
+from driveengine.schemas import FORMAT_VERSION
+from driveengine.schemas.classes import CAMERA_CHANNELS, LIDAR_CHANNEL
+from driveengine.splits import SplitDef, load_split
+from driveengine.store.commit import (
+    CollectLock,
+    clean_stale_temporaries,
+    config_hash,
+    entry_files_present,
+    source_fingerprint,
+)
+from driveengine.store.manifest import Manifest, load_or_create_manifest, save_manifest
+
+SOURCES = ("nuplan", "openscene")
+#: Minimum seconds between two manifest saves during a run (always saved at the end).
+#: The manifest is saved after every finished log, unless saving it takes long (huge splits): then it
+#: waits at least this many times the last save's duration, so saving costs at most ~1/N of the client.
+MANIFEST_SAVE_BACKOFF = 10.0
+
+
+class CollectError(DriveEngineError):
+    """``collect`` cannot start: bad input folder, unknown logs, bad scheduler, ..."""
+
+
+@dataclass
+class CollectConfig:
+    """Settings of one ``collect`` run.
+
+    Attributes:
+        source: ``nuplan`` (``root`` holds ``splits/<folder>/*.db`` and ``sensor_blobs/``) or
+            ``openscene`` (``root`` holds ``meta_datas/<folder>/*.pkl`` and ``sensor_blobs/<folder>/``).
+        root: the input root.
+        out: output root; the split goes to ``out/<split name>/``.
+        split: split name or YAML path (see :mod:`driveengine.splits`), or a ``SplitDef``.
+        sensor_root: blob root overriding the default one under ``root``.
+        input_dir: folder of the log files overriding ``<root>/splits/<folder>`` (``meta_datas/<folder>``).
+        sample_interval, is_test, filter_instance, check_blobs: see :class:`FrameOptions`.
+        labels: build occupancy/flow labels.
+        openscene_occupancy: import OpenScene v1.0 occupancy labels from this folder instead.
+        overwrite: redo logs even when their manifest entry matches.
+        logs: restrict to these log names.
+        workers: local worker processes (1 = in this process).
+        scheduler: ``local:N`` or ``tcp://host:port`` for Dask; None for the local pool.
+        progress: show tqdm bars.
+    """
+
+    source: str
+    root: Path
+    out: Path
+    split: str | SplitDef = "mini"
+    sensor_root: Path | None = None
+    input_dir: Path | None = None
+    sample_interval: int = 10
+    is_test: bool = False
+    filter_instance: bool = False
+    check_blobs: bool = True
+    labels: bool = True
+    openscene_occupancy: Path | None = None
+    overwrite: bool = False
+    logs: list[str] | None = None
+    workers: int = 1
+    scheduler: str | None = None
+    progress: bool = True
+
+
+@dataclass
+class CollectSummary:
+    """What a run did.
+
+    Attributes:
+        split_dir: the output split folder.
+        done: logs collected in this run.
+        skipped: logs whose manifest entry already matched.
+        failed: log -> reason.
+        frames: rows written in this run.
+        dropped: frames dropped in this run, by reason.
+        empty: logs committed with no rows (e.g. no frame with all cameras), with the reason.
+        seconds: wall time.
+        peak_rss_mib: highest peak resident memory reported by a worker, MiB.
+        cleaned: stale temporaries removed at start.
+    """
+
+    split_dir: Path
+    done: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+    frames: int = 0
+    dropped: Counter = field(default_factory=Counter)
+    empty: dict[str, str] = field(default_factory=dict)
+    seconds: float = 0.0
+    peak_rss_mib: float = 0.0
+    cleaned: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed
+
+    def format(self) -> str:
+        """A multi-line human summary."""
+        lines = [
+            f"collect {self.split_dir}: {len(self.done)} logs done, {len(self.skipped)} skipped (up to date), "
+            f"{len(self.failed)} failed; {self.frames} frames written in {self.seconds:.1f} s",
+        ]
+        if self.dropped:
+            lines.append(
+                "frames dropped: " + ", ".join(f"{reason} {n}" for reason, n in sorted(self.dropped.items()))
+            )
+        for name, why in sorted(self.empty.items()):
+            lines.append(f"  empty log {name}: {why}")
+        if self.cleaned:
+            lines.append(f"removed {len(self.cleaned)} stale temporaries of an interrupted run")
+        for name, reason in sorted(self.failed.items()):
+            lines.append(f"  FAILED {name}: {reason}")
+        if self.failed:
+            lines.append(
+                "fix or remove the failed inputs and run the same command again (finished logs are kept)"
+            )
+        return "\n".join(lines)
+
+
+def _input_dirs(config: CollectConfig, folder: str) -> tuple[Path, str, Path]:
+    """(folder of the log files, their suffix, blob root)."""
+    root = Path(config.root)
+    if config.source == "nuplan":
+        log_dir, suffix, blobs = root / "splits" / folder, ".db", root / "sensor_blobs"
+        hint = "expected <nuplan-root>/splits/<folder>/*.db"
+    elif config.source == "openscene":
+        log_dir, suffix, blobs = root / "meta_datas" / folder, ".pkl", root / "sensor_blobs" / folder
+        hint = "expected <openscene-root>/meta_datas/<folder>/*.pkl"
+    else:
+        raise CollectError(f"unknown source {config.source!r}; use one of {', '.join(SOURCES)}")
+    if config.input_dir is not None:
+        log_dir, hint = Path(config.input_dir), f"expected a folder of {suffix} files"
+    if not log_dir.is_dir():
+        raise CollectError(f"{log_dir}: no such folder ({hint}); check --{config.source}-root and --split")
+    return log_dir, suffix, Path(config.sensor_root) if config.sensor_root else blobs
+
+
+def _label_config(config: CollectConfig) -> Any:
+    if not config.labels or config.openscene_occupancy is not None:
+        return None
+    try:
+        from driveengine.collect.labels import LabelConfig
+    except ImportError as exc:
+        raise CollectError(
+            f"occupancy labels are not available in this installation ({exc}); collect with --no-labels"
+        ) from None
+    return LabelConfig()
+
+
+def plan_tasks(config: CollectConfig) -> tuple[Path, list[LogTask]]:
+    """The split folder and one :class:`LogTask` per selected log (sorted by name).
+
+    Raises:
+        CollectError: missing input folder, ``--logs`` naming logs the split does not have, ...
+    """
+    split = config.split if isinstance(config.split, SplitDef) else load_split(config.split)
+    if config.openscene_occupancy is not None:
+        if config.source != "openscene":
+            raise CollectError(
+                "--openscene-occupancy needs --source openscene (its metadata names the label files)"
+            )
+        if not Path(config.openscene_occupancy).is_dir():
+            raise CollectError(f"{config.openscene_occupancy}: no such folder (--openscene-occupancy)")
+    with_labels = config.labels or config.openscene_occupancy is not None
+    log_dir, suffix, blob_root = _input_dirs(config, split.folder)
+    available = {p.name.removesuffix(suffix): p for p in log_dir.iterdir() if p.name.endswith(suffix)}
+    names = split.select_logs(list(available))
+    if config.logs:
+        unknown = sorted(set(config.logs) - set(names))
+        if unknown:
+            raise CollectError(
+                f"--logs names {len(unknown)} log(s) that split {split.name!r} has no input for in {log_dir}: "
+                f"{', '.join(unknown[:5])}{' ...' if len(unknown) > 5 else ''}"
+            )
+        names = sorted(set(config.logs))
+    options = FrameOptions(
+        split=split.name,
+        sample_interval=config.sample_interval,
+        is_test=config.is_test,
+        filter_instance=config.filter_instance,
+        check_blobs=config.check_blobs,
+    )
+    label_config = _label_config(config)
+    settings = {
+        "format_version": FORMAT_VERSION,
+        "source": config.source,
+        "frames": options.to_dict(),
+        "parquet": PARQUET_OPTIONS,
+        "tokens": split.tokens_digest(),
+        "labels": label_config.to_dict() if label_config is not None else None,
+        "openscene_occupancy": str(config.openscene_occupancy) if config.openscene_occupancy else None,
+    }
+    digest = config_hash(settings)
+    split_dir = Path(config.out) / split.name
+    tasks = []
+    for name in names:
+        watched = [available[name]]
+        if config.check_blobs or with_labels:
+            sensor = blob_root / name
+            watched += [sensor / LIDAR_CHANNEL] + [sensor / cam for cam in CAMERA_CHANNELS]
+        tasks.append(
+            LogTask(
+                log_name=name,
+                source=config.source,
+                input_path=str(available[name]),
+                blob_root=str(blob_root),
+                split_dir=str(split_dir),
+                options=options,
+                labels=with_labels,
+                label_config=label_config,
+                split_ref=_split_ref(split) if split.tokens is not None and split.path else None,
+                tokens=split.tokens if split.tokens is not None and not split.path else None,
+                config_hash=digest,
+                fingerprint=source_fingerprint(watched),
+                openscene_occupancy=str(config.openscene_occupancy) if config.openscene_occupancy else None,
+            )
+        )
+    return split_dir, tasks
+
+
+def _split_ref(split: SplitDef) -> str:
+    """How a worker finds the split again: a shipped split by name (install paths differ between
+    machines), a user split by its path (which must be visible to the workers)."""
+    shipped = Path(str(resources.files("driveengine.splits"))).resolve()
+    return split.name if split.path and Path(split.path).parent.resolve() == shipped else str(split.path)
+
+
+def _is_current(split_dir: Path, entry: dict[str, Any] | None, task: LogTask) -> bool:
+    return (
+        entry is not None
+        and entry.get("config_hash") == task.config_hash
+        and entry.get("source", {}).get("fingerprint") == task.fingerprint
+        and entry_files_present(split_dir, entry)
+    )
+
+
+def _results_inline(tasks: list[LogTask], progress: Callable[[str, int], None]) -> Iterator[LogResult]:
+    for task in tasks:
+        yield run_log(task, progress=lambda n, name=task.log_name: progress(name, n))
+
+
+#: In a pool worker: the queue that carries (log name, frames labelled) to the client's frames bar.
+_PROGRESS_QUEUE: Any = None
+
+
+def _init_pool_worker(queue: Any) -> None:
+    global _PROGRESS_QUEUE
+    _PROGRESS_QUEUE = queue
+
+
+def _run_log_in_pool(task: LogTask) -> LogResult:
+    """:func:`run_log` in a pool worker, reporting labelling progress through the worker's queue."""
+    queue = _PROGRESS_QUEUE
+    return run_log(task, progress=None if queue is None else lambda n: queue.put((task.log_name, n)))
+
+
+def _results_pool(
+    tasks: list[LogTask], workers: int, progress: Callable[[str, int], None]
+) -> Iterator[LogResult]:
+    # forkserver: a clean server process imports the job's modules once and forks each worker from it
+    # (no inherited threads or locks as with fork; much faster worker start than spawn).
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["driveengine.collect.runner"])
+    queue = context.SimpleQueue()
+    drain = threading.Thread(target=_drain, args=(queue, progress), daemon=True)
+    drain.start()
+    try:
+        with ProcessPoolExecutor(
+            max_workers=workers, mp_context=context, initializer=_init_pool_worker, initargs=(queue,)
+        ) as pool:
+            futures = {pool.submit(_run_log_in_pool, task): task for task in tasks}
+            try:
+                for future in futures_as_completed(futures):
+                    task = futures[future]
+                    try:
+                        yield future.result()
+                    except Exception as exc:  # the worker process died (killed, out of memory, segfault)
+                        reason = f"{task.input_path}: worker process failed ({exc!r})"
+                        yield LogResult(task.log_name, "failed", reason=reason)
+            finally:
+                for future in futures:
+                    future.cancel()
+    finally:
+        queue.put(None)
+        drain.join(timeout=10)
+
+
+def _drain(queue: Any, progress: Callable[[str, int], None]) -> None:
+    while (item := queue.get()) is not None:
+        progress(*item)
+
+
+def _results_dask(tasks: list[LogTask], scheduler: str) -> Iterator[LogResult]:
+    try:
+        from distributed import Client, LocalCluster, as_completed
+    except ImportError as exc:
+        raise CollectError(f"--scheduler needs dask distributed ({exc})") from None
+    cluster = None
+    if scheduler.startswith("local:"):
+        try:
+            n = int(scheduler.removeprefix("local:"))
+        except ValueError:
+            raise CollectError(f"--scheduler {scheduler!r}: expected local:N with N workers") from None
+        cluster = LocalCluster(
+            n_workers=n,
+            threads_per_worker=1,
+            host="127.0.0.1",
+            dashboard_address="127.0.0.1:0",
+            processes=True,
+        )
+        client = Client(cluster)
+    elif scheduler.startswith("tcp://"):
+        try:
+            client = Client(scheduler, timeout="30s")
+        except OSError as exc:
+            raise CollectError(f"--scheduler {scheduler}: cannot reach the Dask scheduler ({exc})") from None
+    else:
+        raise CollectError(f"--scheduler {scheduler!r}: expected local:N or tcp://HOST:PORT")
+    try:
+        futures = [
+            client.submit(run_log, task, key=f"collect-{task.log_name}-{time.time_ns()}", pure=False)
+            for task in tasks
+        ]
+        by_key = {f.key: t for f, t in zip(futures, tasks, strict=True)}
+        for future in as_completed(futures):
+            task = by_key[future.key]
+            try:
+                yield future.result()
+            except Exception as exc:  # KilledWorker, lost connection, ...
+                yield LogResult(
+                    task.log_name, "failed", reason=f"{task.input_path}: Dask task failed ({exc!r})"
+                )
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()
+
+
+def collect(config: CollectConfig, echo: Callable[[str], None] = print) -> CollectSummary:
+    """Collect the logs of a split into ``config.out/<split>/`` (see the module doc).
+
+    Returns:
+        The run's summary; ``summary.ok`` is False when a log failed.
+
+    Raises:
+        CollectError: the run cannot start (bad folders, unknown logs, bad scheduler).
+        CollectLockedError: another collect holds the output's lock.
+    """
+    start = time.perf_counter()
+    split_dir, tasks = plan_tasks(config)
+    summary = CollectSummary(split_dir=split_dir)
+    split_dir.mkdir(parents=True, exist_ok=True)
+    with CollectLock(split_dir):
+        summary.cleaned = clean_stale_temporaries(split_dir)
+        manifest: Manifest = load_or_create_manifest(split_dir, split_dir.name)
+        todo = []
+        for task in tasks:
+            if not config.overwrite and _is_current(split_dir, manifest.logs.get(task.log_name), task):
+                summary.skipped.append(task.log_name)
+            else:
+                todo.append(task)
+        # An entry must never disagree with its files: forget the logs about to be redone first.
+        forgotten = [t.log_name for t in todo if manifest.logs.pop(t.log_name, None) is not None]
+        if forgotten or not (split_dir / "manifest.json").exists():
+            save_manifest(split_dir, manifest)
+        if todo:
+            echo(f"collect: {len(todo)} logs to do, {len(summary.skipped)} up to date -> {split_dir}")
+        bars = _Bars(len(todo), config.progress and bool(todo))
+        try:
+            _consume(_run(config, todo, bars), manifest, split_dir, summary, bars)
+        finally:
+            bars.close()
+    summary.seconds = time.perf_counter() - start
+    return summary
+
+
+class _Bars:
+    """tqdm bars of logs and frames; frames advance while labels are made (in-process and pool runs)
+    or when a log ends (Dask). Thread-safe: pool progress arrives on a helper thread."""
+
+    def __init__(self, total_logs: int, enabled: bool) -> None:
+        from tqdm import tqdm
+
+        self.logs = tqdm(total=total_logs, desc="logs", unit="log", disable=not enabled, position=0)
+        self.frames = tqdm(desc="frames", unit="frame", disable=not enabled, position=1)
+        self._reported: Counter = Counter()
+        self._done: set[str] = set()
+        self._lock = threading.Lock()
+
+    def frame_progress(self, log_name: str, n: int) -> None:
+        with self._lock:
+            if log_name not in self._done:  # a late message of a finished log is already counted
+                self._reported[log_name] += n
+                self.frames.update(n)
+
+    def log_done(self, result: LogResult) -> None:
+        with self._lock:
+            self._done.add(result.log_name)
+            self.frames.update(max(0, result.frames - self._reported.pop(result.log_name, 0)))
+            self.logs.update(1)
+
+    def close(self) -> None:
+        self.frames.close()
+        self.logs.close()
+
+
+def _run(config: CollectConfig, todo: list[LogTask], bars: _Bars) -> Iterator[LogResult]:
+    if not todo:
+        return iter(())
+    if config.scheduler:
+        return _results_dask(todo, config.scheduler)
+    if config.workers <= 1 or len(todo) == 1:
+        return _results_inline(todo, bars.frame_progress)
+    return _results_pool(todo, min(config.workers, len(todo)), bars.frame_progress)
+
+
+def _consume(
+    results: Iterator[LogResult], manifest: Manifest, split_dir: Path, summary: CollectSummary, bars: _Bars
+) -> None:
+    """Record each finished log in the manifest (this process is its only writer) and in the summary."""
+    last_save, save_cost = 0.0, 0.0
+    dirty = False
+    try:
+        for result in results:
+            summary.peak_rss_mib = max(summary.peak_rss_mib, result.peak_rss_mib)
+            if result.status == "done" and result.entry is not None:
+                manifest.logs[result.log_name] = result.entry
+                dirty = True
+                summary.done.append(result.log_name)
+                summary.frames += result.frames
+                summary.dropped.update(result.dropped)
+                if result.frames == 0:
+                    summary.empty[result.log_name] = "; ".join(result.notes) or "no key frame kept"
+            else:
+                summary.failed[result.log_name] = result.reason or "unknown error"
+                bars.logs.write(f"FAILED {result.log_name}: {summary.failed[result.log_name]}")
+            bars.log_done(result)
+            if dirty and time.monotonic() - last_save >= MANIFEST_SAVE_BACKOFF * save_cost:
+                started = time.monotonic()
+                save_manifest(split_dir, manifest)
+                last_save, save_cost, dirty = time.monotonic(), time.monotonic() - started, False
+    finally:
+        if dirty:
+            save_manifest(split_dir, manifest)

@@ -1,0 +1,444 @@
+"""``driveengine download``: plan, check disk space, fetch, verify, extract and record release archives.
+
+Each selected archive goes through: skip when its extraction is complete (marker present and every
+file it extracted still there) -> download to ``.part`` (resumable, verified) -> extract all-or-nothing
+-> delete the archive unless asked to keep it. Archives whose extraction fails as corrupt are
+downloaded once more from zero. Re-running the same command continues where it stopped, and repairs
+archives whose extracted files went missing.
+"""
+
+from __future__ import annotations
+
+import shlex
+import shutil
+import sys
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from driveengine.download.checksums import lookup, read_checksum_file
+from driveengine.download.errors import ArchiveError, InsufficientSpaceError
+from driveengine.download.extract import extract_archive
+from driveengine.download.fetch import (
+    FetchOptions,
+    FetchResult,
+    FetchTask,
+    LineFn,
+    fetch_file,
+    parallel_map,
+    probe_size,
+)
+from driveengine.download.release import (
+    ReleaseFile,
+    format_shards,
+    load_manifest,
+    resolve_base_url,
+    select_files,
+    url_for,
+)
+from driveengine.download.state import (
+    DownloadRecord,
+    extraction_complete,
+    read_download_record,
+    write_checksums_file,
+    write_download_record,
+)
+from driveengine.errors import DriveEngineError
+
+
+@dataclass
+class DownloadRequest:
+    """Everything ``driveengine download`` was asked to do.
+
+    Attributes:
+        split: release split (``mini``, ``trainval``, ``test``, ``private_test_*``, ``navtrain``).
+        out: download folder; archives land at ``out/<release path>``, extraction into ``out``.
+        modalities: subset of the split's modalities (``None``: all).
+        shards: shard indices of sharded modalities (``None``: all).
+        mirror / base_url: where from (``base_url`` wins; default: the release's default mirror).
+        md5_file: extra md5sum/sha256sum file with expected digests.
+        extract: extract archives after download.
+        keep_archives: keep archives after a verified extraction.
+        dry_run: only list files, sizes and the disk-space need.
+        options: fetch behaviour (jobs, retries, backoff, timeouts).
+    """
+
+    split: str
+    out: Path
+    modalities: list[str] | None = None
+    shards: list[int] | None = None
+    mirror: str | None = None
+    base_url: str | None = None
+    md5_file: Path | None = None
+    extract: bool = True
+    keep_archives: bool = False
+    dry_run: bool = False
+    options: FetchOptions = field(default_factory=FetchOptions)
+
+
+@dataclass
+class PlannedFile:
+    """One archive of the plan and its state on disk.
+
+    ``state``: ``extracted`` (nothing to do), ``downloaded`` (verified archive present),
+    ``partial`` (a ``.part`` to resume), ``todo``.
+    """
+
+    file: ReleaseFile
+    url: str
+    path: Path
+    size: int | None
+    size_exact: bool
+    md5: str | None
+    sha256: str | None
+    state: str
+    part_bytes: int = 0
+
+
+@dataclass
+class Outcome:
+    """Result for one planned archive: ``ok``, the reason when not, and what happened."""
+
+    name: str
+    ok: bool
+    error: str | None = None
+    action: str = ""
+    interrupted: bool = False
+
+
+@dataclass
+class DownloadReport:
+    """What :func:`run_download` did: the plan, per-archive outcomes, disk figures, interruption."""
+
+    plan: list[PlannedFile]
+    outcomes: list[Outcome] = field(default_factory=list)
+    needed_bytes: int = 0
+    free_bytes: int = 0
+    unknown_sizes: int = 0
+    interrupted: bool = False
+
+    @property
+    def failures(self) -> list[Outcome]:
+        """Outcomes that failed (not counting interruptions)."""
+        return [o for o in self.outcomes if not o.ok and not o.interrupted]
+
+
+def format_command(
+    req: DownloadRequest, shards: list[int] | None = None, modalities: list[str] | None = None
+) -> str:
+    """The ``driveengine download`` command line equivalent to ``req`` (optionally other shards/modalities)."""
+    parts = ["driveengine", "download", "--split", req.split]
+    mods = modalities if modalities is not None else req.modalities
+    if mods:
+        parts += ["--modality", ",".join(mods)]
+    sel = shards if shards is not None else req.shards
+    if sel:
+        parts += ["--shards", format_shards(sel)]
+    parts += ["--out", str(req.out)]
+    if req.base_url:
+        parts += ["--base-url", req.base_url]
+    elif req.mirror:
+        parts += ["--mirror", req.mirror]
+    if req.md5_file:
+        parts += ["--md5-file", str(req.md5_file)]
+    if req.options.jobs != FetchOptions().jobs:
+        parts += ["--jobs", str(req.options.jobs)]
+    if req.keep_archives:
+        parts.append("--keep-archives")
+    if not req.extract:
+        parts.append("--no-extract")
+    return shlex.join(parts)
+
+
+def plan_download(req: DownloadRequest, line: LineFn | None = None) -> list[PlannedFile]:
+    """Resolve the request against the release manifest and the state of ``req.out``.
+
+    Sizes unknown to the manifest are asked from the server (``Range: bytes=0-0``, in parallel) for
+    the files that still need downloading.
+    """
+    manifest = load_manifest()
+    files = select_files(req.split, req.modalities, req.shards, manifest)
+    base = resolve_base_url(req.split, req.mirror, req.base_url, manifest)
+    table = read_checksum_file(req.md5_file) if req.md5_file else {}
+    plan: list[PlannedFile] = []
+    for f in files:
+        expected = lookup(table, f.name) if table else None
+        path = f.local_path(req.out)
+        item = PlannedFile(
+            file=f,
+            url=url_for(base, f),
+            path=path,
+            size=f.size,
+            size_exact=f.size_exact,
+            md5=(expected.md5 if expected and expected.md5 else f.md5),
+            sha256=(expected.sha256 if expected and expected.sha256 else f.sha256),
+            state="todo",
+        )
+        if req.extract and extraction_complete(req.out, f.basename):
+            item.state = "extracted"
+        elif _verified_archive(req.out, item):
+            item.state = "downloaded"
+        elif (part := path.with_name(path.name + ".part")).exists():
+            item.state = "partial"
+            item.part_bytes = part.stat().st_size
+        plan.append(item)
+
+    to_probe = [p for p in plan if p.state in ("todo", "partial") and not p.size_exact]
+    if to_probe:
+        sizes = parallel_map(
+            lambda p: probe_size(p.url, FetchOptions(timeout_s=20.0)), to_probe, max(4, req.options.jobs)
+        )
+        for p, size in zip(to_probe, sizes, strict=True):
+            if size is not None:
+                p.size, p.size_exact = size, True
+            elif line:
+                line(f"[size?]   {p.file.name}: the server did not tell its size ({p.url})")
+    return plan
+
+
+def _verified_archive(root: Path, item: PlannedFile) -> bool:
+    """The archive is present with a matching download record (size and mtime unchanged)."""
+    if not item.path.is_file():
+        return False
+    record = read_download_record(root, item.file.basename)
+    if record is None:
+        return False
+    st = item.path.stat()
+    if record.size != st.st_size or record.mtime_ns != st.st_mtime_ns:
+        return False
+    if item.md5 and record.md5 != item.md5:
+        return False
+    return item.sha256 is None or record.sha256 == item.sha256
+
+
+def space_needed(plan: list[PlannedFile], extract: bool) -> tuple[int, int]:
+    """``(bytes, files of unknown size)`` still needed on disk for downloading and extracting ``plan``."""
+    needed = 0
+    unknown = 0
+    for p in plan:
+        if p.state == "extracted":
+            continue
+        if p.size is None:
+            unknown += 1
+            continue
+        if p.state in ("todo", "partial"):
+            needed += max(0, p.size - p.part_bytes)
+        if extract:
+            needed += int(p.size * p.file.extract_ratio)
+    return needed, unknown
+
+
+def free_space(folder: Path) -> tuple[Path, int]:
+    """The nearest existing folder at or above ``folder`` and the free bytes of its file system."""
+    probe = folder.resolve()
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    return probe, shutil.disk_usage(probe).free
+
+
+def _human(n: int | None) -> str:
+    if n is None:
+        return "unknown"
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{value:.1f} {unit}" if unit != "B" else f"{int(value)} B"
+        value /= 1024
+    return f"{n} B"
+
+
+class _Progress:
+    """One overall byte bar (tqdm: bytes, rate, ETA) and per-file state lines above it."""
+
+    def __init__(self, total: int, enabled: bool | None) -> None:
+        from tqdm import tqdm
+
+        self._tqdm = tqdm
+        self._lock = threading.Lock()
+        self.bar = tqdm(
+            total=total or None,
+            unit="B",
+            unit_scale=True,
+            unit_divisor=1024,
+            desc="download",
+            file=sys.stderr,
+            disable=enabled is False or (enabled is None and not sys.stderr.isatty()),
+            dynamic_ncols=True,
+        )
+
+    def advance(self, n: int) -> None:
+        with self._lock:
+            self.bar.update(n)
+
+    def line(self, msg: str) -> None:
+        with self._lock:
+            self._tqdm.write(msg, file=sys.stderr)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def run_download(
+    req: DownloadRequest, echo: LineFn = print, progress_bar: bool | None = None
+) -> DownloadReport:
+    """Run a download request end to end (see the module docstring). Never raises for a per-file failure:
+    the report lists them; raises for invalid requests and insufficient disk space.
+
+    Args:
+        req: the request.
+        echo: where the plan and the summary go (one line per call).
+        progress_bar: force the tqdm bar on/off (default: on when stderr is a terminal).
+
+    Raises:
+        ReleaseError: unknown split / modality / shard / mirror.
+        InsufficientSpaceError: the download and extraction do not fit (checked before any byte).
+    """
+    req.out = Path(req.out)
+    progress = _Progress(0, progress_bar)
+    try:
+        plan = plan_download(req, progress.line)
+        report = DownloadReport(plan=plan)
+        report.needed_bytes, report.unknown_sizes = space_needed(plan, req.extract)
+        folder, report.free_bytes = free_space(req.out)
+        if req.dry_run:
+            _print_plan(plan, report, req, echo)
+            return report
+        if report.needed_bytes > report.free_bytes:
+            raise InsufficientSpaceError(folder, report.needed_bytes, report.free_bytes)
+        if report.unknown_sizes:
+            echo(
+                f"warning: the size of {report.unknown_sizes} archives is unknown; the disk-space check "
+                f"covers the others ({_human(report.needed_bytes)} needed, {_human(report.free_bytes)} free)"
+            )
+        work = [p for p in plan if p.state != "extracted"]
+        done = len(plan) - len(work)
+        if done:
+            echo(f"{done} of {len(plan)} archives already downloaded and extracted: skipped")
+        if not work:
+            report.outcomes = [Outcome(p.file.name, True, action="already complete") for p in plan]
+            return report
+        known = sum(p.size or 0 for p in work if p.state != "downloaded")
+        progress.bar.reset(total=known or None)
+        stop = threading.Event()
+        try:
+            outcomes = parallel_map(lambda p: _process(p, req, progress, stop), work, req.options.jobs, stop)
+        except KeyboardInterrupt:
+            report.interrupted = True
+            outcomes = []
+        report.outcomes = [
+            Outcome(p.file.name, True, action="already complete") for p in plan if p.state == "extracted"
+        ]
+        report.outcomes += outcomes
+    finally:
+        progress.close()
+    write_checksums_file(req.out)
+    _print_summary(report, req, echo)
+    return report
+
+
+def _process(item: PlannedFile, req: DownloadRequest, progress: _Progress, stop: threading.Event) -> Outcome:
+    """Download (unless a verified archive is present), extract, clean up one archive.
+
+    A file-system or DriveEngine error fails this archive only (reported), never the others.
+    """
+    try:
+        return _process_one(item, req, progress, stop)
+    except (OSError, DriveEngineError) as exc:
+        progress.line(f"[failed]  {item.file.name}: {exc}")
+        return Outcome(item.file.name, False, f"{type(exc).__name__}: {exc}")
+
+
+def _process_one(
+    item: PlannedFile, req: DownloadRequest, progress: _Progress, stop: threading.Event
+) -> Outcome:
+    name = item.file.name
+    task = FetchTask(
+        url=item.url,
+        dest=item.path,
+        name=name,
+        size=item.size if item.size_exact else None,
+        md5=item.md5,
+        sha256=item.sha256,
+    )
+    attempts_left = 2  # a corrupt archive is downloaded once more from zero
+    action = "verified archive present"
+    while True:
+        if item.state != "downloaded" or not item.path.exists():
+            res = fetch_file(task, req.options, progress.advance, progress.line, stop)
+            if not res.ok:
+                return Outcome(name, False, res.error, interrupted=res.interrupted)
+            _record(req.out, res)
+            action = "downloaded" + (f" (resumed at {res.resumed_from:,} bytes)" if res.resumed_from else "")
+        if not req.extract:
+            return Outcome(name, True, action=action)
+        if stop.is_set():
+            return Outcome(name, False, "interrupted before extraction", interrupted=True)
+        record = read_download_record(req.out, item.file.basename)
+        try:
+            result = extract_archive(item.path, req.out, name=name, md5=record.md5 if record else None)
+        except ArchiveError as exc:
+            attempts_left -= 1
+            item.path.unlink(missing_ok=True)
+            if attempts_left <= 0 or item.md5 is not None:
+                # with a published checksum the bytes are the published ones: downloading again cannot help
+                return Outcome(name, False, f"{exc} (downloaded {'twice' if attempts_left <= 0 else 'once'})")
+            progress.line(f"[retry]   {name}: {exc.reason}; downloading again from zero")
+            item.state = "todo"
+            continue
+        progress.line(f"[extract] {name}: {len(result.files):,} files, {_human(result.nbytes)}")
+        if not req.keep_archives:
+            item.path.unlink(missing_ok=True)
+        return Outcome(name, True, action=action + ", extracted")
+
+
+def _record(root: Path, res: FetchResult) -> None:
+    st = res.task.dest.stat()
+    write_download_record(
+        root,
+        DownloadRecord(
+            name=res.task.name,
+            size=res.size,
+            md5=res.md5 or "",
+            sha256=res.sha256,
+            url=res.task.url,
+            mtime_ns=st.st_mtime_ns,
+            finished=st.st_mtime,
+        ),
+    )
+
+
+def _print_plan(plan: list[PlannedFile], report: DownloadReport, req: DownloadRequest, echo: LineFn) -> None:
+    echo(f"{'state':<11} {'size':>12}  file")
+    total = 0
+    for p in plan:
+        size = _human(p.size) if p.size is not None else "unknown"
+        if p.size is not None and not p.size_exact:
+            size = "~" + size
+        total += p.size or 0
+        state = p.state if p.state != "partial" else f"partial {_human(p.part_bytes)}"
+        echo(f"{state:<11} {size:>12}  {p.file.name}")
+    approx = any(p.size is not None and not p.size_exact for p in plan)
+    echo(
+        f"{len(plan)} files, total {'~' if approx else ''}{_human(total)}"
+        + (f" ({report.unknown_sizes} of unknown size)" if report.unknown_sizes else "")
+    )
+    echo(
+        f"needed on disk for download{' + extraction' if req.extract else ''}: {_human(report.needed_bytes)}; "
+        f"free under {req.out}: {_human(report.free_bytes)}"
+    )
+
+
+def _print_summary(report: DownloadReport, req: DownloadRequest, echo: LineFn) -> None:
+    ok = sum(1 for o in report.outcomes if o.ok)
+    if report.interrupted or any(o.interrupted for o in report.outcomes):
+        parts = sum(1 for p in report.plan if p.path.with_name(p.path.name + ".part").exists())
+        echo(f"interrupted: {ok} archives complete, {parts} partial downloads kept (.part).")
+        echo(f"to continue, run the same command again:\n  {format_command(req)}")
+    failures = report.failures
+    if failures:
+        echo(f"{len(failures)} of {len(report.plan)} archives FAILED:")
+        for o in failures:
+            echo(f"  {o.name}: {o.error}")
+        echo(f"to retry them, run the same command again:\n  {format_command(req)}")
+    elif not report.interrupted and not any(o.interrupted for o in report.outcomes):
+        echo(f"{ok} of {len(report.plan)} archives complete in {req.out}")

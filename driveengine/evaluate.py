@@ -1,0 +1,331 @@
+"""The evaluate stage: occupancy/flow metrics of predicted labels against ground-truth labels.
+
+Each side is either
+
+* a **collected split folder** (``<out>/<split>`` with ``manifest.json``, ``meta/<log>.parquet`` and
+  ``occ/<log>.zarr``), or
+* an **OpenScene v1.0 folder** of sparse files ``.../<scene_name>/occ_gt/{frame_idx:04d}_occ_final.npy``
+  (and ``_flow_final.npy``), searched recursively.
+
+Frames are matched by ``token`` when both sides are collected splits (and must then belong to the same
+log), otherwise by ``(scene_name, frame_idx)``. Any frame present on one side only is an error (the
+message gives counts and examples), as are invalid sparse files and grids that differ: a partial
+evaluation is never reported as a full one.
+
+Metrics are :class:`~driveengine.train.metrics.OccupancyMetrics` (OpenScene's SSCMetrics, near/far,
+flow EPE). With ``mask_lidar`` the ground truth's ``mask_lidar`` array restricts every metric to
+voxels observed by LiDAR (default: on when the ground truth is a collected split, which has the mask).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from driveengine.errors import DriveEngineError
+from driveengine.schemas.grid import GRID, VoxelGrid
+from driveengine.store.manifest import MANIFEST_NAME, load_manifest
+from driveengine.store.openscene_occ import (
+    FLOW_SUFFIX,
+    OCC_SUFFIX,
+    LabelFiles,
+    check_label_files,
+    read_frame_keys,
+    read_label_file,
+)
+
+StrPath = str | os.PathLike[str]
+
+#: A frame loader: returns (semantics (X,Y,Z) uint8, flow (X,Y,Z,2) float, mask_lidar (X,Y,Z) bool or None).
+Loader = Callable[[], tuple[np.ndarray, np.ndarray, np.ndarray | None]]
+
+
+class EvaluationError(DriveEngineError):
+    """Prediction and ground truth cannot be compared (missing frames, different grids, bad files)."""
+
+
+@dataclass
+class FrameRef:
+    """One frame of a label source: how to match it and how to load it."""
+
+    scene_name: str
+    frame_idx: int
+    token: str | None  #: None for OpenScene folders (the files carry no token)
+    log: str | None  #: None for OpenScene folders
+    load: Loader
+    where: str  #: human-readable location, for messages
+
+
+@dataclass
+class LabelSource:
+    """All frames of one side (prediction or ground truth)."""
+
+    path: Path
+    kind: str  #: "collected" or "openscene"
+    grid: VoxelGrid
+    frames: list[FrameRef]
+    has_mask: bool
+
+
+def _zarr_loader(occ: Any, i: int) -> Loader:
+    """A loader of frame ``i`` of an opened ``occ/<log>.zarr`` group."""
+
+    def load() -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        f = occ.frame(i)
+        return f.semantics, f.flow, f.mask_lidar
+
+    return load
+
+
+def _npy_loader(files: LabelFiles, grid: VoxelGrid) -> Loader:
+    """A loader of one frame's OpenScene files (no mask)."""
+
+    def load() -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        sem, flow = read_label_file(files.occ, files.flow, grid)
+        return sem, flow, None
+
+    return load
+
+
+def _collected_source(split_dir: Path) -> LabelSource:
+    from driveengine.store.occ import open_occ
+
+    manifest = load_manifest(split_dir)
+    frames: list[FrameRef] = []
+    grid: VoxelGrid | None = None
+    for log, entry in manifest.logs.items():
+        if not entry.get("occ"):
+            raise EvaluationError(
+                f"{split_dir}: log {log} was collected without labels (occ is null); "
+                "re-collect it with labels or evaluate another split"
+            )
+        rows = read_frame_keys(split_dir / entry["meta"])
+        occ = open_occ(split_dir / entry["occ"])
+        if occ.num_frames != len(rows):
+            raise EvaluationError(
+                f"{split_dir / entry['occ']}: {occ.num_frames} label frames but {len(rows)} frame rows; "
+                f"re-collect log {log}"
+            )
+        if grid is not None and occ.grid != grid:
+            raise EvaluationError(
+                f"{split_dir / entry['occ']}: grid {occ.grid} differs from other logs' {grid}"
+            )
+        grid = occ.grid
+        for i, row in enumerate(rows):
+            frames.append(
+                FrameRef(
+                    scene_name=str(row["scene_name"]),
+                    frame_idx=int(row["frame_idx"]),
+                    token=str(row["token"]),
+                    log=log,
+                    load=_zarr_loader(occ, i),
+                    where=f"{split_dir / entry['occ']}[{i}]",
+                )
+            )
+    return LabelSource(split_dir, "collected", grid or GRID, frames, has_mask=True)
+
+
+def _openscene_source(folder: Path, grid: VoxelGrid) -> LabelSource:
+    frames: list[FrameRef] = []
+    files: list[LabelFiles] = []
+    for occ_path in sorted(folder.rglob(f"*{OCC_SUFFIX}")):
+        stem = occ_path.name[: -len(OCC_SUFFIX)]
+        if not stem.isdigit():
+            raise EvaluationError(f"{occ_path}: file name is not {{frame_idx:04d}}{OCC_SUFFIX}")
+        scene_dir = occ_path.parent.parent if occ_path.parent.name == "occ_gt" else occ_path.parent
+        flow_path = occ_path.with_name(stem + FLOW_SUFFIX)
+        lf = LabelFiles(occ_path, flow_path if flow_path.exists() else None)
+        files.append(lf)
+        frames.append(FrameRef(scene_dir.name, int(stem), None, None, _npy_loader(lf, grid), str(occ_path)))
+    if not frames:
+        raise EvaluationError(
+            f"{folder}: no {MANIFEST_NAME} and no *{OCC_SUFFIX} files below it; pass a collected split "
+            "folder (<out>/<split>) or a folder of OpenScene v1.0 occupancy files"
+        )
+    report = check_label_files(files, grid)
+    if not report.ok:
+        raise EvaluationError(report.message())
+    return LabelSource(folder, "openscene", grid, frames, has_mask=False)
+
+
+def open_label_source(path: StrPath, grid: VoxelGrid = GRID) -> LabelSource:
+    """The frames of a collected split folder or of an OpenScene v1.0 sparse-file folder.
+
+    Args:
+        path: the folder.
+        grid: the grid of OpenScene files' flat indices (collected splits record their own).
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise EvaluationError(f"{path}: no such folder")
+    if (path / MANIFEST_NAME).exists():
+        return _collected_source(path)
+    return _openscene_source(path, grid)
+
+
+def _index(
+    source: LabelSource, by_token: bool, other: dict[Any, FrameRef] | None = None
+) -> dict[Any, FrameRef]:
+    """Frames of ``source`` by token or by (scene_name, frame_idx).
+
+    With ``other`` (the index of an OpenScene folder), a collected frame whose scene name
+    ``<log>-<source scene>`` is not a key there uses the source scene name when that one is: OpenScene
+    names its folders by its own scene names (``log-XXXX-scene-YYYY``).
+    """
+    index: dict[Any, FrameRef] = {}
+    for f in source.frames:
+        key = f.token if by_token else (f.scene_name, f.frame_idx)
+        if other is not None and key not in other and f.log and f.scene_name.startswith(f"{f.log}-"):
+            alt = (f.scene_name[len(f.log) + 1 :], f.frame_idx)
+            key = alt if alt in other else key
+        if key in index:
+            raise EvaluationError(
+                f"{source.path}: two frames share the key {key!r} ({index[key].where} and {f.where}); "
+                "evaluate one split at a time"
+            )
+        index[key] = f
+    return index
+
+
+def match_frames(pred: LabelSource, gt: LabelSource) -> list[tuple[FrameRef, FrameRef]]:
+    """Pairs (prediction, ground truth) in ground-truth order.
+
+    Raises:
+        EvaluationError: frames on one side only, frames matched across different logs, or
+            different grids.
+    """
+    if pred.grid != gt.grid:
+        raise EvaluationError(
+            f"{pred.path}: grid {pred.grid} differs from the ground truth's {gt.grid} ({gt.path})"
+        )
+    by_token = pred.kind == "collected" and gt.kind == "collected"
+    if by_token or pred.kind == gt.kind:
+        pi, gi = _index(pred, by_token), _index(gt, by_token)
+    elif pred.kind == "openscene":
+        pi = _index(pred, False)
+        gi = _index(gt, False, other=pi)
+    else:
+        gi = _index(gt, False)
+        pi = _index(pred, False, other=gi)
+    missing = [k for k in gi if k not in pi]
+    extra = [k for k in pi if k not in gi]
+    if missing or extra:
+        what = "token" if by_token else "(scene_name, frame_idx)"
+        parts = [
+            f"prediction {pred.path} and ground truth {gt.path} do not hold the same frames (by {what}):"
+        ]
+        if missing:
+            parts.append(
+                f"{len(missing)} of {len(gi)} ground-truth frames have no prediction, e.g. {missing[:3]}"
+            )
+        if extra:
+            parts.append(
+                f"{len(extra)} of {len(pi)} predicted frames are not in the ground truth, e.g. {extra[:3]}"
+            )
+        parts.append(
+            "predict every frame of the split, or evaluate against the split the prediction was made for"
+        )
+        raise EvaluationError(" ".join(parts))
+    pairs = [(pi[k], gi[k]) for k in gi]
+    if by_token:
+        wrong = [(p.log, g.log, g.token) for p, g in pairs if p.log != g.log]
+        if wrong:
+            raise EvaluationError(
+                f"{len(wrong)} frames are under different logs in {pred.path} and {gt.path}, "
+                f"e.g. (pred log, gt log, token) {wrong[0]}"
+            )
+    return pairs
+
+
+def evaluate(
+    pred: StrPath,
+    gt: StrPath,
+    *,
+    mask_lidar: bool | None = None,
+    grid: VoxelGrid = GRID,
+    workers: int = 4,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Metrics of the labels in ``pred`` against those in ``gt`` (see the module docstring).
+
+    Args:
+        pred: collected split folder or OpenScene v1.0 folder with the predicted labels.
+        gt: the same for the ground truth.
+        mask_lidar: restrict to voxels of the ground truth's ``mask_lidar``; None = when it has one.
+        grid: grid of OpenScene files (collected splits carry their own).
+        workers: threads loading and scoring frames (Zarr decompression and numpy release the GIL);
+            each has its own accumulator, merged at the end, so the result does not depend on it
+            (up to float rounding of the EPE sums).
+        progress: show a progress bar (tqdm) on stderr.
+
+    Returns:
+        :meth:`OccupancyMetrics.compute`'s dict plus ``pred``, ``gt``, ``mask_lidar`` (bool) and
+        ``matched_by`` (``token`` or ``scene_frame``).
+
+    Raises:
+        EvaluationError: mismatched inputs (see :func:`match_frames`), or ``mask_lidar=True`` with a
+            ground truth that has no mask.
+    """
+    from tqdm import tqdm
+
+    from driveengine.train.metrics import OccupancyMetrics
+
+    pred_src = open_label_source(pred, grid)
+    gt_src = open_label_source(gt, grid)
+    if mask_lidar and not gt_src.has_mask:
+        raise EvaluationError(
+            f"{gt_src.path}: OpenScene v1.0 files carry no mask_lidar; use --no-mask-lidar, or a collected "
+            "split as ground truth"
+        )
+    use_mask = gt_src.has_mask if mask_lidar is None else mask_lidar
+    pairs = match_frames(pred_src, gt_src)
+    local = threading.local()
+    accumulators: list[OccupancyMetrics] = []
+    lock = threading.Lock()
+
+    def score(pair: tuple[FrameRef, FrameRef]) -> None:
+        acc = getattr(local, "metrics", None)
+        if acc is None:
+            acc = local.metrics = OccupancyMetrics(grid=gt_src.grid)
+            with lock:
+                accumulators.append(acc)
+        p_sem, p_flow, _ = pair[0].load()
+        g_sem, g_flow, g_mask = pair[1].load()
+        acc.update(p_sem, g_sem, p_flow, g_flow, mask=g_mask if use_mask else None)
+
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:  # results are None: nothing piles up
+        for _ in tqdm(
+            pool.map(score, pairs), total=len(pairs), desc="evaluate", unit="frame", disable=not progress
+        ):
+            pass
+    metrics = OccupancyMetrics(grid=gt_src.grid)
+    for acc in accumulators:
+        metrics.merge(acc)
+    out = metrics.compute()
+    out.update(
+        {
+            "pred": str(pred_src.path),
+            "gt": str(gt_src.path),
+            "mask_lidar": bool(use_mask),
+            "matched_by": "token" if pred_src.kind == gt_src.kind == "collected" else "scene_frame",
+        }
+    )
+    return out
+
+
+def to_json_ready(value: Any) -> Any:
+    """``value`` with NaN floats replaced by None (strict JSON has no NaN)."""
+    if isinstance(value, dict):
+        return {k: to_json_ready(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [to_json_ready(v) for v in value]
+    if isinstance(value, float) and value != value:
+        return None
+    return value

@@ -1,0 +1,157 @@
+"""OpenScene-compatible export: per-log ``meta_datas/<split>/<log>.pkl`` files from a collected split.
+
+Each file is a ``list[dict]``, one dict per frame row, with OpenScene v1.1's key set and value types
+(numpy arrays where OpenScene has them; reference §3). Values follow OpenScene's meanings, so code
+written for OpenScene reads them unchanged:
+
+* ``anns.gt_velocity_3d`` is written in the **lidar** frame as OpenScene does (DriveEngine's rows hold
+  it in the ego frame: ``v_lidar = v_ego @ R_ego_from_lidar``);
+* ``cams`` is a dict in :data:`~driveengine.schemas.classes.CAMERA_CHANNELS` order;
+* ``anns`` is absent for test data (null ``anns`` in the rows);
+* the corrected values (wrapped yaw, scene-local prev/next, gap-free frame_idx, deterministic scene
+  names) are kept; DriveEngine-only columns (``scenario_tags``, ``source``, ``split``, image
+  timestamps) are not written.
+
+``extra_keys`` adds keys per frame token, e.g. the labels export's ``occ_gt_final_path`` and
+``flow_gt_final_path``.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from driveengine.errors import DriveEngineError
+from driveengine.schemas.classes import CAMERA_CHANNELS
+from driveengine.store.frames import read_shard
+from driveengine.store.manifest import atomic_write_bytes, load_manifest
+
+#: Pickle protocol of exported files (OpenScene used HIGHEST_PROTOCOL; 4 reads on Python >= 3.4).
+PICKLE_PROTOCOL = 4
+
+
+class ExportError(DriveEngineError):
+    """An export cannot be written."""
+
+
+def rows_to_openscene(
+    rows: list[dict[str, Any]], extra_keys: Mapping[str, Mapping[str, Any]] | None = None
+) -> list[dict]:
+    """Frame rows (``Table.to_pylist()``) as OpenScene v1.1 frame dicts (see the module doc)."""
+    out = []
+    for r in rows:
+        l2e = np.array(r["lidar2ego"], dtype=np.float64)
+        can_bus = np.array(r["can_bus"], dtype=np.float64)
+        info: dict[str, Any] = {
+            "token": r["token"],
+            "frame_idx": int(r["frame_idx"]),
+            "timestamp": int(r["timestamp"]),
+            "log_name": r["log_name"],
+            "log_token": r["log_token"],
+            "scene_name": r["scene_name"],
+            "scene_token": r["scene_token"],
+            "map_location": r["map_location"],
+            "roadblock_ids": list(r["roadblock_ids"]),
+            "vehicle_name": r["vehicle_name"],
+            "can_bus": can_bus,
+            "lidar_path": r["lidar_path"],
+            "lidar2ego_translation": np.array(r["lidar2ego_translation"], dtype=np.float64),
+            "lidar2ego_rotation": [float(x) for x in r["lidar2ego_rotation"]],
+            "ego2global_translation": can_bus[:3],
+            "ego2global_rotation": can_bus[3:7],
+            "ego_dynamic_state": [float(x) for x in r["ego_dynamic_state"]],
+            "traffic_lights": [(int(t["lane_connector_id"]), bool(t["is_red"])) for t in r["traffic_lights"]],
+            "driving_command": np.array(r["driving_command"], dtype=np.int64),
+            "cams": {
+                ch: {
+                    "data_path": cam["data_path"],
+                    "sensor2lidar_rotation": np.array(cam["sensor2lidar_rotation"], dtype=np.float64),
+                    "sensor2lidar_translation": np.array(cam["sensor2lidar_translation"], dtype=np.float64),
+                    "cam_intrinsic": np.array(cam["cam_intrinsic"], dtype=np.float64),
+                    "distortion": np.array(cam["distortion"], dtype=np.float64),
+                }
+                for ch, cam in ((ch, r["cams"][ch]) for ch in CAMERA_CHANNELS)
+            },
+            "sample_prev": r["sample_prev"],
+            "sample_next": r["sample_next"],
+            "ego2global": np.array(r["ego2global"], dtype=np.float64),
+            "lidar2ego": l2e,
+            "lidar2global": np.array(r["lidar2global"], dtype=np.float64),
+        }
+        anns = r["anns"]
+        if anns is not None:
+            velocity_ego = np.array(anns["gt_velocity_3d"], dtype=np.float64).reshape(-1, 3)
+            info["anns"] = {
+                "gt_boxes": np.array(anns["gt_boxes"], dtype=np.float64).reshape(-1, 7),
+                "gt_names": np.array(anns["gt_names"], dtype=str),
+                "gt_velocity_3d": velocity_ego @ l2e[:3, :3],  # rows: R_ego_from_lidar^T v = lidar frame
+                "instance_tokens": list(anns["instance_tokens"]),
+                "track_tokens": list(anns["track_tokens"]),
+            }
+        if extra_keys is not None and r["token"] in extra_keys:
+            info.update(extra_keys[r["token"]])
+        out.append(info)
+    return out
+
+
+def export_openscene_metadata(
+    split_dir: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    extra_keys: Mapping[str, Mapping[str, Any]] | None = None,
+    logs: list[str] | None = None,
+) -> list[Path]:
+    """Write ``<out_dir>/<log>.pkl`` (OpenScene v1.1 metadata) for every committed log of ``split_dir``.
+
+    Args:
+        split_dir: a collected split folder ``<out>/<split>``.
+        out_dir: destination folder (e.g. ``openscene-v1.1/meta_datas/<split>``).
+        extra_keys: ``{token: {key: value}}`` merged into the frame dicts (e.g. occupancy file paths).
+        logs: restrict to these logs (default: all committed logs).
+
+    Returns:
+        The written files, sorted. Each is written atomically.
+    """
+    split_dir, out_dir = Path(split_dir), Path(out_dir)
+    manifest = load_manifest(split_dir)
+    names = sorted(manifest.logs) if logs is None else sorted(logs)
+    missing = [n for n in names if n not in manifest.logs]
+    if missing:
+        raise ExportError(f"{split_dir}: logs not committed here: {', '.join(missing[:5])}")
+    written = []
+    for name in names:
+        rows = read_shard(split_dir / manifest.logs[name]["meta"]).to_pylist()
+        frames = rows_to_openscene(rows, extra_keys)
+        path = out_dir / f"{name}.pkl"
+        atomic_write_bytes(path, pickle.dumps(frames, protocol=PICKLE_PROTOCOL))
+        written.append(path)
+    return written
+
+
+def export_split(
+    split_dir: str | os.PathLike[str], out: str | os.PathLike[str], fmt: str = "openscene"
+) -> Iterator[str]:
+    """``driveengine export``: write a collected split in another format; yields progress lines.
+
+    ``openscene``: ``<out>/meta_datas/<split>/<log>.pkl`` and, for logs with labels, OpenScene v1.0
+    occupancy files ``<out>/occupancy/<split>/<scene>/occ_gt/*.npy`` whose paths (relative to ``out``)
+    go into the frame dicts as ``occ_gt_final_path`` / ``flow_gt_final_path``.
+    """
+    if fmt != "openscene":
+        raise ExportError(f"unknown export format {fmt!r}; available: openscene")
+    split_dir, out = Path(split_dir), Path(out)
+    manifest = load_manifest(split_dir)
+    split = manifest.split or split_dir.name
+    extra: dict[str, dict[str, Any]] | None = None
+    if any(entry.get("occ") for entry in manifest.logs.values()):
+        # Hook for the labels export: sparse *_occ_final.npy / *_flow_final.npy per frame.
+        from driveengine.store.openscene_occ import export_openscene_occupancy
+
+        extra = export_openscene_occupancy(split_dir, out / "occupancy", relative_to=out)
+        yield f"occupancy: {len(extra)} frames -> {out / 'occupancy'}"
+    files = export_openscene_metadata(split_dir, out / "meta_datas" / split, extra)
+    yield f"metadata: {len(files)} logs -> {out / 'meta_datas' / split}"

@@ -1,0 +1,311 @@
+"""Writer and reader of the per-log occupancy labels, ``occ/<log>.zarr`` (Zarr v3, see ``schemas/occ.py``).
+
+Writing::
+
+    with create_occ(tmp_path, num_frames=T, generator=config.to_dict()) as w:
+        for sem, flow, mask in frames:          # one frame at a time, in order
+            w.append(sem, flow, mask)
+        w.set_stats({...})                      # optional, JSON
+
+The writer buffers one shard (``shard_frames`` frames) and writes it whole, so memory stays bounded
+for logs of any length. ``close()`` (or leaving the ``with``) writes the last, partial shard and checks
+that exactly ``num_frames`` frames were appended; on an exception inside the ``with`` nothing more is
+written (the caller discards the temporary path).
+
+Reading::
+
+    occ = open_occ(path)                        # validates format, version, arrays
+    frame = occ.frame(i)                        # OccFrame(semantics, flow, mask_lidar) numpy arrays
+    block = occ.read(0, 16)                     # dict name -> (n, ...) numpy arrays
+
+``path`` may be a local path or an fsspec URL (``s3://...``; pass ``storage_options``).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import zarr
+import zarr.codecs
+
+from driveengine.errors import DriveEngineError
+from driveengine.schemas import FORMAT_VERSION, GRID, VoxelGrid
+from driveengine.schemas.occ import (
+    ARRAY_NAMES,
+    COMPRESSION_LEVEL,
+    COMPRESSOR,
+    OCC_FORMAT,
+    SHARD_FRAMES,
+    OccArraySpec,
+    occ_array_specs,
+    occ_group_attributes,
+)
+
+PathLike = str | os.PathLike[str]
+
+
+class OccFormatError(DriveEngineError):
+    """An ``occ/<log>.zarr`` group is missing, of another format or version, or malformed."""
+
+    def __init__(self, path: PathLike, reason: str, hint: str | None = None) -> None:
+        self.path = str(path)
+        message = f"{self.path}: {reason}"
+        if hint:
+            message += f" ({hint})"
+        super().__init__(message)
+
+
+class OccFrame(NamedTuple):
+    """Labels of one frame, dense, indexed ``[x, y, z]`` on the group's grid."""
+
+    semantics: np.ndarray  #: (nx, ny, nz) uint8, FREE = 16
+    flow: np.ndarray  #: (nx, ny, nz, 2) float16, (vx, vy) m/s, ego frame of the frame
+    mask_lidar: np.ndarray  #: (nx, ny, nz) bool
+
+
+def make_compressor(name: str = COMPRESSOR, level: int = COMPRESSION_LEVEL) -> Any:
+    """A Zarr v3 bytes-to-bytes codec: ``"zstd"`` (level 1-22), ``"blosc-zstd"``, ``"blosc-lz4"`` or ``"none"``."""
+    if name == "zstd":
+        return zarr.codecs.ZstdCodec(level=level)
+    if name in ("blosc-zstd", "blosc-lz4"):
+        return zarr.codecs.BloscCodec(cname=name.split("-", 1)[1], clevel=level, shuffle="bitshuffle")
+    if name == "none":
+        return None
+    raise ValueError(f"unknown compressor {name!r}; use 'zstd', 'blosc-zstd', 'blosc-lz4' or 'none'")
+
+
+class OccWriter:
+    """Appends frames to a new ``occ/<log>.zarr`` group, one shard at a time. Use :func:`create_occ`."""
+
+    def __init__(
+        self,
+        group: zarr.Group,
+        path: PathLike,
+        num_frames: int,
+        specs: dict[str, OccArraySpec],
+        shard_frames: int,
+    ) -> None:
+        self._group = group
+        self.path = path
+        self.num_frames = num_frames
+        self.shard_frames = shard_frames
+        self._specs = specs
+        self._arrays = {name: group[name] for name in ARRAY_NAMES}
+        self._buffers: dict[str, np.ndarray] | None = None
+        self._shard_start = 0  # first frame of the buffered shard
+        self._filled = 0  # frames in the buffer
+        self._closed = False
+
+    @property
+    def frames_written(self) -> int:
+        """Frames appended so far (buffered or on disk)."""
+        return self._shard_start + self._filled
+
+    def append(self, semantics: np.ndarray, flow: np.ndarray, mask_lidar: np.ndarray) -> None:
+        """Append the next frame: semantics (nx, ny, nz) uint8, flow (nx, ny, nz, 2) m/s, mask (nx, ny, nz) bool."""
+        if self._closed:
+            raise ValueError(f"{self.path}: writer is closed")
+        if self.frames_written >= self.num_frames:
+            raise ValueError(f"{self.path}: more than the {self.num_frames} frames declared")
+        if self._buffers is None:
+            # every row is overwritten by append() before a flush writes it: no need to fill
+            self._buffers = {
+                name: np.empty(spec.shards(self.shard_frames), dtype=spec.dtype)
+                for name, spec in self._specs.items()
+            }
+        for name, value in zip(ARRAY_NAMES, (semantics, flow, mask_lidar), strict=True):
+            spec = self._specs[name]
+            value = np.asarray(value)
+            if value.shape != spec.frame_shape:
+                raise ValueError(
+                    f"{self.path}: {name} frame has shape {value.shape}, expected {spec.frame_shape}"
+                )
+            self._buffers[name][self._filled] = value  # casts (e.g. float32 flow to float16)
+        self._filled += 1
+        if self._filled == self.shard_frames:
+            self._flush()
+
+    def set_stats(self, stats: dict) -> None:
+        """Store JSON-ready statistics of the generation in the group attribute ``stats``."""
+        self._group.attrs.update({"stats": stats})
+
+    def _flush(self) -> None:
+        if not self._filled or self._buffers is None:
+            return
+        start, stop = self._shard_start, self._shard_start + self._filled
+        for name in ARRAY_NAMES:
+            self._arrays[name][start:stop] = self._buffers[name][: self._filled]
+        self._shard_start = stop
+        self._filled = 0
+
+    def close(self) -> None:
+        """Write the last (partial) shard and check that every declared frame was appended."""
+        if self._closed:
+            return
+        self._flush()
+        self._closed = True
+        self._buffers = None
+        if self._shard_start != self.num_frames:
+            raise ValueError(
+                f"{self.path}: {self._shard_start} frames appended, {self.num_frames} declared; "
+                "the group is incomplete, discard it"
+            )
+
+    def __enter__(self) -> OccWriter:
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self._closed = True
+            self._buffers = None
+
+
+def create_occ(
+    path: PathLike,
+    num_frames: int,
+    *,
+    generator: dict,
+    grid: VoxelGrid = GRID,
+    shard_frames: int = SHARD_FRAMES,
+    compressor: str = COMPRESSOR,
+    compression_level: int = COMPRESSION_LEVEL,
+    timestamps_us: np.ndarray | list[int] | None = None,
+    storage_options: dict | None = None,
+) -> OccWriter:
+    """Create (overwriting) an ``occ/<log>.zarr`` group of ``num_frames`` frames and return its writer.
+
+    Args:
+        path: where the group goes (local path or fsspec URL); an existing group there is replaced.
+        num_frames: T, the number of frames (rows of ``meta/<log>.parquet``).
+        generator: JSON-ready description of how the labels were made (e.g. ``LabelConfig.to_dict()``).
+        grid: the voxel grid (format version 1: :data:`~driveengine.schemas.GRID`).
+        shard_frames: frames per shard; chunks are one frame.
+        compressor, compression_level: see :func:`make_compressor`.
+        timestamps_us: optional (T,) frame timestamps, microseconds, stored as an attribute so that
+            readers can check the alignment with ``meta/<log>.parquet``.
+        storage_options: fsspec options for URLs.
+    """
+    if num_frames < 0 or shard_frames < 1:
+        raise ValueError(f"{path}: num_frames must be >= 0 and shard_frames >= 1")
+    ts = None if timestamps_us is None else [int(t) for t in np.asarray(timestamps_us).ravel()]
+    if ts is not None and len(ts) != num_frames:
+        raise ValueError(f"{path}: {len(ts)} timestamps for {num_frames} frames")
+    specs = occ_array_specs(grid)
+    store = str(path) if isinstance(path, os.PathLike) else path
+    group = zarr.open_group(store, mode="w", zarr_format=3, storage_options=storage_options)
+    group.attrs.update(occ_group_attributes(num_frames, generator, grid, ts))
+    codec = make_compressor(compressor, compression_level)
+    shard_frames = max(1, min(shard_frames, num_frames)) if num_frames else shard_frames
+    for name in ARRAY_NAMES:
+        spec = specs[name]
+        group.create_array(
+            name,
+            shape=spec.shape(num_frames),
+            dtype=spec.dtype,
+            chunks=spec.chunks(),
+            shards=spec.shards(shard_frames),
+            compressors=() if codec is None else (codec,),
+            fill_value=spec.fill_value,
+            dimension_names=spec.dimension_names,
+            attributes={"description": spec.description},
+            # zarr 3.1 checks every chunk for "all fill value" before writing it, which costs several
+            # times the compression itself on 640k-voxel frames; label frames are never empty anyway.
+            config={"write_empty_chunks": True},
+        )
+    return OccWriter(group, path, num_frames, specs, shard_frames)
+
+
+@dataclass
+class OccLog:
+    """An opened ``occ/<log>.zarr`` group. Use :func:`open_occ`.
+
+    Attributes:
+        path: the group's location.
+        group: the Zarr group (arrays ``semantics``, ``flow``, ``mask_lidar``).
+        grid: the voxel grid from the group attributes.
+        attrs: all group attributes (a plain dict).
+    """
+
+    path: str
+    group: zarr.Group
+    grid: VoxelGrid
+    attrs: dict
+
+    @property
+    def num_frames(self) -> int:
+        """T, the number of frames."""
+        return int(self.group["semantics"].shape[0])
+
+    @property
+    def semantics(self) -> zarr.Array:
+        return self.group["semantics"]  # type: ignore[return-value]
+
+    @property
+    def flow(self) -> zarr.Array:
+        return self.group["flow"]  # type: ignore[return-value]
+
+    @property
+    def mask_lidar(self) -> zarr.Array:
+        return self.group["mask_lidar"]  # type: ignore[return-value]
+
+    def frame(self, i: int) -> OccFrame:
+        """Dense labels of frame ``i`` (0 <= i < T)."""
+        if not 0 <= i < self.num_frames:
+            raise IndexError(f"{self.path}: frame {i} out of range (T = {self.num_frames})")
+        return OccFrame(self.semantics[i], self.flow[i], self.mask_lidar[i])
+
+    def read(self, start: int = 0, stop: int | None = None) -> dict[str, np.ndarray]:
+        """Frames ``start:stop`` of every array, ``{name: (n, ...) ndarray}``; read shard-aligned for speed."""
+        stop = self.num_frames if stop is None else stop
+        return {name: self.group[name][start:stop] for name in ARRAY_NAMES}  # type: ignore[index]
+
+
+def open_occ(path: PathLike, storage_options: dict | None = None) -> OccLog:
+    """Open and validate an ``occ/<log>.zarr`` group written by :func:`create_occ`.
+
+    Raises:
+        OccFormatError: missing group, another format, a newer format version, or arrays whose
+            dtype / frame shape disagree with ``schemas/occ.py``.
+    """
+    store = str(path) if isinstance(path, os.PathLike) else path
+    if isinstance(path, os.PathLike) and not Path(path).exists():
+        raise OccFormatError(path, "no such Zarr group", "run `driveengine collect` to write the labels")
+    try:
+        group = zarr.open_group(store, mode="r", zarr_format=3, storage_options=storage_options)
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError, ValueError) as exc:
+        raise OccFormatError(path, f"not a Zarr v3 group ({exc})", "re-run `driveengine collect`") from exc
+    attrs = dict(group.attrs)
+    if attrs.get("format") != OCC_FORMAT:
+        raise OccFormatError(
+            path, f"group attribute format is {attrs.get('format')!r}, expected {OCC_FORMAT!r}"
+        )
+    version = attrs.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise OccFormatError(
+            path,
+            f"format version {version!r}, this DriveEngine reads up to {FORMAT_VERSION}",
+            "upgrade driveengine",
+        )
+    grid = VoxelGrid.from_dict(attrs["grid"])
+    specs = occ_array_specs(grid)
+    frames = None
+    for name in ARRAY_NAMES:
+        if name not in group:
+            raise OccFormatError(path, f"array {name!r} is missing", "re-run `driveengine collect`")
+        arr = group[name]
+        spec = specs[name]
+        if arr.dtype != spec.dtype or tuple(arr.shape[1:]) != spec.frame_shape:
+            raise OccFormatError(
+                path,
+                f"array {name!r} is {arr.dtype} {arr.shape}, expected {spec.dtype} (T, {spec.frame_shape})",
+            )
+        if frames is not None and arr.shape[0] != frames:
+            raise OccFormatError(path, f"array {name!r} has {arr.shape[0]} frames, others {frames}")
+        frames = arr.shape[0]
+    return OccLog(str(path), group, grid, attrs)

@@ -1,0 +1,506 @@
+"""OpenScene v1.0 occupancy/flow label files: validate, read (densify), write (sparsify), import, export.
+
+The files (reference §4), one pair per key frame::
+
+    <root>/<split>/<scene_name>/occ_gt/{frame_idx:04d}_occ_final.npy    (N, 2) integer [flat_index, class_id]
+    <root>/<split>/<scene_name>/occ_gt/{frame_idx:04d}_flow_final.npy   (N, 2) float   (vx, vy), m/s
+
+* Only occupied voxels are listed; every other voxel is free (class 16 in dense grids).
+* ``flat_index = x + 200*y + 40000*z`` on the grid :data:`~driveengine.schemas.grid.GRID` (ego frame of
+  the key frame, x forward, y left, z up, 0.5 m voxels, indexed ``[x, y, z]``); see
+  :meth:`VoxelGrid.flat_index`.
+* The flow file is row-aligned with the occ file: row ``i`` is the (vx, vy) of the voxel in occ row
+  ``i``, in m/s in the ego frame of the key frame.
+
+What this module writes: occ files as ``int64`` (OpenScene-style loaders ``torch.from_numpy`` the
+array and index a dense tensor with column 0, which needs an integer type; ``int64`` is torch's index
+type and numpy's default integer, so it needs no cast; the exact dtype of the released files is not
+verified), rows sorted by flat index; flow files as ``float32`` (exact for the ``float16`` values
+DriveEngine stores; the released flow dtype is not verified either). What it reads: any integer
+dtype for occ (and floating-point arrays holding whole numbers), any floating-point dtype for flow.
+
+Every problem is reported per file with counts (indices out of range, duplicated indices, class ids
+out of range, non-finite flow, occ/flow row counts that differ); nothing is dropped or repaired
+silently. :func:`check_label_file` returns the problems; the readers raise
+:class:`OpenSceneLabelError` listing all of them.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from driveengine.errors import DriveEngineError
+from driveengine.schemas.classes import FREE, NUM_CLASSES
+from driveengine.schemas.grid import GRID, VoxelGrid
+
+StrPath = str | os.PathLike[str]
+
+#: Suffixes of the two files of a frame.
+OCC_SUFFIX = "_occ_final.npy"
+FLOW_SUFFIX = "_flow_final.npy"
+#: dtypes DriveEngine writes (see the module docstring).
+OCC_FILE_DTYPE = np.dtype(np.int64)
+FLOW_FILE_DTYPE = np.dtype(np.float32)
+#: Metadata keys of OpenScene frame dicts that point at the files.
+OCC_PATH_KEY = "occ_gt_final_path"
+FLOW_PATH_KEY = "flow_gt_final_path"
+
+
+class OpenSceneLabelError(DriveEngineError):
+    """One or more OpenScene label files are missing or invalid; the message lists every file and problem."""
+
+
+# -- one frame: validation, dense <-> sparse ---------------------------------------------------------
+
+
+def check_sparse(occ: np.ndarray, flow: np.ndarray | None = None, grid: VoxelGrid = GRID) -> list[str]:
+    """Problems of one frame's sparse arrays, each in words with a count; empty when valid.
+
+    Args:
+        occ: (N, 2) rows ``[flat_index, class_id]``.
+        flow: optional (N, 2) rows ``(vx, vy)``, m/s, row-aligned with ``occ``.
+        grid: the grid the flat indices refer to.
+    """
+    problems: list[str] = []
+    occ = np.asarray(occ)
+    if occ.ndim != 2 or occ.shape[1] != 2:
+        return [f"occ array has shape {occ.shape}, expected (N, 2) rows [flat_index, class_id]"]
+    if occ.dtype.kind == "f":
+        if not np.all(np.isfinite(occ)) or np.any(occ != np.round(occ)):
+            return [f"occ array is {occ.dtype} with non-integer values; expected integer rows"]
+    elif occ.dtype.kind not in "iu":
+        return [f"occ array has dtype {occ.dtype}, expected integers"]
+    n = occ.shape[0]
+    flat = occ[:, 0].astype(np.int64)
+    cls = occ[:, 1].astype(np.int64)
+    outside = (flat < 0) | (flat >= grid.num_voxels)
+    if outside.any():
+        problems.append(
+            f"{int(outside.sum())} of {n} rows have a flat index outside 0..{grid.num_voxels - 1} "
+            f"(e.g. {flat[outside][:3].tolist()})"
+        )
+    inside = flat[~outside]
+    if inside.size:
+        counts = np.bincount(inside, minlength=grid.num_voxels)
+        dup_voxels = int(np.count_nonzero(counts > 1))
+        if dup_voxels:
+            extra = int(inside.size - np.count_nonzero(counts))
+            problems.append(
+                f"{dup_voxels} flat indices occur more than once ({extra} extra rows, "
+                f"e.g. index {int(np.flatnonzero(counts > 1)[0])})"
+            )
+    bad_cls = (cls < 0) | (cls >= NUM_CLASSES)
+    if bad_cls.any():
+        problems.append(
+            f"{int(bad_cls.sum())} of {n} rows have a class id outside 0..{NUM_CLASSES - 1} "
+            f"(e.g. {np.unique(cls[bad_cls])[:5].tolist()})"
+        )
+    if flow is not None:
+        flow = np.asarray(flow)
+        if flow.ndim != 2 or flow.shape[1] != 2:
+            problems.append(f"flow array has shape {flow.shape}, expected (N, 2) rows (vx, vy)")
+        elif flow.shape[0] != n:
+            problems.append(f"flow has {flow.shape[0]} rows but occ has {n}: not row-aligned")
+        elif flow.dtype.kind not in "fiu":
+            problems.append(f"flow array has dtype {flow.dtype}, expected floats")
+        else:
+            nonfinite = ~np.isfinite(flow).all(axis=1)
+            if nonfinite.any():
+                problems.append(f"{int(nonfinite.sum())} of {n} flow rows are not finite (NaN or inf)")
+    return problems
+
+
+def sparse_to_dense(
+    occ: np.ndarray, flow: np.ndarray | None = None, grid: VoxelGrid = GRID
+) -> tuple[np.ndarray, np.ndarray]:
+    """Dense grids of one frame's sparse rows.
+
+    Args:
+        occ: (N, 2) rows ``[flat_index, class_id]`` (validated here).
+        flow: optional (N, 2) ``(vx, vy)`` m/s, row-aligned with ``occ``; zeros when None.
+        grid: the voxel grid.
+
+    Returns:
+        ``semantics`` uint8 ``grid.shape`` (class id, FREE = 16 where no row) and ``flow`` float32
+        ``(*grid.shape, 2)`` (m/s, ego frame; 0 where no row), both indexed ``[x, y, z]``.
+
+    Raises:
+        ValueError: the arrays fail :func:`check_sparse` (the message lists the problems).
+    """
+    problems = check_sparse(occ, flow, grid)
+    if problems:
+        raise ValueError("; ".join(problems))
+    occ = np.asarray(occ).astype(np.int64, copy=False)
+    flat = occ[:, 0]
+    # a C-order array indexed [z, y, x] has position z*nx*ny + y*nx + x = the flat index, so the rows
+    # scatter straight into its buffer, and a transposed view is the [x, y, z] grid
+    nx, ny, nz = grid.shape
+    sem_zyx = np.full(grid.num_voxels, FREE, dtype=np.uint8)
+    sem_zyx[flat] = occ[:, 1]
+    flow_zyx = np.zeros((grid.num_voxels, 2), dtype=np.float32)
+    if flow is not None:
+        flow_zyx[flat] = np.asarray(flow, dtype=np.float32)
+    sem = np.ascontiguousarray(sem_zyx.reshape(nz, ny, nx).transpose(2, 1, 0))
+    dense_flow = np.ascontiguousarray(flow_zyx.reshape(nz, ny, nx, 2).transpose(2, 1, 0, 3))
+    return sem, dense_flow
+
+
+def dense_to_sparse(
+    semantics: np.ndarray, flow: np.ndarray | None = None, grid: VoxelGrid = GRID
+) -> tuple[np.ndarray, np.ndarray]:
+    """OpenScene's sparse rows of one frame's dense grids.
+
+    Args:
+        semantics: ``grid.shape`` class ids indexed ``[x, y, z]``, FREE = 16 for empty voxels.
+        flow: optional ``(*grid.shape, 2)`` (vx, vy) m/s; zeros when None.
+        grid: the voxel grid.
+
+    Returns:
+        ``occ`` int64 (N, 2) ``[flat_index, class_id]`` of every non-free voxel, sorted by flat index,
+        and ``flow`` float32 (N, 2), row-aligned.
+    """
+    semantics = np.asarray(semantics)
+    if semantics.shape != grid.shape:
+        raise ValueError(f"semantics has shape {semantics.shape}, expected the grid shape {grid.shape}")
+    # [z, y, x] C order is OpenScene's flat order: non-zero positions come out sorted by flat index
+    sem_zyx = semantics.transpose(2, 1, 0).reshape(-1)
+    flat = np.flatnonzero(sem_zyx != FREE)
+    occ = np.stack([flat, sem_zyx[flat].astype(np.int64)], axis=1).astype(OCC_FILE_DTYPE, copy=False)
+    if flow is None:
+        rows = np.zeros((len(flat), 2), dtype=FLOW_FILE_DTYPE)
+    else:
+        flow = np.asarray(flow)
+        if flow.shape != (*grid.shape, 2):
+            raise ValueError(f"flow has shape {flow.shape}, expected {(*grid.shape, 2)}")
+        rows = flow.transpose(2, 1, 0, 3).reshape(-1, 2)[flat].astype(FLOW_FILE_DTYPE)
+    return occ, rows
+
+
+# -- files -----------------------------------------------------------------------------------------
+
+
+def label_file_names(frame_idx: int) -> tuple[str, str]:
+    """File names ``{frame_idx:04d}_occ_final.npy`` and ``{frame_idx:04d}_flow_final.npy``."""
+    return f"{int(frame_idx):04d}{OCC_SUFFIX}", f"{int(frame_idx):04d}{FLOW_SUFFIX}"
+
+
+def _load_npy(path: Path) -> np.ndarray:
+    """``np.load`` without pickles; OSError/ValueError become one-line problems for the caller."""
+    return np.load(path, allow_pickle=False)
+
+
+def check_label_file(
+    occ_path: StrPath, flow_path: StrPath | None = None, grid: VoxelGrid = GRID
+) -> list[str]:
+    """Problems of one frame's files (missing, unreadable, or :func:`check_sparse`); empty when valid."""
+    try:
+        occ = _load_npy(Path(occ_path))
+    except FileNotFoundError:
+        return ["occ file is missing"]
+    except (OSError, ValueError) as exc:
+        return [f"occ file is unreadable ({exc})"]
+    flow = None
+    if flow_path is not None:
+        try:
+            flow = _load_npy(Path(flow_path))
+        except FileNotFoundError:
+            return ["flow file is missing"]
+        except (OSError, ValueError) as exc:
+            return [f"flow file is unreadable ({exc})"]
+    return check_sparse(occ, flow, grid)
+
+
+def read_label_file(
+    occ_path: StrPath, flow_path: StrPath | None = None, grid: VoxelGrid = GRID
+) -> tuple[np.ndarray, np.ndarray]:
+    """Dense ``semantics`` (uint8) and ``flow`` (float32, zeros without a flow file) of one frame's files.
+
+    Raises:
+        OpenSceneLabelError: a file is missing, unreadable or invalid (every problem is named).
+    """
+    problems = check_label_file(occ_path, flow_path, grid)
+    if problems:
+        raise OpenSceneLabelError(_format_problems({str(occ_path): problems}))
+    occ = _load_npy(Path(occ_path))
+    flow = None if flow_path is None else _load_npy(Path(flow_path))
+    return sparse_to_dense(occ, flow, grid)
+
+
+def write_label_file(
+    occ_path: StrPath,
+    flow_path: StrPath,
+    semantics: np.ndarray,
+    flow: np.ndarray | None = None,
+    grid: VoxelGrid = GRID,
+) -> int:
+    """Write one frame as OpenScene's pair of files (int64 occ, float32 flow); returns the row count.
+
+    Each file is written under a temporary name and renamed into place, so a crash never leaves a
+    truncated ``.npy`` behind.
+    """
+    occ, rows = dense_to_sparse(semantics, flow, grid)
+    for path, arr in ((Path(occ_path), occ), (Path(flow_path), rows)):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        with open(tmp, "wb") as f:
+            np.save(f, arr, allow_pickle=False)
+        os.replace(tmp, path)
+    return int(occ.shape[0])
+
+
+def _format_problems(problems: Mapping[str, list[str]], limit: int = 20) -> str:
+    """One message naming each file and its problems (the first ``limit`` files, then a count)."""
+    items = list(problems.items())
+    lines = [f"{len(items)} OpenScene label file(s) are invalid:"]
+    for path, probs in items[:limit]:
+        lines.append(f"  {path}: " + "; ".join(probs))
+    if len(items) > limit:
+        lines.append(f"  ... and {len(items) - limit} more files")
+    lines.append("  (fix or re-download these label files, or collect without --openscene-occupancy)")
+    return "\n".join(lines)
+
+
+# -- locating a log's files --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LabelFiles:
+    """The label files of one key frame (``flow`` None when the frame has no flow file)."""
+
+    occ: Path
+    flow: Path | None
+
+
+def _resolve(root: Path, relative: str, split: str) -> Path:
+    """A metadata path made absolute: as is, under ``root``, or its ``<split>/...`` tail under ``root``."""
+    p = Path(relative)
+    if p.is_absolute():
+        return p
+    candidates = [root / p]
+    parts = p.parts
+    if split in parts:  # e.g. "dataset/openscene-v1.0/occupancy/mini/log-.../occ_gt/0000_occ_final.npy"
+        candidates.append(root.joinpath(*parts[parts.index(split) :]))
+    for c in candidates:
+        if c.exists():
+            return c
+    return candidates[-1]
+
+
+def locate_label_files(rows: Iterable[Mapping[str, Any]], root: StrPath, split: str) -> list[LabelFiles]:
+    """The label files of each frame row, in row order.
+
+    A row with a non-empty ``occ_gt_final_path`` (and ``flow_gt_final_path``) key (OpenScene metadata)
+    uses those paths: absolute, relative to ``root``, or relative to ``root`` from the ``<split>``
+    component on. Other rows use the v1.0 layout
+    ``<root>/<split>/<scene>/occ_gt/{frame_idx:04d}_{occ,flow}_final.npy`` where ``<scene>`` is the row's
+    ``scene_name`` or, when no such folder exists and ``scene_name`` is DriveEngine's
+    ``<log_name>-<source scene name>``, the source scene name (for OpenScene input that is OpenScene's
+    own ``log-XXXX-scene-YYYY``). Nothing is guessed beyond that: files that do not exist are reported
+    as missing by :func:`check_label_files`.
+
+    Caveat: the layout is keyed by ``frame_idx``, and DriveEngine renumbers ``frame_idx`` without the
+    gaps OpenScene left where it dropped frames; where a source had such gaps, give the rows
+    OpenScene's ``occ_gt_final_path`` keys instead (they name each frame's file exactly).
+
+    Args:
+        rows: frame rows (dicts with ``scene_name``, ``frame_idx`` and optionally ``log_name`` and the
+            path keys).
+        root: the folder holding ``<split>/`` of OpenScene's occupancy release.
+        split: the split name (``mini``, ``trainval``, ...).
+    """
+    root = Path(root)
+    out: list[LabelFiles] = []
+    for row in rows:
+        occ_rel = row.get(OCC_PATH_KEY)
+        if occ_rel:
+            flow_rel = row.get(FLOW_PATH_KEY)
+            occ = _resolve(root, str(occ_rel), split)
+            flow = (
+                _resolve(root, str(flow_rel), split)
+                if flow_rel
+                else occ.with_name(occ.name.replace(OCC_SUFFIX, FLOW_SUFFIX))
+            )
+        else:
+            occ_name, flow_name = label_file_names(int(row["frame_idx"]))
+            scene, log = str(row["scene_name"]), row.get("log_name")
+            folder = root / split / scene
+            if not folder.is_dir() and log and scene.startswith(f"{log}-"):
+                source_scene = root / split / scene[len(log) + 1 :]
+                folder = source_scene if source_scene.is_dir() else folder
+            occ, flow = folder / "occ_gt" / occ_name, folder / "occ_gt" / flow_name
+        out.append(LabelFiles(occ, flow))
+    return out
+
+
+@dataclass
+class LabelCheck:
+    """Result of checking a log's label files: problems per file (empty when all are valid)."""
+
+    frames: int
+    problems: dict[str, list[str]] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def message(self) -> str:
+        """All problems in words (file, problem, count), or "N frames OK"."""
+        return _format_problems(self.problems) if self.problems else f"{self.frames} frames OK"
+
+
+def check_label_files(files: Sequence[LabelFiles], grid: VoxelGrid = GRID) -> LabelCheck:
+    """Check every frame's files; a missing flow file is a problem (OpenScene ships both)."""
+    report = LabelCheck(frames=len(files))
+    for f in files:
+        problems = check_label_file(f.occ, f.flow, grid)
+        if problems:
+            report.problems[str(f.occ)] = problems
+    return report
+
+
+# -- import into occ/<log>.zarr ----------------------------------------------------------------------
+
+#: Value of the Zarr group attribute ``generator`` for imported labels (plus the root and file count).
+IMPORT_GENERATOR = {
+    "kind": "openscene-v1.0-import",
+    "mask_lidar": "OpenScene v1.0 ships no visibility mask: mask_lidar is True everywhere",
+}
+
+
+def import_openscene_labels(
+    files: Sequence[LabelFiles],
+    out_path: StrPath,
+    *,
+    grid: VoxelGrid = GRID,
+    timestamps_us: Sequence[int] | np.ndarray | None = None,
+    source: str = "",
+) -> int:
+    """Write OpenScene v1.0 label files as one log's ``occ/<log>.zarr`` group (via :mod:`driveengine.store.occ`).
+
+    Every file is checked first, so nothing is written when any is missing or invalid. OpenScene ships
+    no visibility mask, so ``mask_lidar`` is True everywhere (recorded in the ``generator`` attribute).
+
+    Args:
+        files: one :class:`LabelFiles` per frame row, in row order (e.g. from :func:`locate_label_files`);
+            frame ``i`` of the group is ``files[i]``.
+        out_path: the group to create (usually a temporary path the caller renames into place).
+        grid: the grid of the files' flat indices.
+        timestamps_us: optional (T,) frame timestamps, microseconds, stored with the group.
+        source: free text naming where the files came from (stored in the ``generator`` attribute).
+
+    Returns:
+        The number of frames written.
+
+    Raises:
+        OpenSceneLabelError: any file is missing or invalid; the message lists every file and problem.
+    """
+    from driveengine.store.occ import create_occ
+
+    report = check_label_files(files, grid)
+    if not report.ok:
+        raise OpenSceneLabelError(report.message())
+    mask = np.ones(grid.shape, dtype=bool)
+    generator = {**IMPORT_GENERATOR, "source": source, "frames": len(files)}
+    with create_occ(out_path, len(files), generator=generator, grid=grid, timestamps_us=timestamps_us) as w:
+        for f in files:
+            sem, flow = read_label_file(f.occ, f.flow, grid)
+            w.append(sem, flow, mask)
+    return len(files)
+
+
+# -- export of a collected split ---------------------------------------------------------------------
+
+
+def read_frame_keys(meta_path: StrPath) -> list[dict[str, Any]]:
+    """``token``, ``scene_name``, ``frame_idx`` of every row of ``meta/<log>.parquet``, in row order.
+
+    Raises:
+        OpenSceneLabelError: the file is missing or lacks these columns.
+    """
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(meta_path, columns=["token", "scene_name", "frame_idx"])
+    except (OSError, ValueError, KeyError) as exc:
+        raise OpenSceneLabelError(f"{meta_path}: cannot read frame rows ({exc})") from None
+    return table.to_pylist()
+
+
+def export_openscene_occupancy(
+    split_dir: StrPath,
+    out_dir: StrPath,
+    *,
+    relative_to: StrPath | None = None,
+    logs: Iterable[str] | None = None,
+) -> dict[str, dict[str, str]]:
+    """Export a collected split's labels as OpenScene v1.0 files.
+
+    Writes ``<out_dir>/<split>/<scene_name>/occ_gt/{frame_idx:04d}_occ_final.npy`` (int64 rows
+    ``[flat_index, class_id]``, sorted) and ``..._flow_final.npy`` (float32 ``(vx, vy)`` m/s, ego frame)
+    for every frame of every log in the manifest that has labels.
+
+    Args:
+        split_dir: the collected split folder ``<out>/<split>`` (manifest, meta/, occ/).
+        out_dir: the root of the exported occupancy tree.
+        relative_to: when given, returned paths are relative to this folder (e.g. the root of an
+            OpenScene-style export that also holds ``meta_datas/``); otherwise absolute.
+        logs: restrict to these log names (default: every log with labels).
+
+    Returns:
+        ``{token: {"occ_gt_final_path": ..., "flow_gt_final_path": ...}}`` for every exported frame, the
+        extra keys the legacy ``.pkl`` export merges into its frame dicts.
+
+    Raises:
+        OpenSceneLabelError: a log's frame rows and label frames disagree, or two frames map to the
+            same file name.
+        ManifestError, OccFormatError: the split folder or a label group is unreadable.
+    """
+    from driveengine.store.manifest import load_manifest
+    from driveengine.store.occ import open_occ
+
+    split_dir, out_dir = Path(split_dir), Path(out_dir)
+    manifest = load_manifest(split_dir)
+    wanted = None if logs is None else set(logs)
+    base = None if relative_to is None else Path(relative_to).resolve()
+    result: dict[str, dict[str, str]] = {}
+    written: set[Path] = set()
+    for log_name, entry in manifest.logs.items():
+        if (wanted is not None and log_name not in wanted) or not entry.get("occ"):
+            continue
+        rows = read_frame_keys(split_dir / entry["meta"])
+        occ = open_occ(split_dir / entry["occ"])
+        if occ.num_frames != len(rows):
+            raise OpenSceneLabelError(
+                f"{split_dir / entry['occ']}: {occ.num_frames} label frames but {len(rows)} rows in "
+                f"{entry['meta']}; re-collect log {log_name}"
+            )
+        grid = occ.grid
+        shard = max(1, int(occ.semantics.shards[0]) if occ.semantics.shards else 1)
+        for start in range(0, len(rows), shard):  # read shard-aligned blocks
+            block = occ.read(start, min(start + shard, len(rows)))
+            for k in range(block["semantics"].shape[0]):
+                row = rows[start + k]
+                scene = row["scene_name"] or log_name
+                occ_name, flow_name = label_file_names(int(row["frame_idx"]))
+                folder = out_dir / manifest.split / scene / "occ_gt"
+                occ_path, flow_path = folder / occ_name, folder / flow_name
+                if occ_path in written:
+                    raise OpenSceneLabelError(
+                        f"{occ_path}: two frames of scene {scene} have frame_idx {row['frame_idx']} "
+                        f"(log {log_name}); the frame rows are inconsistent, re-collect the log"
+                    )
+                written.add(occ_path)
+                write_label_file(occ_path, flow_path, block["semantics"][k], block["flow"][k], grid)
+                if base is not None:
+                    occ_str = os.path.relpath(occ_path.resolve(), base)
+                    flow_str = os.path.relpath(flow_path.resolve(), base)
+                else:
+                    occ_str, flow_str = str(occ_path.resolve()), str(flow_path.resolve())
+                result[str(row["token"])] = {OCC_PATH_KEY: occ_str, FLOW_PATH_KEY: flow_str}
+    return result

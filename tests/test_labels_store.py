@@ -1,0 +1,126 @@
+"""The occ/<log>.zarr writer and reader (driveengine/store/occ.py, schemas/occ.py) on real Zarr v3 stores."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+from driveengine.schemas import FORMAT_VERSION, FREE, GRID, VoxelGrid
+from driveengine.schemas.occ import OCC_ARRAYS, OCC_FORMAT
+
+from driveengine.store.occ import OccFormatError, create_occ, open_occ
+
+SMALL = VoxelGrid((-2.0, -2.0, -1.0), (2.0, 2.0, 1.0), 0.5)  # 8 x 8 x 4
+
+
+def _frames(n: int, grid: VoxelGrid, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        sem = rng.choice(np.array([0, 7, 10, FREE], np.uint8), grid.shape, p=[0.1, 0.1, 0.2, 0.6])
+        flow = np.where((sem < 10)[..., None], rng.normal(size=(*grid.shape, 2)), 0).astype(np.float16)
+        out.append((sem, flow, rng.random(grid.shape) < 0.5))
+    return out
+
+
+def test_written_group_has_the_specified_arrays_and_reads_back(tmp_path: Path) -> None:
+    frames = _frames(7, SMALL)
+    path = tmp_path / "log.zarr"
+    with create_occ(
+        path, 7, generator={"name": "test"}, grid=SMALL, shard_frames=3, timestamps_us=np.arange(7) * 10
+    ) as w:
+        for f in frames:
+            w.append(*f)
+        w.set_stats({"frames": 7})
+    # the Zarr v3 metadata on disk, as any other reader sees it
+    meta = json.loads((path / "semantics" / "zarr.json").read_text())
+    assert meta["zarr_format"] == 3 and meta["data_type"] == "uint8" and meta["fill_value"] == FREE
+    assert meta["dimension_names"] == ["frame", "x", "y", "z"]
+    sharding = meta["codecs"][0]
+    assert sharding["name"] == "sharding_indexed"
+    assert sharding["configuration"]["chunk_shape"] == [1, 8, 8, 4]
+    assert meta["chunk_grid"]["configuration"]["chunk_shape"] == [3, 8, 8, 4]  # the shard
+    assert {c["name"] for c in sharding["configuration"]["codecs"]} >= {"zstd"}
+    assert len(list((path / "semantics" / "c").iterdir())) == 3  # shards 0..2 of 7 frames
+
+    occ = open_occ(path)
+    assert occ.num_frames == 7 and occ.grid == SMALL
+    assert occ.attrs["format"] == OCC_FORMAT and occ.attrs["format_version"] == FORMAT_VERSION
+    assert (
+        occ.attrs["grid"] == json.loads(json.dumps(SMALL.to_dict())) and occ.attrs["classes"]["16"] == "free"
+    )
+    assert occ.attrs["timestamps_us"] == list(range(0, 70, 10)) and occ.attrs["stats"] == {"frames": 7}
+    for name, spec in OCC_ARRAYS.items():
+        arr = occ.group[name]
+        assert arr.dtype == spec.dtype and arr.chunks == (1, *SMALL.shape, *spec.frame_shape[3:])
+        assert arr.shards == (3, *SMALL.shape, *spec.frame_shape[3:])
+    for i, (sem, flow, mask) in enumerate(frames):
+        got = occ.frame(i)
+        assert np.array_equal(got.semantics, sem) and np.array_equal(got.flow, flow)
+        assert np.array_equal(got.mask_lidar, mask)
+    block = occ.read(2, 5)
+    assert block["semantics"].shape == (3, *SMALL.shape)
+    assert np.array_equal(block["flow"][1], frames[3][1])
+
+
+def test_plain_zarr_reads_the_group_without_driveengine(tmp_path: Path) -> None:
+    frames = _frames(2, GRID, seed=1)
+    with create_occ(tmp_path / "g.zarr", 2, generator={}) as w:
+        for f in frames:
+            w.append(*f)
+    g = zarr.open_group(str(tmp_path / "g.zarr"), mode="r")
+    assert g["flow"].shape == (2, 200, 200, 16, 2) and g["flow"].dtype == np.float16
+    assert np.array_equal(g["semantics"][1], frames[1][0])
+
+
+def test_writer_holds_one_shard_and_checks_the_frame_count(tmp_path: Path) -> None:
+    frames = _frames(4, SMALL)
+    with create_occ(tmp_path / "a.zarr", 5, generator={}, grid=SMALL, shard_frames=2) as w:
+        for i, f in enumerate(frames):
+            w.append(*f)
+            assert w._buffers is None or w._buffers["semantics"].shape[0] == 2  # one shard of buffer
+            # complete shards are on disk, the buffered frames are not yet
+            on_disk = zarr.open_group(str(tmp_path / "a.zarr"), mode="r")["semantics"][:]
+            done = (i + 1) // 2 * 2
+            for j in range(5):
+                expected = frames[j][0] if j < done else np.full(SMALL.shape, FREE)
+                assert np.array_equal(on_disk[j], expected)
+        with pytest.raises(ValueError, match="4 frames appended, 5 declared"):
+            w.close()
+    w2 = create_occ(tmp_path / "b.zarr", 1, generator={}, grid=SMALL)
+    w2.append(*_frames(1, SMALL)[0])
+    with pytest.raises(ValueError, match="more than the 1 frames"):
+        w2.append(*_frames(1, SMALL)[0])
+    with pytest.raises(ValueError, match="shape"):
+        create_occ(tmp_path / "c.zarr", 1, generator={}, grid=SMALL).append(
+            np.zeros((2, 2, 2), np.uint8), np.zeros((8, 8, 4, 2)), np.zeros((8, 8, 4), bool)
+        )
+
+
+def test_unwritten_frames_read_as_fill_values_and_empty_logs_work(tmp_path: Path) -> None:
+    with create_occ(tmp_path / "e.zarr", 0, generator={}) as w:
+        assert w.num_frames == 0
+    assert open_occ(tmp_path / "e.zarr").num_frames == 0
+    w = create_occ(tmp_path / "p.zarr", 3, generator={}, grid=SMALL, shard_frames=2)
+    w.append(*_frames(1, SMALL)[0])
+    w.append(*_frames(1, SMALL)[0])  # first shard flushed; frame 2 never written
+    occ = open_occ(tmp_path / "p.zarr")
+    f = occ.frame(2)
+    assert np.all(f.semantics == FREE) and not f.flow.any() and not f.mask_lidar.any()
+
+
+def test_open_occ_rejects_other_formats_with_the_path(tmp_path: Path) -> None:
+    with pytest.raises(OccFormatError, match="no such Zarr group"):
+        open_occ(tmp_path / "missing.zarr")
+    g = zarr.open_group(str(tmp_path / "other.zarr"), mode="w")
+    g.attrs["format"] = "something-else"
+    with pytest.raises(OccFormatError, match=r"other\.zarr.*format"):
+        open_occ(tmp_path / "other.zarr")
+    with create_occ(tmp_path / "new.zarr", 1, generator={}, grid=SMALL) as w:
+        w.append(*_frames(1, SMALL)[0])
+    zarr.open_group(str(tmp_path / "new.zarr"), mode="a").attrs["format_version"] = FORMAT_VERSION + 1
+    with pytest.raises(OccFormatError, match="upgrade driveengine"):
+        open_occ(tmp_path / "new.zarr")

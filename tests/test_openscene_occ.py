@@ -1,0 +1,222 @@
+"""OpenScene v1.0 sparse label files: sparse <-> dense, validation, export -> import round trip."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from driveengine.schemas.classes import FREE
+from driveengine.schemas.grid import GRID, VoxelGrid
+
+from driveengine.store.manifest import Manifest, save_manifest
+from driveengine.store.occ import create_occ, open_occ
+from driveengine.store.openscene_occ import (
+    FLOW_PATH_KEY,
+    OCC_PATH_KEY,
+    LabelFiles,
+    OpenSceneLabelError,
+    check_label_files,
+    check_sparse,
+    dense_to_sparse,
+    export_openscene_occupancy,
+    import_openscene_labels,
+    locate_label_files,
+    read_label_file,
+    sparse_to_dense,
+)
+
+SMALL = VoxelGrid((-4.0, -4.0, -1.0), (4.0, 4.0, 1.0), 0.5)  # 16 x 16 x 4
+
+
+def random_sparse(rng, n=500, grid=GRID):
+    flat = rng.choice(grid.num_voxels, size=n, replace=False)
+    cls = rng.choice([0, 4, 5, 6, 7, 8, 9, 10], size=n)
+    flow = rng.normal(0, 2, size=(n, 2)).astype(np.float32)
+    return np.stack([flat, cls], axis=1).astype(np.int64), flow
+
+
+def test_flat_index_layout_matches_openscene():
+    # a voxel at x=3, y=5, z=7 has flat index 3 + 200*5 + 40000*7
+    occ = np.array([[3 + 200 * 5 + 40000 * 7, 7]])
+    sem, flow = sparse_to_dense(occ, np.array([[1.5, -2.0]]))
+    assert sem.shape == (200, 200, 16) and sem.dtype == np.uint8
+    assert sem[3, 5, 7] == 7
+    assert np.count_nonzero(sem != FREE) == 1
+    assert flow[3, 5, 7].tolist() == [1.5, -2.0]
+    assert np.count_nonzero(flow) == 2
+
+
+def test_sparse_dense_round_trip():
+    rng = np.random.default_rng(0)
+    occ, flow = random_sparse(rng)
+    sem, dense_flow = sparse_to_dense(occ, flow)
+    perm = rng.permutation(len(occ))  # row order does not matter
+    sem_p, flow_p = sparse_to_dense(occ[perm], flow[perm])
+    np.testing.assert_array_equal(sem_p, sem)
+    np.testing.assert_array_equal(flow_p, dense_flow)
+    occ2, flow2 = dense_to_sparse(sem, dense_flow)
+    order = np.argsort(occ[:, 0])
+    assert occ2.dtype == np.int64 and flow2.dtype == np.float32
+    np.testing.assert_array_equal(occ2, occ[order])
+    np.testing.assert_array_equal(flow2, flow[order])
+    assert np.all(np.diff(occ2[:, 0]) > 0)  # sorted, unique
+    # and dense -> sparse -> dense is the identity
+    sem3, flow3 = sparse_to_dense(occ2, flow2)
+    np.testing.assert_array_equal(sem3, sem)
+    np.testing.assert_array_equal(flow3, dense_flow)
+
+
+def test_check_sparse_reports_each_problem_with_counts():
+    good = np.array([[0, 0], [10, 10], [639_999, 9]])
+    assert check_sparse(good, np.zeros((3, 2))) == []
+    bad = np.array([[0, 0], [0, 0], [5, 4], [5, 4], [640_000, 1], [-1, 2], [7, 16], [8, 200]])
+    problems = check_sparse(bad, np.zeros((7, 2)))
+    text = " | ".join(problems)
+    assert "2 of 8 rows have a flat index outside 0..639999" in text
+    assert "2 flat indices occur more than once (2 extra rows" in text
+    assert "2 of 8 rows have a class id outside 0..15" in text
+    assert "flow has 7 rows but occ has 8" in text
+    nan_flow = np.zeros((3, 2))
+    nan_flow[1, 0] = np.nan
+    assert check_sparse(good, nan_flow) == ["1 of 3 flow rows are not finite (NaN or inf)"]
+    assert "expected (N, 2)" in check_sparse(np.zeros((4, 3), np.int64))[0]
+    assert "non-integer" in check_sparse(np.array([[1.5, 0.0]]))[0]
+    with pytest.raises(ValueError, match="occur more than once"):
+        sparse_to_dense(bad[:4])
+
+
+def test_invalid_files_are_reported_per_file(tmp_path: Path):
+    rng = np.random.default_rng(1)
+    occ, flow = random_sparse(rng, 50)
+    files = []
+    for name, o, f in [
+        ("good", occ, flow),
+        ("range", np.vstack([occ, [[700_000, 0]]]), np.vstack([flow, [[0, 0]]])),
+        ("dups", np.vstack([occ, occ[:3]]), np.vstack([flow, flow[:3]])),
+        ("misaligned", occ, flow[:-5]),
+    ]:
+        np.save(tmp_path / f"{name}_occ_final.npy", o)
+        np.save(tmp_path / f"{name}_flow_final.npy", f)
+        files.append(LabelFiles(tmp_path / f"{name}_occ_final.npy", tmp_path / f"{name}_flow_final.npy"))
+    files.append(LabelFiles(tmp_path / "absent_occ_final.npy", tmp_path / "absent_flow_final.npy"))
+    report = check_label_files(files)
+    assert not report.ok
+    assert set(report.problems) == {str(f.occ) for f in files[1:]}
+    assert report.problems[str(files[1].occ)] == [
+        "1 of 51 rows have a flat index outside 0..639999 (e.g. [700000])"
+    ]
+    assert "3 flat indices occur more than once (3 extra rows" in report.problems[str(files[2].occ)][0]
+    assert report.problems[str(files[3].occ)] == ["flow has 45 rows but occ has 50: not row-aligned"]
+    assert report.problems[str(files[4].occ)] == ["occ file is missing"]
+    msg = report.message()
+    assert msg.startswith("4 OpenScene label file(s) are invalid")
+    assert "misaligned_occ_final.npy: flow has 45 rows" in msg
+    with pytest.raises(OpenSceneLabelError, match=r"dups_occ_final\.npy"):
+        read_label_file(files[2].occ, files[2].flow)
+    # nothing is written when any file is invalid
+    with pytest.raises(OpenSceneLabelError, match=r"range_occ_final\.npy"):
+        import_openscene_labels(files, tmp_path / "out.zarr")
+    assert not (tmp_path / "out.zarr").exists()
+
+
+def make_split(root: Path, rng, grid=SMALL) -> tuple[Path, dict]:
+    """A collected split folder with two logs (meta parquet with the key columns, occ Zarr, manifest)."""
+    split_dir = root / "mini"
+    manifest = Manifest(split="mini")
+    truth = {}
+    for log, n in (
+        ("2021.01.01.00.00.00_veh-1_00001_00002", 5),
+        ("2021.01.02.00.00.00_veh-2_00003_00004", 3),
+    ):
+        scenes = [f"{log}-scene-a"] * 3 + [f"{log}-scene-b"] * (n - 3)
+        rows = {
+            "token": [f"{log[-5:]}{i:011x}" for i in range(n)],
+            "scene_name": scenes,
+            "frame_idx": [0, 1, 2, 0, 1][:n],
+            "timestamp": [1_000_000 * i for i in range(n)],
+        }
+        (split_dir / "meta").mkdir(parents=True, exist_ok=True)
+        pq.write_table(pa.table(rows), split_dir / "meta" / f"{log}.parquet")
+        sems, flows = [], []
+        with create_occ(
+            split_dir / "occ" / f"{log}.zarr", n, generator={"test": True}, grid=grid, shard_frames=2
+        ) as w:
+            for _ in range(n):
+                sem = rng.choice(np.array([0, 5, 7, 10, FREE, FREE, FREE], np.uint8), size=grid.shape)
+                flow = (rng.normal(0, 2, size=(*grid.shape, 2)) * (sem < 10)[..., None]).astype(np.float16)
+                w.append(sem, flow, np.ones(grid.shape, bool))
+                sems.append(sem), flows.append(flow)
+        manifest.logs[log] = {"frames": n, "meta": f"meta/{log}.parquet", "occ": f"occ/{log}.zarr"}
+        truth[log] = (rows, np.stack(sems), np.stack(flows))
+    save_manifest(split_dir, manifest)
+    return split_dir, truth
+
+
+def test_export_then_import_round_trip(tmp_path: Path):
+    rng = np.random.default_rng(2)
+    split_dir, truth = make_split(tmp_path, rng)
+    export_root = tmp_path / "export"
+    keys = export_openscene_occupancy(split_dir, export_root / "occupancy", relative_to=export_root)
+    assert len(keys) == 8
+    log, (rows, sems, flows) = next(iter(truth.items()))
+    first = keys[rows["token"][0]]
+    assert first[OCC_PATH_KEY] == f"occupancy/mini/{log}-scene-a/occ_gt/0000_occ_final.npy"
+    assert first[FLOW_PATH_KEY] == f"occupancy/mini/{log}-scene-a/occ_gt/0000_flow_final.npy"
+    occ_file = np.load(export_root / first[OCC_PATH_KEY])
+    flow_file = np.load(export_root / first[FLOW_PATH_KEY])
+    assert occ_file.dtype == np.int64 and flow_file.dtype == np.float32
+    assert occ_file.shape == (np.count_nonzero(sems[0] != FREE), 2)
+    assert flow_file.shape == occ_file.shape
+
+    frame_rows = [dict(zip(rows, vals, strict=True)) for vals in zip(*rows.values(), strict=True)]
+    # the v1.0 folder layout, located from scene_name / frame_idx ...
+    by_layout = locate_label_files(frame_rows, export_root / "occupancy", "mini")
+    # ... and the metadata keys (relative paths with a prefix before <split>/), the way OpenScene pkls give them
+    with_keys = [{**r, **keys[r["token"]]} for r in frame_rows]
+    by_keys = locate_label_files(with_keys, export_root / "occupancy", "mini")
+    assert by_layout == by_keys
+    n = import_openscene_labels(by_keys, tmp_path / "imported.zarr", grid=SMALL, source="test")
+    assert n == 5
+    imported = open_occ(tmp_path / "imported.zarr")
+    np.testing.assert_array_equal(imported.semantics[:], sems)
+    np.testing.assert_array_equal(imported.flow[:], flows)
+    assert imported.mask_lidar[:].all()
+    assert imported.attrs["generator"]["kind"] == "openscene-v1.0-import"
+
+
+def test_export_rejects_frame_count_mismatch(tmp_path: Path):
+    rng = np.random.default_rng(3)
+    split_dir, truth = make_split(tmp_path, rng)
+    log = next(iter(truth))
+    pq.write_table(
+        pa.table({"token": ["a"], "scene_name": ["s"], "frame_idx": [0]}),
+        split_dir / "meta" / f"{log}.parquet",
+    )
+    with pytest.raises(OpenSceneLabelError, match="5 label frames but 1 rows"):
+        export_openscene_occupancy(split_dir, tmp_path / "export")
+
+
+def test_locate_openscene_scene_folders(tmp_path: Path):
+    """DriveEngine's scene names are ``<log>-<source scene>``; OpenScene's folders use the source name."""
+    log = "2021.05.12.22.00.38_veh-35_01008_01518"
+    folder = tmp_path / "mini" / "log-0003-scene-0007" / "occ_gt"
+    folder.mkdir(parents=True)
+    occ, flow = random_sparse(np.random.default_rng(4), 20)
+    np.save(folder / "0001_occ_final.npy", occ)
+    np.save(folder / "0001_flow_final.npy", flow)
+    rows = [
+        {"log_name": log, "scene_name": f"{log}-log-0003-scene-0007", "frame_idx": 1},
+        {"log_name": log, "scene_name": f"{log}-scene-0009", "frame_idx": 0},  # no such folder
+    ]
+    files = locate_label_files(rows, tmp_path, "mini")
+    assert files[0] == LabelFiles(folder / "0001_occ_final.npy", folder / "0001_flow_final.npy")
+    assert files[1].occ == tmp_path / "mini" / f"{log}-scene-0009" / "occ_gt" / "0000_occ_final.npy"
+    report = check_label_files(files)
+    assert list(report.problems) == [str(files[1].occ)]
+    assert report.problems[str(files[1].occ)] == ["occ file is missing"]
+    sem, dense_flow = read_label_file(files[0].occ, files[0].flow)
+    assert np.count_nonzero(sem != FREE) == 20
+    assert np.count_nonzero(dense_flow.any(axis=-1)) == np.count_nonzero(flow.any(axis=-1))
