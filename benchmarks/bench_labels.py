@@ -50,6 +50,7 @@ def main() -> None:
     from driveengine.collect import voxel_ops as vo
     from driveengine.collect.labels import LabelConfig, LabelGenerator, write_log_labels
     from driveengine.store.occ import create_occ, open_occ
+    from driveengine.store.openscene_occ import dense_to_sparse
     from driveengine.synth.sensors import FULL_SWEEP_RAYS
 
     lo, vs, shape = vo.grid_params(GRID)
@@ -178,7 +179,7 @@ def main() -> None:
     )
     npy = 0
     for f in frames:
-        occ_sparse, flow_sparse = vo.dense_to_sparse(f.semantics, f.flow)
+        occ_sparse, flow_sparse = dense_to_sparse(f.semantics, f.flow)
         for arr in (occ_sparse, flow_sparse):
             buf = io.BytesIO()
             np.save(buf, arr)

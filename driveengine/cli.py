@@ -253,6 +253,23 @@ def collect(
     labels: bool = typer.Option(
         True, "--labels/--no-labels", help="Build occupancy/flow labels (occ/<log>.zarr)."
     ),
+    label_window_s: float | None = typer.Option(
+        None, "--label-window-s", min=0.0, help="Labels: aggregate sweeps within +-S seconds (default 10)."
+    ),
+    label_sweep_step: int | None = typer.Option(
+        None,
+        "--label-sweep-step",
+        min=0,
+        help="Labels: also aggregate every N-th sweep from each key frame (default 0 = key frames only).",
+    ),
+    label_box_margin_m: float | None = typer.Option(
+        None, "--label-box-margin-m", min=0.0, help="Labels: grow boxes by M metres (default 0.2)."
+    ),
+    label_visibility: str | None = typer.Option(
+        None,
+        "--label-visibility",
+        help="Labels: mask_lidar from the key frame's own sweep (frame, default) or every sweep (window).",
+    ),
     openscene_occupancy: Path | None = typer.Option(
         None,
         "--openscene-occupancy",
@@ -280,7 +297,8 @@ def collect(
     config = CollectConfig(
         source=source, root=root, out=out, split=split, sensor_root=sensor_root, sample_interval=sample_interval,
         is_test=is_test, filter_instance=filter_instance, check_blobs=check_blobs, labels=labels,
-        openscene_occupancy=openscene_occupancy, overwrite=overwrite,
+        label_window_s=label_window_s, label_sweep_step=label_sweep_step, label_box_margin_m=label_box_margin_m,
+        label_visibility=label_visibility, openscene_occupancy=openscene_occupancy, overwrite=overwrite,
         logs=[x.strip() for x in logs.split(",") if x.strip()] if logs else None,
         workers=workers, scheduler=scheduler, progress=progress,
     )  # fmt: skip
@@ -334,11 +352,16 @@ def export(
     fmt: str = typer.Option(
         "openscene", "--format", help="Export format: openscene (per-log .pkl as OpenScene v1.1)."
     ),
+    occupancy: bool = typer.Option(
+        True,
+        "--occupancy/--no-occupancy",
+        help="Also export the labels as OpenScene v1.0 occupancy/flow .npy files (logs with labels).",
+    ),
 ) -> None:
-    """Export a collected split in OpenScene's formats (per-log metadata .pkl)."""
+    """Export a collected split in OpenScene's formats (per-log metadata .pkl, occupancy .npy)."""
     from driveengine.store.legacy import export_split
 
-    for line in export_split(split_dir, out, fmt):
+    for line in export_split(split_dir, out, fmt, occupancy=occupancy):
         typer.echo(line)
 
 

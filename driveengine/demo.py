@@ -14,6 +14,36 @@ import sys
 import time
 from pathlib import Path
 
+#: The demo world: small enough for a laptop CPU in a few minutes, large enough to show every stage.
+DEMO_SPLIT = "mini"
+DEMO_LOGS = 2
+DEMO_SECONDS = 12.0
+DEMO_POINTS = 16384
+DEMO_IMAGE_SIZE = "320x180"
+
+
+def demo_paths(out: Path) -> tuple[Path, Path]:
+    """``(nuplan_root, dataset_root)`` of the demo under ``out``."""
+    return out / "nuplan", out / "dataset"
+
+
+def synth_args(out: Path, seed: int = 0) -> list[str]:
+    """Arguments of ``driveengine synth`` that write the demo world."""
+    nuplan, _ = demo_paths(out)
+    return [
+        "synth", "--out", str(nuplan), "--logs", str(DEMO_LOGS), "--seconds", str(DEMO_SECONDS),
+        "--seed", str(seed), "--split", DEMO_SPLIT, "--points", str(DEMO_POINTS), "--image-size", DEMO_IMAGE_SIZE,
+    ]  # fmt: skip
+
+
+def collect_args(out: Path, workers: int = 2) -> list[str]:
+    """Arguments of ``driveengine collect`` that turn the demo world into frame shards and labels."""
+    nuplan, dataset = demo_paths(out)
+    return [
+        "collect", "--source", "nuplan", "--nuplan-root", str(nuplan), "--split", DEMO_SPLIT,
+        "--out", str(dataset), "--workers", str(workers),
+    ]  # fmt: skip
+
 
 def run_step(title: str, args: list[str]) -> None:
     """Run ``driveengine ARGS`` as a user would, echoing the command; stop the demo if it fails."""
@@ -25,25 +55,51 @@ def run_step(title: str, args: list[str]) -> None:
     print(f"--- {title}: {time.perf_counter() - start:.1f} s", flush=True)
 
 
+def ensure_demo_dataset(out: Path) -> Path:
+    """The collected demo dataset root under ``out``, synthesised and collected first if missing."""
+    nuplan, dataset = demo_paths(out)
+    if not (dataset / DEMO_SPLIT / "manifest.json").exists():
+        if not (nuplan / "splits" / DEMO_SPLIT).is_dir():
+            run_step("synthesise the demo world", synth_args(out))
+        run_step("collect the demo world", collect_args(out))
+    return dataset
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument(
         "--out", type=Path, default=Path("demo_data"), help="folder for everything the demo writes"
     )
-    parser.add_argument("--logs", type=int, default=2)
-    parser.add_argument("--seconds", type=float, default=20.0)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic world")
+    parser.add_argument("--steps", type=int, default=12, help="pre-training steps at the end")
     args = parser.parse_args(argv)
 
-    nuplan = args.out / "nuplan"
+    nuplan, dataset = demo_paths(args.out)
+    split_dir = dataset / DEMO_SPLIT
     run_step(
-        "synthesise a nuPlan world",
-        ["synth", "--out", str(nuplan), "--logs", str(args.logs), "--seconds", str(args.seconds),
-         "--seed", str(args.seed), "--split", "mini"],
+        "1. synthesise a nuPlan world (SQLite logs, .pcd sweeps, .jpg images)",
+        synth_args(args.out, args.seed),
+    )
+    first_db = sorted((nuplan / "splits" / DEMO_SPLIT).glob("*.db"))[0]
+    run_step("2. inspect one log", ["inspect", str(first_db)])
+    first_pcd = sorted((nuplan / "sensor_blobs" / first_db.stem / "MergedPointCloud").glob("*.pcd"))[0]
+    run_step("3. inspect one point cloud", ["inspect", str(first_pcd)])
+    run_step(
+        "4. collect: frame shards (Parquet) and occupancy/flow labels (Zarr)",
+        [*collect_args(args.out), "--overwrite"],
+    )
+    run_step("5. dataset statistics", ["stats", str(split_dir)])
+    picture = args.out / f"{first_db.stem}_frame10.png"
+    run_step(
+        "6. a bird's-eye view of one frame",
+        ["show", str(split_dir), "--log", first_db.stem, "--frame", "10", "--out", str(picture)],
+    )
+    run_step(
+        "7. a short LiDAR-to-occupancy pre-training",
+        ["pretrain", "--data", str(dataset), "--split", DEMO_SPLIT, "--max-steps", str(args.steps),
+         "--run-dir", str(args.out / "runs"), "--name", "demo", "--eval-every", str(args.steps)],
     )  # fmt: skip
-    first_db = sorted((nuplan / "splits" / "mini").glob("*.db"))[0]
-    run_step("inspect one log", ["inspect", str(first_db)])
-    print(f"\nDemo data under {args.out.resolve()}")
+    print(f"\nDemo done. Everything is under {args.out.resolve()}; the picture is {picture}.")
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from driveengine.schemas.frame import FRAME_SCHEMA
 from driveengine.collect.runner import CollectConfig, collect
 from driveengine.errors import DriveEngineError
 from driveengine.geometry import invert_transform, rotate_vectors, transform_points
-from driveengine.store.commit import CollectLock, CollectLockedError, is_temporary
+from driveengine.store.commit import CollectLock, CollectLockedError, is_temporary, sha256_tree
 from driveengine.store.frames import read_log_frames, read_split_frames
 from driveengine.store.legacy import export_openscene_metadata
 from driveengine.store.manifest import load_manifest
@@ -58,9 +58,8 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list]:
 
 
 def _config(root: Path, out: Path, **kw) -> CollectConfig:
-    return CollectConfig(
-        source="nuplan", root=root, out=out, split="mini", labels=False, progress=False, **kw
-    )
+    kw = {"labels": False, "progress": False, **kw}  # rows only unless a test asks for labels
+    return CollectConfig(source="nuplan", root=root, out=out, split="mini", **kw)
 
 
 def test_nuplan_rows_equal_the_synthetic_truth(world, tmp_path: Path) -> None:
@@ -351,12 +350,22 @@ def test_kill_9_mid_run_then_resume(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_dask_local_cluster_matches_the_pool(world, tmp_path: Path) -> None:
-    root, logs = world
-    pool = collect(_config(root, tmp_path / "pool", workers=2), echo=lambda _: None)
-    dask = collect(_config(root, tmp_path / "dask", scheduler="local:2"), echo=lambda _: None)
-    assert pool.ok and dask.ok and sorted(pool.done) == sorted(dask.done) == sorted(x.log_name for x in logs)
-    for log in logs:
-        a = (tmp_path / "pool" / "mini" / "meta" / f"{log.log_name}.parquet").read_bytes()
-        b = (tmp_path / "dask" / "mini" / "meta" / f"{log.log_name}.parquet").read_bytes()
-        assert a == b
+def test_dask_local_cluster_matches_the_pool(tmp_path: Path) -> None:
+    # a tiny world with real point clouds (few rays), so the labels are real too
+    root = tmp_path / "nuplan"
+    logs = synthesize(root, logs=2, seconds=1.5, seed=11, split="mini", points=128, image_size=(16, 9))
+    runs = {
+        "pool": collect(_config(root, tmp_path / "pool", workers=2, labels=True), echo=lambda _: None),
+        "dask": collect(
+            _config(root, tmp_path / "dask", scheduler="local:2", labels=True), echo=lambda _: None
+        ),
+    }
+    names = sorted(x.log_name for x in logs)
+    assert all(s.ok and sorted(s.done) == names for s in runs.values()), [s.format() for s in runs.values()]
+    pool, dask = (load_manifest(tmp_path / run / "mini").logs for run in runs)
+    for name in names:
+        assert pool[name]["occ"] and pool[name]["labels"]["points_in_grid"] > 0
+        for rel in (pool[name]["meta"], pool[name]["occ"]):  # the Zarr group's zarr.json included
+            a, b = tmp_path / "pool" / "mini" / rel, tmp_path / "dask" / "mini" / rel
+            assert sha256_tree(a) == sha256_tree(b) if a.is_dir() else a.read_bytes() == b.read_bytes(), rel
+        assert pool[name]["checksums"] == dask[name]["checksums"]

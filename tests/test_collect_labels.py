@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 import shutil
 from pathlib import Path
 
@@ -74,3 +75,105 @@ def test_openscene_occupancy_files_round_trip(nuplan: Path, tmp_path: Path) -> N
     shutil.rmtree(export / "occupancy")
     with pytest.raises(DriveEngineError, match="no such folder"):
         collect(config, echo=lambda _: None)
+
+
+def _invoke(*args: str) -> tuple[int, str]:
+    """Run ``driveengine ARGS`` in this process: (exit code, output); DriveEngineErrors give 2 as in main()."""
+    from typer.testing import CliRunner
+
+    from driveengine.cli import app
+
+    result = CliRunner().invoke(app, list(args))
+    if isinstance(result.exception, DriveEngineError):
+        return 2, str(result.exception)
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+    return result.exit_code, result.output
+
+
+def _collect_cli(nuplan: Path, out: Path, *label_args: str) -> tuple[int, str]:
+    return _invoke("collect", "--nuplan-root", str(nuplan), "--out", str(out), "--no-progress", *label_args)
+
+
+def _generator(split_dir: Path) -> tuple[str, dict]:
+    entry = next(iter(load_manifest(split_dir).logs.values()))
+    return entry["config_hash"], dict(zarr.open_group(split_dir / entry["occ"], mode="r").attrs)["generator"]
+
+
+def test_label_settings_from_the_command_line_enter_the_hash_and_the_zarr_group(
+    nuplan: Path, tmp_path: Path
+) -> None:
+    split_dir = tmp_path / "mini"
+    code, output = _collect_cli(nuplan, tmp_path)
+    assert code == 0 and "1 logs done" in output, output
+    default_hash, generator = _generator(split_dir)
+    assert (generator["window_s"], generator["sweep_step"], generator["visibility"]) == (10.0, 0, "frame")
+
+    code, output = _collect_cli(nuplan, tmp_path)  # same settings: up to date
+    assert code == 0 and "0 logs done, 1 skipped" in output, output
+
+    changed = ("--label-sweep-step", "5", "--label-window-s", "1.5", "--label-box-margin-m", "0.3")
+    code, output = _collect_cli(nuplan, tmp_path, *changed, "--label-visibility", "window")
+    assert code == 0 and "1 logs done, 0 skipped" in output, output  # the entry no longer matched
+    new_hash, generator = _generator(split_dir)
+    assert new_hash != default_hash
+    assert generator["sweep_step"] == 5 and generator["window_s"] == 1.5
+    assert generator["box_margin_m"] == 0.3 and generator["visibility"] == "window"
+
+    code, output = _collect_cli(nuplan, tmp_path, *changed, "--label-visibility", "window")
+    assert code == 0 and "1 skipped" in output, output
+    code, output = _collect_cli(nuplan, tmp_path, *changed)  # visibility back to its default: redone
+    assert code == 0 and "1 logs done" in output, output
+    last_hash = _generator(split_dir)[0]
+
+    code, output = _collect_cli(nuplan, tmp_path, "--label-visibility", "everywhere")
+    assert code == 2 and "visibility" in output and "'frame' or 'window'" in output, output
+    code, output = _collect_cli(nuplan, tmp_path, "--label-window-s", "-1")
+    assert code != 0 and "--label-window-s" in output, output
+    assert _generator(split_dir)[0] == last_hash  # refused runs leave the manifest alone
+
+
+def test_same_inputs_give_byte_identical_label_groups(nuplan: Path, tmp_path: Path) -> None:
+    entries = []
+    for run in ("a", "b"):
+        summary = collect(
+            CollectConfig(source="nuplan", root=nuplan, out=tmp_path / run, progress=False),
+            echo=lambda _: None,
+        )
+        assert summary.ok, summary.format()
+        entries.append(next(iter(load_manifest(tmp_path / run / "mini").logs.values())))
+    a, b = entries
+    # every file of the groups (zarr.json attributes included) and of the frame rows is identical
+    assert a["checksums"] == b["checksums"] and a["occ"] in a["checksums"]
+    assert sha256_tree(tmp_path / "a" / "mini" / a["occ"]) == sha256_tree(tmp_path / "b" / "mini" / b["occ"])
+    # the run time is kept in the manifest entry, out of the group
+    assert a["labels"]["seconds"] > 0 and "frames_per_second" in a["labels"]
+    stats = dict(zarr.open_group(tmp_path / "a" / "mini" / a["occ"], mode="r").attrs)["stats"]
+    assert "seconds" not in stats and "frames_per_second" not in stats
+    assert stats == {k: v for k, v in a["labels"].items() if k not in ("seconds", "frames_per_second")}
+
+
+def test_export_with_and_without_occupancy(nuplan: Path, tmp_path: Path) -> None:
+    assert collect(
+        CollectConfig(source="nuplan", root=nuplan, out=tmp_path / "c", progress=False), echo=lambda _: None
+    ).ok
+    split_dir = tmp_path / "c" / "mini"
+    frames = load_manifest(split_dir).logs
+    (name, entry), *_ = frames.items()
+    for flag, out in (("--occupancy", tmp_path / "with"), ("--no-occupancy", tmp_path / "without")):
+        code, output = _invoke("export", str(split_dir), "--out", str(out), "--format", "openscene", flag)
+        assert code == 0, output
+        rows = pickle.loads((out / "meta_datas" / "mini" / f"{name}.pkl").read_bytes())
+        assert len(rows) == entry["frames"] > 0
+        npy = sorted((out / "occupancy").rglob("*_occ_final.npy")) if (out / "occupancy").exists() else []
+        if flag == "--occupancy":
+            assert "occupancy:" in output and len(npy) == entry["frames"]
+            assert all((out / r["occ_gt_final_path"]).is_file() for r in rows)
+        else:
+            assert "occupancy:" not in output and npy == []
+            assert not any("occ_gt_final_path" in r for r in rows)
+    # the default of the library function is on as well
+    lines = list(export_split(split_dir, tmp_path / "default"))
+    assert any(line.startswith("occupancy:") for line in lines)
+    assert not any(
+        line.startswith("occupancy:") for line in export_split(split_dir, tmp_path / "off", occupancy=False)
+    )

@@ -18,6 +18,7 @@ from driveengine.store.openscene_occ import (
     OCC_PATH_KEY,
     LabelFiles,
     OpenSceneLabelError,
+    check_label_file,
     check_label_files,
     check_sparse,
     dense_to_sparse,
@@ -63,6 +64,9 @@ def test_sparse_dense_round_trip():
     np.testing.assert_array_equal(occ2, occ[order])
     np.testing.assert_array_equal(flow2, flow[order])
     assert np.all(np.diff(occ2[:, 0]) > 0)  # sorted, unique
+    xyz = GRID.unflatten_index(occ2[:, 0])  # the schema's own definition of the flat index
+    np.testing.assert_array_equal(sem[tuple(xyz.T)], occ2[:, 1])
+    np.testing.assert_array_equal(dense_flow[tuple(xyz.T)], flow2)
     # and dense -> sparse -> dense is the identity
     sem3, flow3 = sparse_to_dense(occ2, flow2)
     np.testing.assert_array_equal(sem3, sem)
@@ -111,6 +115,14 @@ def test_invalid_files_are_reported_per_file(tmp_path: Path):
     assert "3 flat indices occur more than once (3 extra rows" in report.problems[str(files[2].occ)][0]
     assert report.problems[str(files[3].occ)] == ["flow has 45 rows but occ has 50: not row-aligned"]
     assert report.problems[str(files[4].occ)] == ["occ file is missing"]
+    (tmp_path / "garbage_occ_final.npy").write_bytes(b"not an npy file")
+    assert check_label_file(tmp_path / "good_occ_final.npy", tmp_path / "absent_flow_final.npy") == [
+        "flow file is missing"
+    ]
+    (problem,) = check_label_file(tmp_path / "garbage_occ_final.npy", tmp_path / "good_flow_final.npy")
+    assert problem.startswith("occ file is unreadable (")
+    (problem,) = check_label_file(tmp_path / "good_occ_final.npy", tmp_path / "garbage_occ_final.npy")
+    assert problem.startswith("flow file is unreadable (")
     msg = report.message()
     assert msg.startswith("4 OpenScene label file(s) are invalid")
     assert "misaligned_occ_final.npy: flow has 45 rows" in msg

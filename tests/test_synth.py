@@ -530,6 +530,33 @@ def test_faults_produce_missing_files_and_rows(synth_run) -> None:
     assert gap == 0 and outside >= 8
 
 
+def test_a_camera_gap_over_the_whole_log_empties_the_channel_and_collect_reports_it(tmp_path: Path) -> None:
+    from driveengine.collect.runner import CollectConfig, collect
+
+    faults = {"camera_gap": ("CAM_B0", 0.0, 100.0)}  # longer than the log: every CAM_B0 image is gone
+    (log,) = synthesize(
+        tmp_path / "in", logs=1, seconds=1.5, seed=2, points=256, image_size=(32, 18), faults=faults
+    )
+    conn = _connect(log.db_path)
+    per_channel = dict(
+        conn.execute(
+            "SELECT c.channel, COUNT(i.token) FROM camera c LEFT JOIN image i ON i.camera_token = c.token "
+            "GROUP BY c.channel"
+        ).fetchall()
+    )
+    assert per_channel["CAM_B0"] == 0 and all(per_channel[ch] > 0 for ch in CAMERA_CHANNELS if ch != "CAM_B0")
+    assert not (tmp_path / "in" / "sensor_blobs" / log.log_name / "CAM_B0").exists()
+    summary = collect(
+        CollectConfig(
+            source="nuplan", root=tmp_path / "in", out=tmp_path / "out", labels=False, progress=False
+        ),
+        echo=lambda _: None,
+    )
+    assert summary.ok and list(summary.empty) == [log.log_name], summary.format()
+    assert "all 8 cameras" in summary.empty[log.log_name]
+    assert summary.dropped == {"no_frame_with_all_cameras": 3}
+
+
 def _dump(db: Path) -> dict[str, list]:
     conn = _connect(db)
     return {t: sorted(conn.execute(f"SELECT * FROM {t}").fetchall(), key=repr) for t in REFERENCE_TABLES}

@@ -193,3 +193,46 @@ def test_show_command(split, tmp_path, monkeypatch, capsys):
     assert "3D view skipped: no display" in capsys.readouterr().out
     assert run("--frame", "9", "--out", str(tmp_path / "d.png")) == 2
     assert "frame 9 out of range" in capsys.readouterr().err
+
+
+def test_show_finds_the_images_through_the_blob_root_collect_recorded(tmp_path, monkeypatch):
+    from driveengine import cli
+    from driveengine.collect.runner import CollectConfig, collect
+    from driveengine.store.manifest import load_manifest
+    from driveengine.synth import synthesize
+
+    (log,) = synthesize(tmp_path / "in", logs=1, seconds=0.6, seed=4, points=128, image_size=(64, 36))
+    blobs = tmp_path / "elsewhere" / "blobs"  # not where the manifest's source path would suggest
+    blobs.parent.mkdir()
+    (tmp_path / "in" / "sensor_blobs").rename(blobs)
+    config = CollectConfig(
+        source="nuplan",
+        root=tmp_path / "in",
+        out=tmp_path / "out",
+        sensor_root=blobs,
+        labels=False,
+        progress=False,
+    )
+    assert collect(config, echo=lambda _: None).ok
+    split_dir = tmp_path / "out" / "mini"
+    entry = load_manifest(split_dir).logs[log.log_name]
+    assert (
+        entry["source"]["blob_root"] == str(blobs.resolve())
+        and Path(entry["source"]["blob_root"]).is_absolute()
+    )
+
+    def show(target: Path, *args: str) -> np.ndarray:
+        argv = ["driveengine", "show", str(split_dir), "--log", log.log_name, "--size", "200"]
+        monkeypatch.setattr("sys.argv", [*argv, "--out", str(target), *args])
+        with pytest.raises(SystemExit) as exc:
+            cli.main()
+        assert not exc.value.code
+        return np.asarray(Image.open(target).convert("RGB")).astype(int)
+
+    found = show(tmp_path / "found.png")  # no --blob-root
+    given = show(tmp_path / "given.png", "--blob-root", str(blobs))
+    missing = show(tmp_path / "missing.png", "--blob-root", str(tmp_path / "nowhere"))
+    assert found.shape == (200, 400, 3)
+    np.testing.assert_array_equal(found, given)  # the camera panel shows the image
+    assert np.abs(found[:, 200:] - missing[:, 200:]).max() > 50  # ... not the "no image" text
+    np.testing.assert_array_equal(found[:, :200], missing[:, :200])  # the BEV panel is the same

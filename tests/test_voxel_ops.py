@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from driveengine.schemas import FREE, GRID, VoxelGrid
-from driveengine.schemas.classes import BACKGROUND
 
 from driveengine.collect import voxel_ops as vo
 
@@ -22,38 +21,6 @@ def ref_voxels(points: np.ndarray, grid: VoxelGrid) -> np.ndarray:
         inside = np.all((ijk >= 0) & (ijk < np.asarray(grid.shape)), axis=1)
     ijk = np.where(inside[:, None], ijk, 0).astype(np.int64)
     return np.where(inside, np.ravel_multi_index(ijk.T, grid.shape), -1)
-
-
-# -- indices --------------------------------------------------------------------------------------------
-
-
-def test_flat_index_round_trip_and_agrees_with_the_grid() -> None:
-    rng = np.random.default_rng(0)
-    lin = rng.integers(0, NV, 5000)
-    flat = vo.lin_to_flat(lin, GRID.shape)
-    assert np.array_equal(vo.flat_to_lin(flat, GRID.shape), lin)
-    ijk = np.stack(np.unravel_index(lin, GRID.shape), axis=1)
-    assert np.array_equal(flat, GRID.flat_index(ijk))  # OpenScene's x + 200*y + 40000*z
-    assert np.array_equal(GRID.unflatten_index(flat), ijk)
-    assert vo.lin_to_flat(np.array([1]), GRID.shape)[0] == 40000  # lin 1 is z = 1
-
-
-def test_sparse_and_dense_forms_agree() -> None:
-    rng = np.random.default_rng(1)
-    sem = np.full(GRID.shape, FREE, np.uint8)
-    flow = np.zeros((*GRID.shape, 2), np.float32)
-    ijk = rng.integers(0, GRID.shape, (3000, 3))
-    sem[tuple(ijk.T)] = rng.choice([0, 4, 7, 10], 3000)
-    flow[tuple(ijk.T)] = rng.normal(size=(3000, 2))
-    flow[sem == BACKGROUND] = 0
-    occ, sflow = vo.dense_to_sparse(sem, flow)
-    assert occ.shape[1] == 2 and np.all(np.diff(occ[:, 0]) > 0)  # sorted, unique flat indices
-    assert occ.shape[0] == np.count_nonzero(sem != FREE)
-    xyz = GRID.unflatten_index(occ[:, 0])
-    assert np.array_equal(sem[tuple(xyz.T)], occ[:, 1])
-    assert np.array_equal(flow[tuple(xyz.T)], sflow)
-    sem2, flow2 = vo.sparse_to_dense(occ, sflow, GRID.shape)
-    assert np.array_equal(sem2, sem) and np.array_equal(flow2, flow)
 
 
 # -- voxelisation ---------------------------------------------------------------------------------------

@@ -37,7 +37,8 @@ class LogTask:
         log_name: output name (``meta/<log_name>.parquet``), the input file's stem.
         source: ``"nuplan"`` or ``"openscene"``.
         input_path: the ``.db`` or ``.pkl`` file.
-        blob_root: folder the log's relative sensor paths are relative to.
+        blob_root: folder the log's relative sensor paths are relative to (recorded, absolute, in the
+            manifest entry's ``source.blob_root``, where ``driveengine show`` finds the images).
         split_dir: ``<out>/<split>``.
         options: frame settings.
         labels: build occupancy/flow labels (``driveengine.collect.labels``).
@@ -216,6 +217,7 @@ def run_log(task: LogTask, progress: Callable[[int], None] | None = None) -> Log
                 "source": {
                     "kind": task.source,
                     "path": str(task.input_path),
+                    "blob_root": str(Path(task.blob_root).resolve()),
                     "fingerprint": task.fingerprint,
                 },
                 "config_hash": task.config_hash,

@@ -156,10 +156,17 @@ class LabelStats:
     rays: int = 0
     occupied_voxels: int = 0  #: summed over frames
     observed_voxels: int = 0  #: summed over frames
-    seconds: float = 0.0
+    seconds: float = 0.0  #: wall time of the generation (run-time only: never written to the Zarr group)
     notes: list[str] = field(default_factory=list)
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self, timing: bool = True) -> dict[str, Any]:
+        """JSON-ready counters and per-frame averages.
+
+        Args:
+            timing: include the run-time measurements :data:`TIMING_KEYS` (wall ``seconds`` and
+                ``frames_per_second``). Without them the dict depends on the inputs and the config only,
+                which is what the Zarr group stores (identical inputs give byte-identical groups).
+        """
         d = asdict(self)
         f = max(self.frames, 1)
         d["points_per_frame"] = self.aggregated_points / f
@@ -168,7 +175,14 @@ class LabelStats:
         d["observed_voxels_per_frame"] = self.observed_voxels / f
         d["frames_per_second"] = self.frames / self.seconds if self.seconds > 0 else None
         d["notes"] = self.notes[:20] + ([f"... {len(self.notes) - 20} more"] if len(self.notes) > 20 else [])
+        if not timing:
+            for key in TIMING_KEYS:
+                del d[key]
         return d
+
+
+#: Keys of :meth:`LabelStats.to_dict` that measure the run, not the labels (kept out of the Zarr group).
+TIMING_KEYS = ("seconds", "frames_per_second")
 
 
 def label_sweep_set(log: LogData, key_sweeps: np.ndarray, sweep_step: int) -> np.ndarray:
@@ -484,7 +498,9 @@ def write_log_labels(
         load_points: replaces the ``.pcd`` reader (tests, other point sources).
 
     Returns:
-        JSON-ready statistics (:class:`LabelStats`; also stored as the group attribute ``stats``).
+        JSON-ready statistics (:class:`LabelStats`). The group attribute ``stats`` holds the same without
+        the run-time measurements (:data:`TIMING_KEYS`), so the same inputs and config give
+        byte-identical groups; the returned dict keeps them (``collect`` records it in the manifest).
     """
     from driveengine.store.occ import create_occ
 
@@ -505,6 +521,5 @@ def write_log_labels(
             writer.append(frame.semantics, frame.flow, frame.mask_lidar)
             if progress is not None:
                 progress(1)
-        stats = gen.stats.to_dict()
-        writer.set_stats(stats)
-    return stats
+        writer.set_stats(gen.stats.to_dict(timing=False))
+    return gen.stats.to_dict()

@@ -70,6 +70,10 @@ class CollectConfig:
         input_dir: folder of the log files overriding ``<root>/splits/<folder>`` (``meta_datas/<folder>``).
         sample_interval, is_test, filter_instance, check_blobs: see :class:`FrameOptions`.
         labels: build occupancy/flow labels.
+        label_window_s, label_sweep_step, label_box_margin_m, label_visibility: label generator settings
+            (``window_s``, ``sweep_step``, ``box_margin_m``, ``visibility`` of
+            :class:`~driveengine.collect.labels.LabelConfig`; None keeps its default). They enter the
+            config hash: changing one redoes the logs, keeping them skips the logs already done.
         openscene_occupancy: import OpenScene v1.0 occupancy labels from this folder instead.
         overwrite: redo logs even when their manifest entry matches.
         logs: restrict to these log names.
@@ -89,6 +93,10 @@ class CollectConfig:
     filter_instance: bool = False
     check_blobs: bool = True
     labels: bool = True
+    label_window_s: float | None = None
+    label_sweep_step: int | None = None
+    label_box_margin_m: float | None = None
+    label_visibility: str | None = None
     openscene_occupancy: Path | None = None
     overwrite: bool = False
     logs: list[str] | None = None
@@ -171,6 +179,7 @@ def _input_dirs(config: CollectConfig, folder: str) -> tuple[Path, str, Path]:
 
 
 def _label_config(config: CollectConfig) -> Any:
+    """The run's ``LabelConfig`` (None without generated labels), from the ``label_*`` settings."""
     if not config.labels or config.openscene_occupancy is not None:
         return None
     try:
@@ -179,7 +188,18 @@ def _label_config(config: CollectConfig) -> Any:
         raise CollectError(
             f"occupancy labels are not available in this installation ({exc}); collect with --no-labels"
         ) from None
-    return LabelConfig()
+    chosen = {
+        "window_s": config.label_window_s,
+        "sweep_step": config.label_sweep_step,
+        "box_margin_m": config.label_box_margin_m,
+        "visibility": config.label_visibility,
+    }
+    try:
+        return LabelConfig(**{k: v for k, v in chosen.items() if v is not None})
+    except (TypeError, ValueError) as exc:
+        raise CollectError(
+            f"bad label setting: {exc} (see the --label-* options of `driveengine collect --help`)"
+        ) from None
 
 
 def plan_tasks(config: CollectConfig) -> tuple[Path, list[LogTask]]:

@@ -5,8 +5,8 @@ Conventions:
 * Points are rows ``(N, 3)``; a transform ``target_from_source`` is applied as ``p @ R.T + t``.
 * Kernels index voxels by their **C-order position** in the dense ``(nx, ny, nz)`` array,
   ``lin = (x * ny + y) * nz + z`` (so ``dense.reshape(-1)[lin]`` is the voxel). OpenScene's flat index
-  ``x + nx*y + nx*ny*z`` is only used in the sparse form (:func:`dense_to_sparse`,
-  :func:`sparse_to_dense`); :func:`lin_to_flat` / :func:`flat_to_lin` convert.
+  ``x + nx*y + nx*ny*z`` belongs to the sparse file form only (one implementation:
+  :func:`driveengine.store.openscene_occ.dense_to_sparse` and ``sparse_to_dense``).
 * The grid range is half-open: a coordinate ``c`` is inside iff ``lo <= c < hi``; a point exactly at a
   maximum is outside, and points outside are dropped, never clamped into the grid.
 * Voxel sets are bitsets of uint64 words (bit ``v & 63`` of word ``v >> 6``, :func:`bitset_words`):
@@ -46,71 +46,6 @@ def grid_params(grid: VoxelGrid) -> tuple[np.ndarray, float, np.ndarray]:
     )
 
 
-# -- index conversions ------------------------------------------------------------------------------
-
-
-def lin_to_flat(lin: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
-    """OpenScene flat indices ``x + nx*y + nx*ny*z`` of C-order positions ``(x*ny + y)*nz + z``."""
-    nx, ny, nz = shape
-    lin = np.asarray(lin, dtype=np.int64)
-    x, rem = np.divmod(lin, ny * nz)
-    y, z = np.divmod(rem, nz)
-    return x + nx * y + nx * ny * z
-
-
-def flat_to_lin(flat: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
-    """C-order positions ``(x*ny + y)*nz + z`` of OpenScene flat indices ``x + nx*y + nx*ny*z``."""
-    nx, ny, nz = shape
-    flat = np.asarray(flat, dtype=np.int64)
-    x = flat % nx
-    y = (flat // nx) % ny
-    z = flat // (nx * ny)
-    return (x * ny + y) * nz + z
-
-
-def dense_to_sparse(
-    semantics: np.ndarray, flow: np.ndarray | None = None
-) -> tuple[np.ndarray, np.ndarray | None]:
-    """OpenScene's sparse form of a dense frame.
-
-    Args:
-        semantics: (nx, ny, nz) class ids, FREE = 16.
-        flow: optional (nx, ny, nz, 2) (vx, vy) m/s.
-
-    Returns:
-        ``occ`` (K, 2) int64 rows ``[flat_index, class_id]`` of the non-free voxels, sorted by flat
-        index, and ``flow`` (K, 2) float32 rows aligned with ``occ`` (None if no flow was given).
-    """
-    shape = semantics.shape
-    lin = np.flatnonzero(semantics.reshape(-1) != FREE)
-    flat = lin_to_flat(lin, shape)
-    order = np.argsort(flat, kind="stable")
-    lin, flat = lin[order], flat[order]
-    occ = np.stack([flat, semantics.reshape(-1)[lin].astype(np.int64)], axis=1)
-    if flow is None:
-        return occ, None
-    return occ, flow.reshape(-1, 2)[lin].astype(np.float32)
-
-
-def sparse_to_dense(
-    occ: np.ndarray, flow: np.ndarray | None, shape: tuple[int, int, int]
-) -> tuple[np.ndarray, np.ndarray]:
-    """Dense ``(semantics uint8 (nx, ny, nz), flow float32 (nx, ny, nz, 2))`` of the sparse form.
-
-    ``occ`` rows are ``[flat_index, class_id]``; ``flow`` rows (vx, vy) aligned with them (or None:
-    zero flow). Voxels not listed are FREE with zero flow.
-    """
-    nx, ny, nz = shape
-    sem = np.full(nx * ny * nz, FREE, dtype=np.uint8)
-    dense_flow = np.zeros((nx * ny * nz, 2), dtype=np.float32)
-    occ = np.asarray(occ).reshape(-1, 2)
-    lin = flat_to_lin(occ[:, 0], shape)
-    sem[lin] = occ[:, 1]
-    if flow is not None:
-        dense_flow[lin] = np.asarray(flow, dtype=np.float32).reshape(-1, 2)
-    return sem.reshape(nx, ny, nz), dense_flow.reshape(nx, ny, nz, 2)
-
-
 # -- points to voxels ---------------------------------------------------------------------------------
 
 
@@ -129,6 +64,39 @@ def _voxel_of(x: float, y: float, z: float, lo: np.ndarray, inv_vs: float, shape
     iy = int(min(max(fy, 0.0), ny - 1.0))
     iz = int(min(max(fz, 0.0), nz - 1.0))
     return (ix * ny + iy) * nz + iz if ok else -1
+
+
+@numba.njit(cache=True, inline="always")
+def _voxel_units_affine(
+    rotation: np.ndarray, translation: np.ndarray, lo: np.ndarray, vs: float
+) -> tuple[float, float, float, float, float, float, float, float, float, float, float, float]:
+    """``grid_from_source`` with the grid offset and scale folded in, as 12 scalars (row-major R, then t).
+
+    A point ``p`` maps to ``R' p + t'`` in voxel units from the grid minimum (``R' = rotation / vs``,
+    ``t' = (translation - lo) / vs``), so a point costs nine multiply-adds: see :func:`_scaled_voxel`.
+    """
+    inv = 1.0 / vs
+    return (
+        rotation[0, 0] * inv, rotation[0, 1] * inv, rotation[0, 2] * inv,
+        rotation[1, 0] * inv, rotation[1, 1] * inv, rotation[1, 2] * inv,
+        rotation[2, 0] * inv, rotation[2, 1] * inv, rotation[2, 2] * inv,
+        (translation[0] - lo[0]) * inv, (translation[1] - lo[1]) * inv, (translation[2] - lo[2]) * inv,
+    )  # fmt: skip
+
+
+@numba.njit(cache=True, inline="always")
+def _scaled_voxel(
+    px: float, py: float, pz: float, a: tuple, fnx: float, fny: float, fnz: float, ny: int, nz: int
+) -> int:
+    """C-order voxel position of point ``(px, py, pz)`` under the affine ``a`` (see
+    :func:`_voxel_units_affine`); -1 outside the half-open grid or non-finite (NaN fails every comparison)."""
+    fx = a[0] * px + a[1] * py + a[2] * pz + a[9]
+    fy = a[3] * px + a[4] * py + a[5] * pz + a[10]
+    fz = a[6] * px + a[7] * py + a[8] * pz + a[11]
+    # '&' rather than 'and': one branch instead of six
+    if (fx >= 0.0) & (fy >= 0.0) & (fz >= 0.0) & (fx < fnx) & (fy < fny) & (fz < fnz):
+        return (np.int64(fx) * ny + np.int64(fy)) * nz + np.int64(fz)
+    return -1
 
 
 @numba.njit(cache=True)
@@ -180,24 +148,15 @@ def accumulate_counts(
     nine multiply-adds, six comparisons and one increment. ``counts`` is (nx*ny*nz,) int32 in C order.
     Returns the number of points that landed in the grid.
     """
-    inv = 1.0 / vs
     nx, ny, nz = shape[0], shape[1], shape[2]
     fnx, fny, fnz = float(nx), float(ny), float(nz)
-    r00, r01, r02 = rotation[0, 0] * inv, rotation[0, 1] * inv, rotation[0, 2] * inv
-    r10, r11, r12 = rotation[1, 0] * inv, rotation[1, 1] * inv, rotation[1, 2] * inv
-    r20, r21, r22 = rotation[2, 0] * inv, rotation[2, 1] * inv, rotation[2, 2] * inv
-    t0 = (translation[0] - lo[0]) * inv
-    t1 = (translation[1] - lo[1]) * inv
-    t2 = (translation[2] - lo[2]) * inv
+    a = _voxel_units_affine(rotation, translation, lo, vs)
     inside = 0
     for i in range(points.shape[0]):
         px, py, pz = np.float64(points[i, 0]), np.float64(points[i, 1]), np.float64(points[i, 2])
-        fx = r00 * px + r01 * py + r02 * pz + t0
-        fy = r10 * px + r11 * py + r12 * pz + t1
-        fz = r20 * px + r21 * py + r22 * pz + t2
-        # '&' rather than 'and': one branch instead of six; NaN fails every comparison
-        if (fx >= 0.0) & (fy >= 0.0) & (fz >= 0.0) & (fx < fnx) & (fy < fny) & (fz < fnz):
-            counts[(np.int64(fx) * ny + np.int64(fy)) * nz + np.int64(fz)] += 1
+        v = _scaled_voxel(px, py, pz, a, fnx, fny, fnz, ny, nz)
+        if v >= 0:
+            counts[v] += 1
             inside += 1
     return inside
 
@@ -513,24 +472,15 @@ def accumulate_static(
     Returns:
         The number of points that landed in the grid.
     """
-    inv = 1.0 / vs
     nx, ny, nz = shape[0], shape[1], shape[2]
     fnx, fny, fnz = float(nx), float(ny), float(nz)
-    r00, r01, r02 = rotation[0, 0] * inv, rotation[0, 1] * inv, rotation[0, 2] * inv
-    r10, r11, r12 = rotation[1, 0] * inv, rotation[1, 1] * inv, rotation[1, 2] * inv
-    r20, r21, r22 = rotation[2, 0] * inv, rotation[2, 1] * inv, rotation[2, 2] * inv
-    t0 = (translation[0] - lo[0]) * inv
-    t1 = (translation[1] - lo[1]) * inv
-    t2 = (translation[2] - lo[2]) * inv
+    a = _voxel_units_affine(rotation, translation, lo, vs)
     one = np.uint64(1)
     inside = 0
     for i in range(points.shape[0]):
         px, py, pz = np.float64(points[i, 0]), np.float64(points[i, 1]), np.float64(points[i, 2])
-        fx = r00 * px + r01 * py + r02 * pz + t0
-        fy = r10 * px + r11 * py + r12 * pz + t1
-        fz = r20 * px + r21 * py + r22 * pz + t2
-        if (fx >= 0.0) & (fy >= 0.0) & (fz >= 0.0) & (fx < fnx) & (fy < fny) & (fz < fnz):
-            v = (np.int64(fx) * ny + np.int64(fy)) * nz + np.int64(fz)
+        v = _scaled_voxel(px, py, pz, a, fnx, fny, fnz, ny, nz)
+        if v >= 0:
             w = v >> 6
             bit = one << np.uint64(v & 63)
             occupied[w] |= bit

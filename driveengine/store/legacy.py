@@ -133,13 +133,17 @@ def export_openscene_metadata(
 
 
 def export_split(
-    split_dir: str | os.PathLike[str], out: str | os.PathLike[str], fmt: str = "openscene"
+    split_dir: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    fmt: str = "openscene",
+    occupancy: bool = True,
 ) -> Iterator[str]:
     """``driveengine export``: write a collected split in another format; yields progress lines.
 
-    ``openscene``: ``<out>/meta_datas/<split>/<log>.pkl`` and, for logs with labels, OpenScene v1.0
-    occupancy files ``<out>/occupancy/<split>/<scene>/occ_gt/*.npy`` whose paths (relative to ``out``)
-    go into the frame dicts as ``occ_gt_final_path`` / ``flow_gt_final_path``.
+    ``openscene``: ``<out>/meta_datas/<split>/<log>.pkl`` and, for logs with labels and when
+    ``occupancy`` is True, OpenScene v1.0 occupancy files ``<out>/occupancy/<split>/<scene>/occ_gt/*.npy``
+    whose paths (relative to ``out``) go into the frame dicts as ``occ_gt_final_path`` /
+    ``flow_gt_final_path``. With ``occupancy=False`` only the metadata is written (no occupancy keys).
     """
     if fmt != "openscene":
         raise ExportError(f"unknown export format {fmt!r}; available: openscene")
@@ -147,7 +151,7 @@ def export_split(
     manifest = load_manifest(split_dir)
     split = manifest.split or split_dir.name
     extra: dict[str, dict[str, Any]] | None = None
-    if any(entry.get("occ") for entry in manifest.logs.values()):
+    if occupancy and any(entry.get("occ") for entry in manifest.logs.values()):
         # Hook for the labels export: sparse *_occ_final.npy / *_flow_final.npy per frame.
         from driveengine.store.openscene_occ import export_openscene_occupancy
 

@@ -195,24 +195,28 @@ def _load_npy(path: Path) -> np.ndarray:
     return np.load(path, allow_pickle=False)
 
 
+def _try_load_npy(path: Path, what: str) -> tuple[np.ndarray | None, str | None]:
+    """``(array, None)``, or ``(None, problem)`` naming ``what`` (``occ``, ``flow``) if missing or unreadable."""
+    try:
+        return _load_npy(path), None
+    except FileNotFoundError:
+        return None, f"{what} file is missing"
+    except (OSError, ValueError) as exc:
+        return None, f"{what} file is unreadable ({exc})"
+
+
 def check_label_file(
     occ_path: StrPath, flow_path: StrPath | None = None, grid: VoxelGrid = GRID
 ) -> list[str]:
     """Problems of one frame's files (missing, unreadable, or :func:`check_sparse`); empty when valid."""
-    try:
-        occ = _load_npy(Path(occ_path))
-    except FileNotFoundError:
-        return ["occ file is missing"]
-    except (OSError, ValueError) as exc:
-        return [f"occ file is unreadable ({exc})"]
+    occ, problem = _try_load_npy(Path(occ_path), "occ")
+    if problem is not None:
+        return [problem]
     flow = None
     if flow_path is not None:
-        try:
-            flow = _load_npy(Path(flow_path))
-        except FileNotFoundError:
-            return ["flow file is missing"]
-        except (OSError, ValueError) as exc:
-            return [f"flow file is unreadable ({exc})"]
+        flow, problem = _try_load_npy(Path(flow_path), "flow")
+        if problem is not None:
+            return [problem]
     return check_sparse(occ, flow, grid)
 
 

@@ -216,7 +216,9 @@ def plan_log(world: World, *, camera_gap: tuple[str, float, float] | None = None
 
 
 def _linked(tokens: np.ndarray) -> tuple[list, list]:
-    """next/prev token lists of a time-ordered token chain (None at the ends)."""
+    """next/prev token lists of a time-ordered token chain (None at the ends; empty for no tokens)."""
+    if len(tokens) == 0:  # e.g. a camera_gap that removes every image of a channel
+        return [], []
     nxt = [*_blob(tokens[1:]), None]
     prv = [None, *_blob(tokens[:-1])]
     return nxt, prv

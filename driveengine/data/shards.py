@@ -1,0 +1,243 @@
+"""Fast whole-frame reads from the sharded Zarr v3 arrays of ``occ/<log>.zarr``.
+
+``zarr-python`` pays a few milliseconds of Python and event-loop overhead per ``array[i]`` call (it
+re-reads the shard index each time and hops to its I/O thread), more than decoding a frame costs.
+The loader reads whole frames only, so for the layout ``store/occ.py`` writes (chunk = one frame,
+``sharding_indexed`` with inner codecs ``bytes`` [+ ``zstd``] and a ``bytes`` + ``crc32c`` index) this
+module reads the shard index once per shard, checks its CRC-32C, fetches a run of frames with one
+ranged read and decompresses each chunk straight into the caller's preallocated array. It follows
+the Zarr v3 sharding specification (index of ``(offset, nbytes)`` uint64 pairs per inner chunk, C
+order, ``2**64 - 1`` for an empty chunk that reads as the fill value; a missing shard file reads as
+the fill value too) and is used only when :meth:`FrameArrayReader.for_array` recognises the codecs;
+anything else goes through ``zarr`` itself.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import google_crc32c
+import numpy as np
+from numcodecs import zstd
+
+_EMPTY = np.uint64(2**64 - 1)
+_EMPTY_INT = 2**64 - 1
+
+
+class ShardReadError(Exception):
+    """A shard or chunk could not be read or decoded (the caller adds the log and file)."""
+
+
+class FrameArrayReader:
+    """Reads frames ``start:stop`` of one sharded array (chunks = one frame) into a preallocated array.
+
+    Args:
+        path: the array folder (local path or URL), holding ``zarr.json`` and ``c/...`` shard files.
+        fs: fsspec file system of ``path`` (None: local files through ``os.pread``).
+        shard_frames: frames per shard.
+        frame_shape, dtype, fill_value: of one frame.
+        compressed: the inner chunks are zstd-compressed (else raw little-endian bytes).
+        index_at_end: the shard index is at the end of the shard file (else at its start).
+        ndim: dimensions of the array (for the shard file names ``c/<s>/0/.../0``).
+        separator: chunk key separator of the array (``/`` by default).
+    """
+
+    def __init__(
+        self,
+        path: str,
+        fs: Any,
+        shard_frames: int,
+        frame_shape: tuple[int, ...],
+        dtype: np.dtype,
+        fill_value: Any,
+        compressed: bool,
+        index_at_end: bool,
+        ndim: int,
+        separator: str = "/",
+    ) -> None:
+        self.path = path
+        self.fs = fs
+        self.shard_frames = shard_frames
+        self.frame_shape = frame_shape
+        self.dtype = np.dtype(dtype)
+        self.fill_value = fill_value
+        self.compressed = compressed
+        self.index_at_end = index_at_end
+        self.ndim = ndim
+        self.separator = separator
+        self.frame_bytes = int(np.prod(frame_shape)) * self.dtype.itemsize
+        self._index: dict[int, np.ndarray | None] = {}  # shard -> chunk index (a few hundred bytes)
+        self._entries: dict[int, list[list[int]]] = {}  # the same as Python ints
+        self._fd: int | None = None  # one open shard file (local): consecutive reads reuse it
+        self._fd_shard = -1
+
+    @classmethod
+    def for_array(cls, array: Any, path: str, fs: Any) -> FrameArrayReader | None:
+        """A reader for ``array`` (a ``zarr.Array`` stored at ``path``) if its layout is supported, else None."""
+        from zarr.codecs import BytesCodec, Crc32cCodec, ShardingCodec, ZstdCodec
+        from zarr.codecs.sharding import ShardingCodecIndexLocation
+
+        meta = array.metadata
+        codecs = getattr(meta, "codecs", ())
+        if len(codecs) != 1 or not isinstance(codecs[0], ShardingCodec):
+            return None
+        sharding = codecs[0]
+        frame_shape = tuple(array.shape[1:])
+        if tuple(sharding.chunk_shape) != (1, *frame_shape) or tuple(array.shards[1:]) != frame_shape:
+            return None
+        inner = list(sharding.codecs)
+        if not inner or not isinstance(inner[0], BytesCodec):
+            return None
+        dtype = np.dtype(array.dtype)
+        little = inner[0].endian is None or inner[0].endian.value == "little"
+        if dtype.itemsize > 1 and not (little and dtype.byteorder in "=<|" and np.little_endian):
+            return None
+        rest = inner[1:]
+        if rest and not (len(rest) == 1 and isinstance(rest[0], ZstdCodec)):
+            return None
+        index_codecs = list(sharding.index_codecs)
+        if len(index_codecs) != 2 or not isinstance(index_codecs[0], BytesCodec):
+            return None
+        if not isinstance(index_codecs[1], Crc32cCodec):
+            return None
+        separator = getattr(meta.chunk_key_encoding, "separator", "/")
+        if getattr(meta.chunk_key_encoding, "name", "default") != "default":
+            return None
+        return cls(
+            path=path,
+            fs=fs,
+            shard_frames=int(array.shards[0]),
+            frame_shape=frame_shape,
+            dtype=dtype,
+            fill_value=meta.fill_value,
+            compressed=bool(rest),
+            index_at_end=sharding.index_location == ShardingCodecIndexLocation.end,
+            ndim=len(array.shape),
+            separator=separator,
+        )
+
+    # -- file access -----------------------------------------------------------------------------
+    def _shard_path(self, shard: int) -> str:
+        key = self.separator.join(["c", str(shard), *(["0"] * (self.ndim - 1))])
+        if self.fs is None:
+            return os.path.join(self.path, *key.split("/"))
+        return f"{self.path.rstrip('/')}/{key}"
+
+    def _read_range(self, shard: int, start: int, stop: int) -> bytes:
+        """Bytes ``start:stop`` of a shard file. Locally one descriptor is kept (of the last shard read),
+        so a worker streaming thousands of logs holds a bounded number of open files."""
+        path = self._shard_path(shard)
+        if self.fs is not None:
+            return self.fs.cat_file(path, start=start, end=stop)
+        if self._fd_shard != shard:
+            self.close()
+            self._fd = os.open(path, os.O_RDONLY)
+            self._fd_shard = shard
+        return os.pread(self._fd, stop - start, start)
+
+    def _size(self, shard: int) -> int | None:
+        """Size of a shard file in bytes, None when it does not exist (an all-fill shard)."""
+        try:
+            if self.fs is not None:
+                return int(self.fs.size(self._shard_path(shard)))
+            return os.stat(self._shard_path(shard)).st_size
+        except FileNotFoundError:
+            return None
+
+    def _shard_index(self, shard: int) -> np.ndarray | None:
+        """(shard_frames, 2) uint64 (offset, nbytes) of the shard's chunks, or None for a missing shard."""
+        if shard in self._index:
+            return self._index[shard]
+        size = self._size(shard)
+        if size is None:
+            self._index[shard] = None
+            return None
+        n = 16 * self.shard_frames + 4
+        if size < n:
+            raise ShardReadError(
+                f"shard {self._shard_path(shard)} is truncated ({size} bytes, index needs {n})"
+            )
+        raw = self._read_range(shard, size - n, size) if self.index_at_end else self._read_range(shard, 0, n)
+        body, stored = raw[:-4], int.from_bytes(raw[-4:], "little")
+        if google_crc32c.value(body) != stored:
+            raise ShardReadError(
+                f"shard {self._shard_path(shard)}: index checksum mismatch (truncated or corrupt)"
+            )
+        index = np.frombuffer(body, dtype="<u8").reshape(self.shard_frames, 2)
+        ends = index[:, 0] + index[:, 1]
+        used = index[:, 0] != _EMPTY
+        if (ends[used] > size).any():
+            raise ShardReadError(f"shard {self._shard_path(shard)}: chunks end beyond the file (truncated)")
+        self._index[shard] = index
+        self._entries[shard] = index.tolist()
+        return index
+
+    # -- reading ---------------------------------------------------------------------------------
+    def read(self, start: int, stop: int, out: np.ndarray) -> None:
+        """Decode frames ``start:stop`` into ``out`` ((stop - start, *frame_shape), C-contiguous).
+
+        Raises:
+            ShardReadError: a truncated or corrupt shard or chunk.
+        """
+        if (
+            out.shape != (stop - start, *self.frame_shape)
+            or out.dtype != self.dtype
+            or not out.flags.c_contiguous
+        ):
+            raise ValueError(
+                f"out must be a C-contiguous {self.dtype} array of shape {(stop - start, *self.frame_shape)}"
+            )
+        frame = start
+        while frame < stop:
+            shard = frame // self.shard_frames
+            last = min(stop, (shard + 1) * self.shard_frames)
+            self._read_shard_run(shard, frame, last, out[frame - start : last - start])
+            frame = last
+
+    def _read_shard_run(self, shard: int, start: int, stop: int, out: np.ndarray) -> None:
+        index = self._shard_index(shard)
+        if index is None:
+            out[...] = self.fill_value
+            return
+        first = start - shard * self.shard_frames
+        entries = self._entries[shard][first : first + (stop - start)]  # Python ints: no numpy per call
+        used = [e for e in entries if e[0] != _EMPTY_INT]
+        if not used:
+            out[...] = self.fill_value
+            return
+        lo = min(e[0] for e in used)
+        hi = max(e[0] + e[1] for e in used)
+        blob = self._read_range(shard, lo, hi)  # one ranged read for the run
+        if len(blob) != hi - lo:
+            raise ShardReadError(f"shard {self._shard_path(shard)}: short read (truncated)")
+        view = memoryview(blob)
+        flat = out.reshape(len(out), -1).view(np.uint8)
+        for k, (offset, nbytes) in enumerate(entries):
+            if offset == _EMPTY_INT:
+                out[k] = self.fill_value
+                continue
+            chunk = view[offset - lo : offset - lo + nbytes]
+            if self.compressed:
+                try:
+                    zstd.decompress(chunk, flat[k])
+                except RuntimeError as exc:
+                    raise ShardReadError(
+                        f"shard {self._shard_path(shard)}: frame {start + k} does not decompress ({exc})"
+                    ) from None
+            elif nbytes != self.frame_bytes:
+                raise ShardReadError(f"shard {self._shard_path(shard)}: frame {start + k} has {nbytes} bytes")
+            else:
+                flat[k] = np.frombuffer(chunk, dtype=np.uint8)
+
+    def close(self) -> None:
+        """Close the shard file kept open (local files)."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd, self._fd_shard = None, -1
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown
+            pass

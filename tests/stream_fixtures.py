@@ -1,0 +1,201 @@
+"""Builds tiny collected splits on disk for the loader and training tests.
+
+A split is written through the real store modules (manifest via ``save_manifest``, labels via
+``store.occ.create_occ``, frame rows as Parquet with the column types of ``schemas/frame.py``), on a
+small voxel grid so that tests stay fast. Labels are random but known: the builder returns them, so
+tests can compare what the loader yields with what was written.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from driveengine.schemas import VoxelGrid
+from driveengine.schemas.classes import CAMERA_CHANNELS, FREE
+from driveengine.schemas.frame import FRAME_SCHEMA
+
+from driveengine.geometry import make_transform, yaw_to_quaternion
+from driveengine.store.manifest import Manifest, save_manifest
+from driveengine.store.occ import create_occ
+
+#: A 16 x 16 x 8 grid of 0.5 m voxels (the format's grid is 200 x 200 x 16).
+SMALL_GRID = VoxelGrid((-4.0, -4.0, -2.0), (4.0, 4.0, 2.0), 0.5)
+
+
+@dataclass
+class FrameTruth:
+    """What was written for one key frame."""
+
+    log: str
+    row: int
+    scene: str
+    semantics: np.ndarray
+    flow: np.ndarray
+    mask_lidar: np.ndarray
+    ego2global: np.ndarray
+    points: np.ndarray | None = None
+
+
+@dataclass
+class SplitInfo:
+    root: Path
+    split: str
+    sensor_root: Path
+    frames: dict[str, FrameTruth] = field(default_factory=dict)  # by token
+    log_names: list[str] = field(default_factory=list)
+
+
+def _token(log_index: int, row: int) -> str:
+    return f"{log_index:04x}{row:012x}"
+
+
+def make_labels(rng: np.random.Generator, grid: VoxelGrid, n: int, structured: bool = False):
+    """Random (or learnable, ``structured``) semantics, flow and mask for ``n`` frames."""
+    shape = grid.shape
+    if structured:
+        # A learnable world: ground (background) in the lowest layer, a vehicle block at a random place.
+        sem = np.full((n, *shape), FREE, np.uint8)
+        sem[..., 0] = 10
+        flow = np.zeros((n, *shape, 2), np.float16)
+        for i in range(n):  # a few frames
+            x, y = rng.integers(0, shape[0] - 4), rng.integers(0, shape[1] - 4)
+            sem[i, x : x + 4, y : y + 3, 1:3] = 0
+            flow[i, x : x + 4, y : y + 3, 1:3] = (2.0, -1.0)
+        mask = np.ones((n, *shape), bool)
+        return sem, flow, mask
+    sem = rng.choice(
+        np.array([0, 5, 7, 10, FREE], np.uint8), size=(n, *shape), p=[0.05, 0.02, 0.03, 0.2, 0.7]
+    )
+    flow = np.where((sem < 10)[..., None], rng.normal(size=(n, *shape, 2)), 0).astype(np.float16)
+    mask = rng.random((n, *shape)) < 0.6
+    return sem, flow, mask
+
+
+def build_split(
+    out: Path,
+    split: str = "mini",
+    scenes_per_log: tuple[tuple[int, ...], ...] = ((5, 4), (7,), (3, 6)),
+    grid: VoxelGrid = SMALL_GRID,
+    seed: int = 0,
+    points: bool = False,
+    images: bool = False,
+    structured: bool = False,
+    shard_frames: int = 4,
+) -> SplitInfo:
+    """Write ``out/<split>`` with one log per entry of ``scenes_per_log`` (frames per scene).
+
+    Args:
+        out: the collect output folder.
+        points: also write a ``.pcd`` per frame under ``out/sensor_blobs``.
+        images: also write eight small ``.jpg`` per frame.
+        structured: learnable labels (see :func:`make_labels`) instead of noise.
+    """
+    from driveengine.sources.pcd import write_nuplan_pcd
+
+    rng = np.random.default_rng(seed)
+    split_dir = out / split
+    sensor_root = out / "sensor_blobs"
+    info = SplitInfo(root=out, split=split, sensor_root=sensor_root)
+    manifest = Manifest(split=split, grid=grid.to_dict())
+    manifest.extra["sensor_root"] = str(sensor_root)
+    for li, scenes in enumerate(scenes_per_log):
+        name = f"2021.0{li + 1}.01.00.00.00_veh-{li:02d}_00000_00100"
+        info.log_names.append(name)
+        n = int(sum(scenes))
+        sem, flow, mask = make_labels(rng, grid, n, structured)
+        tokens = [_token(li, r) for r in range(n)]
+        scene_of_row = np.repeat(np.arange(len(scenes)), scenes)
+        frame_idx = np.concatenate([np.arange(s) for s in scenes]).astype(np.int32)
+        scene_tokens = [f"{li:04x}{s:012x}" for s in scene_of_row]
+        yaw = 0.1 * np.arange(n)
+        trans = np.stack([100.0 + 2.0 * np.arange(n), 50.0 + np.arange(n), np.zeros(n)], axis=1)
+        ego2global = make_transform(yaw_to_quaternion(yaw), trans)
+        timestamps = 1_600_000_000_000_000 + 500_000 * np.arange(n, dtype=np.int64)
+        prev = [tokens[r - 1] if r > 0 and scene_of_row[r - 1] == scene_of_row[r] else None for r in range(n)]
+        nxt = [
+            tokens[r + 1] if r + 1 < n and scene_of_row[r + 1] == scene_of_row[r] else None for r in range(n)
+        ]
+        lidar_paths = [f"{name}/MergedPointCloud/{t}.pcd" for t in tokens]
+        columns = {
+            "token": tokens,
+            "frame_idx": frame_idx,
+            "timestamp": timestamps,
+            "log_name": [name] * n,
+            "scene_token": scene_tokens,
+            "scene_name": [f"{name}-scene-{s}" for s in scene_of_row],
+            "sample_prev": prev,
+            "sample_next": nxt,
+            "ego2global": [m.tolist() for m in ego2global],
+            "lidar_path": lidar_paths,
+        }
+        if images:
+            cams = []
+            for t in tokens:
+                cams.append(
+                    {
+                        ch: {
+                            "data_path": f"{name}/{ch}/{t}.jpg",
+                            "timestamp": None,
+                            "sensor2lidar_rotation": np.eye(3).tolist(),
+                            "sensor2lidar_translation": [1.0 + c, 0.0, 1.5],
+                            "cam_intrinsic": [[100.0, 0, 32.0], [0, 100.0, 18.0], [0, 0, 1]],
+                            "distortion": [0.0] * 5,
+                        }
+                        for c, ch in enumerate(CAMERA_CHANNELS)
+                    }
+                )
+            columns["cams"] = cams
+        schema = pa.schema([FRAME_SCHEMA.field(c) for c in columns])
+        table = pa.table(columns, schema=schema)
+        (split_dir / "meta").mkdir(parents=True, exist_ok=True)
+        pq.write_table(table, split_dir / "meta" / f"{name}.parquet")
+        with create_occ(
+            split_dir / "occ" / f"{name}.zarr",
+            n,
+            generator={"kind": "test-fixture"},
+            grid=grid,
+            shard_frames=shard_frames,
+            timestamps_us=timestamps,
+        ) as writer:
+            for r in range(n):
+                writer.append(sem[r], flow[r], mask[r])
+        for r, tok in enumerate(tokens):
+            pts = None
+            if points:
+                if structured:  # points on the surfaces the labels describe: a learnable input
+                    occupied = np.argwhere(sem[r] != FREE)
+                    centres = grid.voxel_centres()[tuple(occupied.T)]
+                    pts = (centres + rng.uniform(-0.2, 0.2, centres.shape)).astype(np.float32)
+                    intensity = np.where(sem[r][tuple(occupied.T)] == 0, 80.0, 10.0).astype(np.float32)
+                else:
+                    pts = rng.uniform(-3.5, 3.5, size=(50 + r, 3)).astype(np.float32)
+                    intensity = rng.uniform(0, 100, size=len(pts)).astype(np.float32)
+                path = sensor_root / lidar_paths[r]
+                path.parent.mkdir(parents=True, exist_ok=True)
+                write_nuplan_pcd(path, pts, intensity)
+                pts = np.concatenate([pts, intensity[:, None]], axis=1)
+            if images:
+                from PIL import Image
+
+                for c, ch in enumerate(CAMERA_CHANNELS):
+                    path = sensor_root / name / ch / f"{tok}.jpg"
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    img = np.full((36, 64, 3), 20 * c, np.uint8)
+                    buf = io.BytesIO()
+                    Image.fromarray(img).save(buf, format="JPEG", quality=95)
+                    path.write_bytes(buf.getvalue())
+            info.frames[tok] = FrameTruth(
+                name, r, scene_tokens[r], sem[r], flow[r], mask[r], ego2global[r], pts
+            )
+        manifest.logs[name] = {
+            "frames": n,
+            "meta": f"meta/{name}.parquet",
+            "occ": f"occ/{name}.zarr",
+        }
+    save_manifest(split_dir, manifest)
+    return info

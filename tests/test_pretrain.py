@@ -1,0 +1,197 @@
+"""LiDAR-to-occupancy pre-training: model pieces, loss, learning on a tiny split, checkpoint/resume."""
+
+from __future__ import annotations
+
+import csv
+
+import numpy as np
+import pytest
+import torch
+from driveengine.schemas.classes import FREE
+from stream_fixtures import SMALL_GRID, build_split
+
+from driveengine.data import FrameStream
+from driveengine.train.config import PretrainConfig
+from driveengine.train.loop import pretrain
+from driveengine.train.loss import IGNORE_INDEX, OccupancyLoss, class_weights_from_counts
+from driveengine.train.metrics import OccupancyMetrics
+from driveengine.train.model_lidar import LidarOccupancyNet, bev_features
+from driveengine.train.resnet import ResNet
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Two cores shared by many processes: one intra-op thread is much faster (and reproducible).
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def split(tmp_path_factory):
+    return build_split(
+        tmp_path_factory.mktemp("out"), scenes_per_log=((4,), (4,)), points=True, structured=True
+    )
+
+
+def _config(split, tmp_path, **kw) -> PretrainConfig:
+    base = dict(
+        data=str(split.root), split=split.split, width=8, decoder_channels=16, stem_stride=1, output_stride=1,
+        batch_size=2,
+        lr=5e-3, warmup_steps=3, run_dir=str(tmp_path / "runs"), progress=False, eval_frames=0, cpu_threads=1,
+    )  # fmt: skip
+    base.update(kw)
+    return PretrainConfig(**base)
+
+
+@pytest.mark.parametrize("depth,params", [(18, 11_176_512), (50, 23_508_032)])
+def test_resnet_matches_torchvision_layout(depth, params):
+    net = ResNet(depth)
+    assert sum(p.numel() for p in net.parameters()) == params  # torchvision's count without ``fc``
+    names = set(net.state_dict())
+    assert {"conv1.weight", "bn1.running_mean", "layer1.0.conv1.weight", "layer4.1.bn2.weight"} <= names
+    assert "layer2.0.downsample.0.weight" in names and "layer2.0.downsample.1.weight" in names
+    feats = net(torch.zeros(1, 3, 64, 64))
+    assert [f.shape[-1] for f in feats] == [16, 8, 4, 2]
+    assert [f.shape[1] for f in feats] == list(net.out_channels)
+
+
+def test_bev_features_bin_points_on_the_grid():
+    pts = torch.tensor(
+        [[0.1, 0.1, 0.1, 100.0], [0.2, 0.3, -1.9, 50.0], [4.0, 0.0, 0.0, 1.0], [-4.0, -4.0, -2.0, 255.0]]
+    )
+    bev = bev_features([pts], SMALL_GRID)
+    nx, ny, nz = SMALL_GRID.shape
+    assert bev.shape == (1, nz + 2, nx, ny)
+    # (0.1, 0.1, 0.1) -> voxel (8, 8, 4); (0.2, 0.3, -1.9) -> (8, 8, 0); x = 4.0 is outside (half-open).
+    assert bev[0, 4, 8, 8] == 1 and bev[0, 0, 8, 8] == 1 and bev[0, :nz].sum() == 3
+    assert torch.isclose(bev[0, nz, 8, 8], torch.tensor(75.0 / 255.0))
+    assert torch.isclose(bev[0, nz + 1, 8, 8], torch.log1p(torch.tensor(2.0)))
+    assert bev[0, 0, 0, 0] == 1  # the range minimum is inside
+
+
+@pytest.mark.parametrize("output_stride", [1, 2])
+def test_model_output_shapes(output_stride):
+    model = LidarOccupancyNet(
+        SMALL_GRID, depth=18, width=8, decoder_channels=16, stem_stride=2, output_stride=output_stride
+    )
+    out = model([torch.rand(30, 4) * 6 - 3, torch.rand(5, 4)])
+    assert out["semantics"].shape == (2, FREE + 1, *SMALL_GRID.shape)
+    assert out["flow"].shape == (2, *SMALL_GRID.shape, 2)
+    sem, _ = LidarOccupancyNet.predict(out)
+    assert sem.dtype == torch.uint8 and int(sem.max()) <= FREE
+    if output_stride == 2:  # one prediction per 2 x 2 block of voxel columns
+        assert torch.equal(sem[:, 0::2, 0::2], sem[:, 1::2, 1::2])
+
+
+def test_loss_ignores_unobserved_voxels_and_flows_off_objects():
+    torch.manual_seed(0)
+    shape = (1, *SMALL_GRID.shape)
+    logits = torch.randn(1, FREE + 1, *SMALL_GRID.shape)
+    flow = torch.randn(*shape, 2)
+    gt = torch.full(shape, FREE, dtype=torch.uint8)
+    gt[0, :4] = 0
+    gt_flow = torch.zeros(*shape, 2)
+    mask = torch.zeros(shape, dtype=torch.bool)
+    mask[0, :8] = True
+    loss = OccupancyLoss(flow_weight=1.0)
+    a = loss(logits, flow, gt, gt_flow, mask)
+    changed_logits, changed_flow = logits.clone(), flow.clone()
+    changed_logits[:, :, 8:] += 5 * torch.randn_like(changed_logits[:, :, 8:])  # unobserved voxels
+    changed_flow[0, 4:] += 3.0  # free voxels: no flow target
+    b = loss(changed_logits, changed_flow, gt, gt_flow, mask)
+    assert torch.equal(a["loss"], b["loss"])
+    expected_flow = flow[0, :4].abs().mean()
+    assert torch.isclose(a["loss_flow"], expected_flow)
+    assert IGNORE_INDEX > FREE
+    w = class_weights_from_counts(np.array([10] + [0] * 15 + [1000]))
+    assert w[0] > w[FREE] and np.isclose(w[[0, FREE]].mean(), 1.0)
+
+
+def _constant_predictor_metrics(split) -> dict:
+    """Metrics of predicting the most frequent observed class everywhere, on the training frames."""
+    stream = FrameStream(split.root, split.split, fields=("semantics", "mask_lidar"), shuffle=False)
+    samples = list(stream)
+    counts = sum(np.bincount(s["semantics"][s["mask_lidar"]], minlength=FREE + 1) for s in samples)
+    best = int(np.argmax(counts))
+    metrics = OccupancyMetrics(grid=SMALL_GRID)
+    for s in samples:
+        metrics.update(np.full_like(s["semantics"], best), s["semantics"], mask=s["mask_lidar"])
+    return metrics.compute()
+
+
+def test_pretraining_learns_the_training_frames(split, tmp_path):
+    result = pretrain(_config(split, tmp_path, max_steps=40, eval_every=40, ckpt_every=0))
+    losses = [loss for _, loss in result["train_loss"]]
+    assert len(losses) == 40 and result["step"] == 40
+    assert np.mean(losses[-4:]) < 0.5 * np.mean(losses[:4])
+    constant = _constant_predictor_metrics(split)
+    assert result["eval"]["frames"] == 8
+    assert result["eval"]["miou_present"] > constant["miou_present"] + 25
+    assert result["eval"]["iou_per_class"]["vehicle"] > 5.0  # the foreground class is picked up
+    with open(tmp_path / "runs" / "pretrain" / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["step"]) for r in rows if r["phase"] == "train"] == list(range(1, 41))
+    assert next(r for r in rows if r["phase"] == "eval")["miou"] != ""
+
+
+def test_resume_continues_the_same_steps_and_loss_curve(split, tmp_path):
+    full = pretrain(_config(split, tmp_path, name="full", max_steps=6, ckpt_every=3, eval_every=0))
+    ckpt = tmp_path / "runs" / "full" / "ckpt_0000003.pt"
+    assert ckpt.exists() and (tmp_path / "runs" / "full" / "last.pt").exists()
+    resumed = pretrain(
+        _config(split, tmp_path, name="resumed", max_steps=6, ckpt_every=3, eval_every=0, resume=str(ckpt))
+    )
+    assert resumed["step"] == 6
+    assert [s for s, _ in resumed["train_loss"]] == [4, 5, 6]
+    assert resumed["train_loss"] == full["train_loss"][3:]  # bitwise equal floats
+    a = torch.load(tmp_path / "runs" / "full" / "last.pt", weights_only=False)["model"]
+    b = torch.load(tmp_path / "runs" / "resumed" / "last.pt", weights_only=False)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_auto_in_the_same_run_truncates_the_csv(split, tmp_path):
+    cfg = _config(split, tmp_path, name="auto", max_steps=4, ckpt_every=2, eval_every=0)
+    pretrain(cfg)
+    again = pretrain(
+        _config(split, tmp_path, name="auto", max_steps=4, ckpt_every=2, eval_every=0, resume="auto")
+    )
+    assert again["train_loss"] == []  # the run had finished: nothing left to do
+    with open(tmp_path / "runs" / "auto" / "metrics.csv", newline="") as f:
+        assert [int(r["step"]) for r in csv.DictReader(f)] == [1, 2, 3, 4]
+
+
+def test_bad_checkpoint_is_reported(split, tmp_path):
+    from driveengine.train.loop import PretrainError
+
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(PretrainError, match=r"bad\.pt: unreadable checkpoint"):
+        pretrain(_config(split, tmp_path, max_steps=1, resume=str(bad)))
+    with pytest.raises(PretrainError, match="no such checkpoint"):
+        pretrain(_config(split, tmp_path, max_steps=1, resume=str(tmp_path / "missing.pt")))
+
+
+def test_cli_pretrain_runs_on_a_collected_split(split, tmp_path):
+    from typer.testing import CliRunner
+
+    from driveengine.cli import app
+    from driveengine.store.manifest import ManifestError
+
+    args = [
+        "pretrain",
+        "--data",
+        str(split.root),
+        "--split",
+        split.split,
+        "--run-dir",
+        str(tmp_path / "runs"),
+    ]
+    args += ["--max-steps", "2", "--width", "8", "--stem-stride", "1", "--cpu-threads", "1", "--no-progress"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "pretrain: 2 steps on cpu x1" in result.output and "eval: mIoU" in result.output
+    assert (tmp_path / "runs" / "pretrain" / "last.pt").exists()
+    bad = CliRunner().invoke(app, ["pretrain", "--data", str(tmp_path / "nothing"), "--no-progress"])
+    assert isinstance(bad.exception, ManifestError) and "no manifest" in str(bad.exception)
