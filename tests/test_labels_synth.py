@@ -19,7 +19,8 @@ sweeps at 4 Hz, +-6 s; other seeds in the report):
   (their centres lie a median 0.23 m outside the box; no false positives at all), giving 0.76 here
   and 0.73-0.92 over seeds 0-3; (2) rays that reach the ground obliquely cross several voxels of the
   ground layer above the plane before they end: static IoU 0.87 with 32k-ray sweeps, 0.92 with
-  full-size 150k-ray sweeps (density, not definition); (3) in the ground layer the majority vote
+  full-size 150k-ray sweeps (density, not definition: the static test uses full-size sweeps and
+  asserts the 0.9 asked for); (3) in the ground layer the majority vote
   (OpenScene's rule) gives a voxel shared with an object to the ground's many points where the truth
   gives it to the object: moving objects over the whole mask 0.68.
 * The synthetic world puts surfaces parallel to the road exactly at multiples of 0.5 m from the ego,
@@ -27,7 +28,7 @@ sweeps at 4 Hz, +-6 s; other seeds in the report):
   the voxel *outside* the solid. Real surfaces never sit exactly on a voxel face, so the comparison
   uses a grid shifted by 0.13 m (same size and resolution).
 
-The tests therefore assert the figures above with a small margin, plus what must hold exactly: no
+The moving-object tests therefore assert the figures above with a small margin, plus what must hold exactly: no
 false object voxels, flow EPE, zero flow in a static world.
 """
 
@@ -50,15 +51,16 @@ from driveengine.synth.sensors import lidar_sweep
 SHIFT = 0.13
 GRID = VoxelGrid((-50 + SHIFT, -50 + SHIFT, -4 + SHIFT), (50 + SHIFT, 50 + SHIFT, 4 + SHIFT), 0.5)
 RAYS = 32_768
+FULL_SIZE_RAYS = 150_016  # a real MergedPointCloud sweep
 GROUND_LAYER = int(np.floor((-0.3 - GRID.range_min_m[2]) / GRID.voxel_size_m))  # ground at ego z = -0.3
 
 
-def _label(tmp: Path, static_only: bool, key: int = 120, window_s: float = 6.0):
+def _label(tmp: Path, static_only: bool, key: int = 120, window_s: float = 6.0, rays: int = RAYS):
     synth = synthesize(tmp, logs=1, seconds=12.0, seed=3, blobs=False, static_only=static_only)[0]
     log = read_nuplan_log(synth.db_path)
 
     def load(k: int) -> np.ndarray:
-        return lidar_sweep(synth.world, int(log.sweep_timestamp_us[k]), RAYS, k).xyz
+        return lidar_sweep(synth.world, int(log.sweep_timestamp_us[k]), rays, k).xyz
 
     cfg = LabelConfig(window_s=window_s, sweep_step=5, grid=GRID)
     gen = LabelGenerator(log, np.array([key]), load, cfg)
@@ -78,10 +80,15 @@ def moving(tmp_path_factory: pytest.TempPathFactory):
     return _label(tmp_path_factory.mktemp("moving"), static_only=False)
 
 
-def test_static_structures_and_ground_match_the_truth(moving) -> None:
-    sem, _, mask, true, _, _ = moving
+@pytest.fixture(scope="module")
+def full_size(tmp_path_factory: pytest.TempPathFactory):
+    return _label(tmp_path_factory.mktemp("full"), static_only=False, rays=FULL_SIZE_RAYS)
+
+
+def test_static_structures_and_ground_match_the_truth(full_size) -> None:
+    sem, _, mask, true, _, _ = full_size
     iou = _iou(sem == BACKGROUND, true == BACKGROUND, mask)
-    assert iou >= 0.85, iou  # 0.92 with full-size sweeps; see the module docstring
+    assert iou >= 0.9, iou  # full-size sweeps: 0.92 (0.87 with 32k-ray sweeps; see the module docstring)
     # nothing is labelled where the truth is free except surface returns of unannotated objects
     assert np.count_nonzero((sem != FREE) & (true == FREE) & mask) < 0.02 * np.count_nonzero(sem != FREE)
 
