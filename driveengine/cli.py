@@ -25,6 +25,17 @@ app = typer.Typer(
 )
 
 
+def parse_image_size(text: str, option: str = "--image-size") -> tuple[int, int]:
+    """``(width, height)`` pixels of a ``WIDTHxHEIGHT`` option value (e.g. ``160x90``)."""
+    try:
+        width, height = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise DriveEngineError(f"{option} {text!r}: expected WIDTHxHEIGHT in pixels, e.g. 160x90") from None
+    if width < 1 or height < 1:
+        raise DriveEngineError(f"{option} {text!r}: width and height must be positive")
+    return width, height
+
+
 @app.callback()
 def _root() -> None:
     """DriveEngine: nuPlan / OpenScene driving data, from download to pre-training."""
@@ -71,13 +82,10 @@ def synth(
     static_only: bool = typer.Option(False, "--static-only", help="Objects never move (the ego does)."),
 ) -> None:
     """Write synthetic nuPlan logs with exactly known geometry (demo data and test oracle)."""
-    from driveengine.synth import SynthError, synthesize
+    from driveengine.synth import synthesize
     from driveengine.synth.api import format_summary
 
-    try:
-        width, height = (int(v) for v in image_size.lower().split("x"))
-    except ValueError as exc:
-        raise SynthError(f"--image-size {image_size!r}: expected WIDTHxHEIGHT, e.g. 160x90") from exc
+    width, height = parse_image_size(image_size)
     results = synthesize(
         out,
         logs=logs,
@@ -481,6 +489,19 @@ def pretrain(
         "--gpu-defaults",
         help="Start from the defaults of a real GPU run (full-width ResNet, long schedule).",
     ),
+    modality: str = typer.Option(
+        "lidar", "--modality", help="lidar (points -> BEV) or camera (8 images -> ResNet backbone + lift)."
+    ),
+    image_size: str | None = typer.Option(
+        None, "--image-size", help="Camera runs: images resized to WIDTHxHEIGHT pixels (default 384x216)."
+    ),
+    lift_voxel: float | None = typer.Option(
+        None, "--lift-voxel", help="Camera runs: voxel size (m) of the lift grid (default: the label grid's)."
+    ),
+    history: int = typer.Option(0, "--history", min=0, help="Camera runs: previous key frames fused."),
+    backbone_weights: str | None = typer.Option(
+        None, "--backbone-weights", help="Camera runs: a local torchvision ResNet .pth to start from."
+    ),
     depth: int | None = typer.Option(None, "--depth", help="ResNet depth: 18, 34, 50 or 101."),
     width: int | None = typer.Option(None, "--width", help="ResNet base width (64 = torchvision)."),
     stem_stride: int | None = typer.Option(None, "--stem-stride", help="ResNet stem stride: 1, 2 or 4."),
@@ -508,7 +529,7 @@ def pretrain(
     seed: int | None = typer.Option(None, "--seed", help="Seed of the data order and the initialisation."),
     no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar."),
 ) -> None:
-    """LiDAR-to-occupancy pre-training (ResNet BEV encoder-decoder); DDP under torchrun; resumable."""
+    """Occupancy/flow pre-training from LiDAR or the 8 cameras (ResNet); DDP under torchrun; resumable."""
     from driveengine.train.config import PretrainConfig
     from driveengine.train.loop import pretrain as run_pretrain
 
@@ -522,6 +543,8 @@ def pretrain(
     chosen.update(
         data=data, split=split, eval_split=eval_split, sensor_root=sensor_root, demo_dir=demo_dir, name=name,
         run_dir=run_dir, resume=resume, device=device, compile=compile_model, progress=not no_progress,
+        modality=modality, image_size=parse_image_size(image_size) if image_size else None,
+        lift_voxel_size_m=lift_voxel, camera_history=history, backbone_weights=backbone_weights,
     )  # fmt: skip
     config = PretrainConfig.for_gpu(**chosen) if gpu_defaults else PretrainConfig(**chosen)
     summary = run_pretrain(config)

@@ -21,6 +21,12 @@ class PretrainConfig:
         demo_dir: where the demo data lives / is made.
 
     Model:
+        modality: "lidar" (points -> BEV encoder-decoder) or "camera" (8 images -> ResNet + FPN + lift;
+            the product is the image backbone, saved as ``backbone.pth``).
+        image_size: camera runs: (width, height) the images are resized to (None = the camera default);
+            lift_voxel_size_m: camera runs: voxel size of the lift grid (None = the label grid's);
+            camera_history: camera runs: previous key frames fused; backbone_weights: camera runs: a
+            local torchvision ResNet ``.pth`` to start from.
         depth: ResNet depth (18, 34, 50, 101); width: base channels; decoder_channels; stem_stride;
             output_stride: x-y cells of the decoder/heads in voxels (2 on CPU, 1 for real runs).
 
@@ -53,6 +59,11 @@ class PretrainConfig:
     eval_frames: int = 8
     demo_dir: str = "demo_data"
 
+    modality: str = "lidar"
+    image_size: tuple[int, int] | None = None
+    lift_voxel_size_m: float | None = None
+    camera_history: int = 0
+    backbone_weights: str | None = None
     depth: int = 18
     width: int = 16
     decoder_channels: int = 32
@@ -96,6 +107,8 @@ class PretrainConfig:
         unknown = sorted(set(data) - names)
         if unknown:
             raise ValueError(f"unknown pretrain config keys: {unknown}")
+        if data.get("image_size") is not None:
+            data = {**data, "image_size": tuple(data["image_size"])}
         return cls(**data)
 
     @classmethod

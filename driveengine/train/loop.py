@@ -1,6 +1,6 @@
 """The pre-training loop behind ``driveengine pretrain`` / ``make pretrain``.
 
-One function, :func:`pretrain`, runs a LiDAR-to-occupancy pre-training job described by a
+One function, :func:`pretrain`, runs an occupancy/flow pre-training job described by a
 :class:`~driveengine.train.config.PretrainConfig` on whatever is present: one CPU process, one GPU, or
 many processes under ``torchrun`` (DDP; gloo on CPU, nccl on GPU; each rank streams its own share of
 every global batch through :class:`~driveengine.data.FrameStream`).
@@ -13,6 +13,11 @@ gradient clipping, a linear-warmup cosine learning-rate schedule, bf16 autocast 
 and class weights, so ``resume`` continues the same step count, sample order and loss curve (bitwise on
 CPU with ``deterministic``). Metrics go to ``<run_dir>/<name>/metrics.csv`` (one row per logged train
 step and per evaluation), the config to ``config.json`` next to it.
+
+What depends on the modality (``lidar``: points -> BEV encoder-decoder; ``camera``: 8 images -> ResNet +
+FPN + lift) is one task object (:func:`pretraining_task`): stream fields, model, forward inputs, the
+voxels that count (LiDAR-observed; for cameras also camera-visible) and, for cameras, the product: the
+backbone alone in torchvision's format (``backbone.pth``) written with every checkpoint.
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ from driveengine.schemas import VoxelGrid
 from driveengine.schemas.classes import FREE
 from driveengine.train.config import PretrainConfig
 from driveengine.train.loss import OccupancyLoss, class_weights_from_counts
-from driveengine.train.model_lidar import LidarOccupancyNet
+from driveengine.train.model_lidar import LidarPretraining
 
 #: Columns of ``metrics.csv``; a row fills the ones of its phase ("train" or "eval").
 CSV_COLUMNS: tuple[str, ...] = (
@@ -45,8 +50,8 @@ CSV_COLUMNS: tuple[str, ...] = (
     "miou", "miou_present", "completion_iou", "foreground_iou", "epe", "epe_stationary", "epe_moving", "frames",
 )  # fmt: skip
 
-#: Fields the model needs from the loader.
-TRAIN_FIELDS: tuple[str, ...] = ("points", "semantics", "flow", "mask_lidar")
+#: ``--modality`` values.
+MODALITIES: tuple[str, ...] = ("lidar", "camera")
 
 
 class PretrainError(DriveEngineError):
@@ -112,10 +117,22 @@ def lr_lambda(config: PretrainConfig):
     return factor
 
 
-def _batch_to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+def pretraining_task(config: PretrainConfig) -> Any:
+    """What the run does specifically for its modality: a ``LidarPretraining`` or ``CameraPretraining``
+    (stream fields, model, forward inputs, counted voxels, backbone product)."""
+    if config.modality == "lidar":
+        return LidarPretraining.from_config(config)
+    if config.modality == "camera":
+        from driveengine.train.model_camera import CameraPretraining
+
+        return CameraPretraining.from_config(config)
+    raise PretrainError(f"unknown modality {config.modality!r}: use one of {', '.join(MODALITIES)}")
+
+
+def _targets_to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """The batch with its label tensors on ``device`` (model inputs are moved by the task)."""
     non_blocking = device.type == "cuda"
     out = dict(batch)
-    out["points"] = [p.to(device, non_blocking=non_blocking) for p in batch["points"]]
     for key in ("semantics", "flow", "mask_lidar"):
         if key in batch:
             out[key] = batch[key].to(device, non_blocking=non_blocking)
@@ -158,12 +175,16 @@ def evaluate(
     grid: VoxelGrid,
     max_frames: int = 0,
     amp: bool = False,
+    task: Any = None,
 ) -> dict[str, Any]:
     """OpenScene metrics of ``model`` on ``stream`` (this rank's share; summed over ranks under DDP).
 
     Args:
         max_frames: stop after about this many frames over all ranks (0 = the whole stream).
+        task: the run's :func:`pretraining_task` (default: LiDAR); it decides the model inputs and the
+            voxels that count (LiDAR-observed; for cameras also camera-visible).
     """
+    task = task or LidarPretraining()
     from driveengine.train.metrics import OccupancyMetrics
 
     metrics = OccupancyMetrics(grid=grid)
@@ -172,14 +193,14 @@ def evaluate(
     seen = 0
     try:
         for batch in stream.loader(num_workers=0):
-            batch = _batch_to_device(batch, device)
+            batch = _targets_to_device(batch, device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                out = model(batch["points"])
-            pred_sem, pred_flow = LidarOccupancyNet.predict(out)
+                out = model(**task.inputs(batch, device))
+            pred_sem, pred_flow = type(model).predict(out)
             metrics.update(
-                pred_sem, batch["semantics"], pred_flow, batch["flow"].float(), mask=batch["mask_lidar"]
+                pred_sem, batch["semantics"], pred_flow, batch["flow"].float(), mask=task.mask(batch, out)
             )
-            seen += len(batch["points"]) * stream.world_size
+            seen += batch["semantics"].shape[0] * stream.world_size
             if max_frames and seen >= max_frames:
                 break
     finally:
@@ -238,16 +259,17 @@ def pretrain(config: PretrainConfig) -> dict[str, Any]:
         torch.backends.cudnn.deterministic = True
         torch.backends.cudnn.benchmark = False
 
+    task = pretraining_task(config)
     root, split = (config.data, config.split) if config.data else ensure_demo_data(config.demo_dir)
     stream = FrameStream(
-        root, split, fields=TRAIN_FIELDS, shuffle=True, seed=config.seed,
+        root, split, fields=task.fields, shuffle=True, seed=config.seed,
         global_batch_size=config.batch_size * world, rank=rank, world_size=world,
-        storage_options=config.storage_options, sensor_root=config.sensor_root,
+        storage_options=config.storage_options, sensor_root=config.sensor_root, **task.stream_kwargs(),
     )  # fmt: skip
     eval_stream = FrameStream(
-        root, config.eval_split or split, fields=TRAIN_FIELDS, shuffle=False, seed=config.seed,
+        root, config.eval_split or split, fields=task.fields, shuffle=False, seed=config.seed,
         global_batch_size=config.batch_size * world, rank=rank, world_size=world,
-        storage_options=config.storage_options, sensor_root=config.sensor_root,
+        storage_options=config.storage_options, sensor_root=config.sensor_root, **task.stream_kwargs(),
     )  # fmt: skip
     grid = VoxelGrid.from_dict(stream.manifest.grid)
 
@@ -267,10 +289,7 @@ def pretrain(config: PretrainConfig) -> dict[str, Any]:
             raise PretrainError(f"{resume_path}: unreadable checkpoint ({exc})") from None
 
     torch.manual_seed(config.seed)
-    model = LidarOccupancyNet(
-        grid, depth=config.depth, width=config.width, decoder_channels=config.decoder_channels,
-        stem_stride=config.stem_stride, output_stride=config.output_stride,
-    ).to(device)  # fmt: skip
+    model = task.build_model(grid).to(device)
     if ckpt is not None:
         class_weights = np.asarray(ckpt["class_weights"])
     elif config.class_weight_frames:
@@ -328,6 +347,8 @@ def pretrain(config: PretrainConfig) -> dict[str, Any]:
             kept = sorted(run.glob("ckpt_*.pt"))
             for old in kept[: max(len(kept) - config.keep_checkpoints, 0)]:
                 old.unlink()
+        if is_main and task.save_backbone is not None:
+            task.save_backbone(model, run, step)  # the product of a camera run, next to the checkpoints
         if world > 1:
             torch.distributed.barrier()
         return path
@@ -354,19 +375,19 @@ def pretrain(config: PretrainConfig) -> dict[str, Any]:
             optimizer.zero_grad(set_to_none=True)
         micro_in_epoch += 1
         micro += 1
-        batch = _batch_to_device(batch, device)
+        batch = _targets_to_device(batch, device)
         sync = micro == config.grad_accum
         ctx = train_model.no_sync() if world > 1 and not sync else contextlib.nullcontext()
         with ctx:
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                out = forward_model(batch["points"])
+                out = forward_model(**task.inputs(batch, device))
             terms = criterion(
-                out["semantics"], out["flow"], batch["semantics"], batch["flow"], batch["mask_lidar"]
+                out["semantics"], out["flow"], batch["semantics"], batch["flow"], task.mask(batch, out)
             )
             (terms["loss"] / config.grad_accum).backward()
         for k in acc:
             acc[k] += float(terms[k].detach()) / config.grad_accum
-        samples += len(batch["points"]) * world
+        samples += batch["semantics"].shape[0] * world
         if not sync:
             continue
         if config.grad_clip:
@@ -392,7 +413,7 @@ def pretrain(config: PretrainConfig) -> dict[str, Any]:
             tick, samples = now, 0
         acc = dict.fromkeys(acc, 0.0)
         if config.eval_every and (step % config.eval_every == 0 or step == config.max_steps):
-            last_eval = evaluate(model, eval_stream, device, grid, config.eval_frames, amp)
+            last_eval = evaluate(model, eval_stream, device, grid, config.eval_frames, amp, task)
             if csv_log:
                 csv_log.write(
                     {"step": step, "epoch": epoch, "phase": "eval",

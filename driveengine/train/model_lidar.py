@@ -20,6 +20,8 @@ FREE = 16 per voxel) and ``2 * nz`` flow values per cell, reshaped to voxels:
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -152,3 +154,56 @@ class LidarOccupancyNet(nn.Module):
     def predict(outputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Class ids (B, nx, ny, nz) uint8 and flow (B, nx, ny, nz, 2) float32 of the outputs."""
         return outputs["semantics"].argmax(dim=1).to(torch.uint8), outputs["flow"].float()
+
+
+# -- what the pre-training loop needs for ``--modality lidar`` ------------------------------------------
+
+
+@dataclass(frozen=True)
+class LidarPretraining:
+    """Everything :func:`driveengine.train.loop.pretrain` does specifically for LiDAR pre-training.
+
+    The same interface as :class:`driveengine.train.model_camera.CameraPretraining`: stream fields and
+    options, the model, the forward arguments of a batch, the voxels that count, and the product saved
+    with each checkpoint (none here: the whole model is the product).
+    """
+
+    depth: int = 18
+    width: int = 16
+    decoder_channels: int = 32
+    stem_stride: int = 4
+    output_stride: int = 2
+
+    #: Stream fields of a LiDAR run.
+    fields: tuple[str, ...] = ("points", "semantics", "flow", "mask_lidar")
+
+    @classmethod
+    def from_config(cls, config: Any) -> LidarPretraining:
+        """From a :class:`~driveengine.train.config.PretrainConfig`."""
+        return cls(
+            depth=config.depth, width=config.width, decoder_channels=config.decoder_channels,
+            stem_stride=config.stem_stride, output_stride=config.output_stride,
+        )  # fmt: skip
+
+    def stream_kwargs(self) -> dict[str, Any]:
+        """Extra :class:`~driveengine.data.FrameStream` arguments (none)."""
+        return {}
+
+    def build_model(self, grid: VoxelGrid) -> LidarOccupancyNet:
+        """The LiDAR model for the label ``grid``."""
+        return LidarOccupancyNet(
+            grid, depth=self.depth, width=self.width, decoder_channels=self.decoder_channels,
+            stem_stride=self.stem_stride, output_stride=self.output_stride,
+        )  # fmt: skip
+
+    @staticmethod
+    def inputs(batch: dict[str, Any], device: torch.device | None = None) -> dict[str, Any]:
+        """Keyword arguments of the model's forward for a collated batch."""
+        return {"points": [p.to(device, non_blocking=True) if device else p for p in batch["points"]]}
+
+    @staticmethod
+    def mask(batch: dict[str, Any], outputs: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """Voxels that count in the loss and the metrics: the LiDAR-observed ones (``None``: all)."""
+        return batch.get("mask_lidar")
+
+    save_backbone = None
