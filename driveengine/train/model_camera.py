@@ -56,11 +56,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from driveengine.schemas import VoxelGrid
-from driveengine.schemas.classes import FREE
+from driveengine.train.model_lidar import OccupancyHeads
 from driveengine.train.resnet import BasicBlock, ResNet
 
-#: Class ids predicted per voxel: 0..15 and FREE.
-NUM_OUTPUT_CLASSES = FREE + 1
 #: ImageNet statistics of torchvision's ResNet weights (RGB, inputs in [0, 1]).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -273,22 +271,15 @@ class BEVDecoder(nn.Module):
             nn.BatchNorm2d(channels),
             nn.ReLU(inplace=True),
         )
-        self.sem_head = nn.Conv2d(channels, NUM_OUTPUT_CLASSES * nz, 1)
-        self.flow_head = nn.Conv2d(channels, 2 * nz, 1)
-        nn.init.zeros_(self.flow_head.weight)
-        nn.init.zeros_(self.flow_head.bias)
+        self.heads = OccupancyHeads(channels, nz)
 
     def forward(self, bev: torch.Tensor) -> dict[str, torch.Tensor]:
         """``semantics`` (B, 17, nx, ny, nz) logits and ``flow`` (B, nx, ny, nz, 2) m/s."""
-        nx, ny, nz = self.out_shape
+        nx, ny, _ = self.out_shape
         x = self.blocks(self.reduce(bev))
         if x.shape[-2:] != (nx, ny):
             x = F.interpolate(x, size=(nx, ny), mode="bilinear", align_corners=False)
-        x = self.refine(x)
-        b = x.shape[0]
-        sem = self.sem_head(x).view(b, NUM_OUTPUT_CLASSES, nz, nx, ny).permute(0, 1, 3, 4, 2)
-        flow = self.flow_head(x).view(b, nz, 2, nx, ny).permute(0, 3, 4, 1, 2)
-        return {"semantics": sem, "flow": flow}
+        return self.heads(self.refine(x))
 
 
 def lift_grid_for(grid: VoxelGrid, voxel_size_m: float | None) -> VoxelGrid:

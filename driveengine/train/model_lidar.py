@@ -80,6 +80,34 @@ def bev_features(
     return out
 
 
+class OccupancyHeads(nn.Module):
+    """The per-cell 1x1 heads shared by the LiDAR and camera models.
+
+    BEV features (B, C, X, Y) -> ``semantics`` logits (B, 17, X r, Y r, nz) (ids 0..15 and FREE = 16 for
+    each of the ``nz`` height bins) and ``flow`` (B, X r, Y r, nz, 2) m/s, each cell's prediction repeated
+    over its ``r x r`` voxel columns (``repeat`` = r). The flow head starts at zero (no motion).
+    """
+
+    def __init__(self, channels: int, nz: int, repeat: int = 1) -> None:
+        super().__init__()
+        self.nz, self.repeat = nz, repeat
+        self.sem_head = nn.Conv2d(channels, NUM_OUTPUT_CLASSES * nz, 1)
+        self.flow_head = nn.Conv2d(channels, 2 * nz, 1)
+        nn.init.zeros_(self.flow_head.weight)
+        nn.init.zeros_(self.flow_head.bias)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        sem, flow = self.sem_head(x), self.flow_head(x)
+        if self.repeat > 1:
+            r = self.repeat
+            sem = sem.repeat_interleave(r, dim=2).repeat_interleave(r, dim=3)
+            flow = flow.repeat_interleave(r, dim=2).repeat_interleave(r, dim=3)
+        b, _, nx, ny = sem.shape
+        sem = sem.view(b, NUM_OUTPUT_CLASSES, self.nz, nx, ny).permute(0, 1, 3, 4, 2)
+        flow = flow.view(b, self.nz, 2, nx, ny).permute(0, 3, 4, 1, 2)
+        return {"semantics": sem, "flow": flow}
+
+
 class LidarOccupancyNet(nn.Module):
     """BEV ResNet encoder-decoder predicting per-voxel class logits and flow.
 
@@ -122,10 +150,7 @@ class LidarOccupancyNet(nn.Module):
             nn.BatchNorm2d(decoder_channels),
             nn.ReLU(inplace=True),
         )
-        self.sem_head = nn.Conv2d(decoder_channels, NUM_OUTPUT_CLASSES * nz, 1)
-        self.flow_head = nn.Conv2d(decoder_channels, 2 * nz, 1)
-        nn.init.zeros_(self.flow_head.weight)
-        nn.init.zeros_(self.flow_head.bias)
+        self.heads = OccupancyHeads(decoder_channels, nz, repeat=output_stride)
 
     def forward_bev(self, bev: torch.Tensor) -> dict[str, torch.Tensor]:
         """Outputs for a BEV input (B, nz + 2, nx, ny): ``semantics`` logits and ``flow`` (module docstring)."""
@@ -136,15 +161,7 @@ class LidarOccupancyNet(nn.Module):
         s = self.output_stride
         skip = bev if s == 1 else F.max_pool2d(bev, s)  # occupancy bins survive pooling
         x = F.interpolate(x, size=skip.shape[-2:], mode="bilinear", align_corners=False)
-        x = self.fuse(torch.cat([x, skip], dim=1))
-        sem, flow = self.sem_head(x), self.flow_head(x)
-        if s > 1:  # each cell's prediction to its s x s voxel columns
-            sem = sem.repeat_interleave(s, dim=2).repeat_interleave(s, dim=3)
-            flow = flow.repeat_interleave(s, dim=2).repeat_interleave(s, dim=3)
-        b, _, nx, ny = sem.shape
-        sem = sem.view(b, NUM_OUTPUT_CLASSES, self.nz, nx, ny).permute(0, 1, 3, 4, 2)
-        flow = flow.view(b, self.nz, 2, nx, ny).permute(0, 3, 4, 1, 2)
-        return {"semantics": sem, "flow": flow}
+        return self.heads(self.fuse(torch.cat([x, skip], dim=1)))
 
     def forward(self, points: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
         """Outputs for a batch of point clouds (per sample (N_i, >= 4): x, y, z, intensity; ego frame)."""
