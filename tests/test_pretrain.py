@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -134,6 +135,9 @@ def test_pretraining_learns_the_training_frames(split, tmp_path):
         rows = list(csv.DictReader(f))
     assert [int(r["step"]) for r in rows if r["phase"] == "train"] == list(range(1, 41))
     assert next(r for r in rows if r["phase"] == "eval")["miou"] != ""
+    # ckpt_every=0 means "only at the end": the run still leaves its final checkpoint
+    assert result["checkpoint"] and Path(result["checkpoint"]).name == "ckpt_0000040.pt"
+    assert (tmp_path / "runs" / "pretrain" / "last.pt").exists()
 
 
 def test_resume_continues_the_same_steps_and_loss_curve(split, tmp_path):

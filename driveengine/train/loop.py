@@ -419,7 +419,7 @@ def pretrain(config: PretrainConfig) -> dict[str, Any]:
                     {"step": step, "epoch": epoch, "phase": "eval",
                      **{k: f"{last_eval[k]:.6g}" for k in CSV_COLUMNS if k in last_eval}}
                 )  # fmt: skip
-        if config.ckpt_every and (step % config.ckpt_every == 0 or step == config.max_steps):
+        if step == config.max_steps or (config.ckpt_every and step % config.ckpt_every == 0):
             last_ckpt = save_checkpoint() or last_ckpt
     bar.close()
     return {
