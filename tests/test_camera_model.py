@@ -37,18 +37,7 @@ W, H = 20, 12
 GRID = VoxelGrid((-8.0, -8.0, -2.0), (8.0, 8.0, 2.0), 1.0)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Two cores shared by many processes: one torch thread, and one numba thread for the synthetic
-    # renderer (numba's parallel pool next to torch's OpenMP pool makes small torch ops ~7x slower).
-    import numba
-
-    before, before_numba = torch.get_num_threads(), numba.get_num_threads()
-    torch.set_num_threads(1)
-    numba.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-    numba.set_num_threads(before_numba)
+pytestmark = pytest.mark.usefixtures("one_compute_thread")
 
 
 def _rig(channels=CAMERA_CHANNELS, width=W, height=H) -> tuple[torch.Tensor, torch.Tensor]:
