@@ -469,6 +469,15 @@ def _transfer(
 
     Sets ``result.size`` to the size the server announced (0 when unknown).
     """
+
+    def restart_from_zero(reason: str, offset: int) -> int:
+        """Drop the partial file, its hash and its progress; the next attempt starts at byte 0."""
+        line(f"[restart] {task.name}: {reason}; starting from zero")
+        progress(-offset)
+        hasher.reset()
+        part.unlink(missing_ok=True)
+        return 0
+
     failures = 0
     result.size = 0
     while True:
@@ -484,11 +493,7 @@ def _transfer(
             resp = _open(task.url, offset, opts)
             try:
                 if offset and (resp.status == 200 or resp.start != offset):
-                    line(f"[restart] {task.name}: the server ignored the Range request; starting from zero")
-                    progress(-offset)
-                    hasher.reset()
-                    offset = 0
-                    part.unlink(missing_ok=True)
+                    offset = restart_from_zero("the server ignored the Range request", offset)
                 if resp.total is not None:
                     result.size = resp.total
                 offset = _stream(resp, part, hasher, offset, opts, progress, stop)
@@ -501,18 +506,10 @@ def _transfer(
             if exc.total is not None and exc.total == offset:
                 result.size = offset
                 return offset
-            line(f"[restart] {task.name}: the server cannot continue at {offset:,} bytes; starting from zero")
-            progress(-offset)
-            hasher.reset()
-            offset = 0
-            part.unlink(missing_ok=True)
+            offset = restart_from_zero(f"the server cannot continue at {offset:,} bytes", offset)
             failures += 1
         except _Restart as exc:
-            line(f"[restart] {task.name}: {exc}; starting from zero")
-            progress(-offset)
-            hasher.reset()
-            offset = 0
-            part.unlink(missing_ok=True)
+            offset = restart_from_zero(str(exc), offset)
             failures += 1
         except (_Retryable, http.client.HTTPException, OSError) as exc:
             offset = hasher.nbytes
