@@ -113,21 +113,11 @@ def test_process_data_scripts(collected, tmp_path: Path) -> None:
             np.stack([x["can_bus"] for x in fa]), np.stack([x["can_bus"] for x in fb])
         )
     merge = _script("collect_data")
-    assert (
-        merge.main(
-            [
-                "--meta-dir",
-                str(out),
-                "--out",
-                str(tmp_path / "train.pkl"),
-                "--val-out",
-                str(tmp_path / "val.pkl"),
-                "--val-fraction",
-                "0.5",
-            ]
-        )
-        == 0
-    )
+    merge_args = [
+        "--meta-dir", str(out), "--out", str(tmp_path / "train.pkl"),
+        "--val-out", str(tmp_path / "val.pkl"), "--val-fraction", "0.5",
+    ]  # fmt: skip
+    assert merge.main(merge_args) == 0
     train = pickle.loads((tmp_path / "train.pkl").read_bytes())
     val = pickle.loads((tmp_path / "val.pkl").read_bytes())
     assert {f["log_name"] for f in train} == {files[0].stem} and {f["log_name"] for f in val} == {
@@ -135,18 +125,7 @@ def test_process_data_scripts(collected, tmp_path: Path) -> None:
     }
     assert [f["timestamp"] for f in train] == sorted(f["timestamp"] for f in train)
     first = (tmp_path / "train.pkl").read_bytes()
-    merge.main(
-        [
-            "--meta-dir",
-            str(out),
-            "--out",
-            str(tmp_path / "train.pkl"),
-            "--val-out",
-            str(tmp_path / "val.pkl"),
-            "--val-fraction",
-            "0.5",
-        ]
-    )
+    merge.main(merge_args)
     assert (tmp_path / "train.pkl").read_bytes() == first  # deterministic
 
 
