@@ -8,6 +8,12 @@
 * Lift: :func:`~driveengine.train.model_camera.lift_features` (one ``grid_sample`` per camera over all
   voxels) vs one ``grid_sample`` over all cameras at once (``B*N x C x P`` intermediate), time and
   peak memory.
+* Backbones (issue 17): forward + backward of the whole camera model with a tiny VoVNet-99 (V-99-eSE)
+  vs a tiny ResNet-101 whose width gives about the same backbone parameter count, same images, same
+  run; and the parameter counts of the full-width backbones next to the published figures.
+* On a GPU only (``torch.cuda.is_available()``): samples/s of full-width ResNet-101 and VoVNet-99 camera
+  pre-training steps (8 cameras x 704x256, bf16 autocast, AdamW), the same step function as the CPU
+  comparison.
 
 Run: ``python -m benchmarks camera``.
 """
@@ -22,6 +28,11 @@ BATCH, CAMERAS, IMAGE_H, IMAGE_W = 2, 8, 96, 176
 GRID_ARGS = ((-32.0, -32.0, -4.0), (32.0, 32.0, 4.0), 1.0)
 MODEL_ARGS = dict(depth=18, width=16, neck_channels=16, decoder_channels=32)
 REPEAT = 3
+#: Tiny challenge backbones of about the same parameter count (VoVNet-99 has 1.64x ResNet-101's at
+#: full width, so ResNet-101 gets sqrt(1.64) = 1.28x the width).
+BACKBONE_PAIR = (("vovnet99", 16), ("resnet101", 20))
+#: Full-width GPU measurement: 8 cameras of 704 x 256, 2 frames per step, bf16.
+GPU_IMAGE_W, GPU_IMAGE_H, GPU_BATCH, GPU_STEPS = 704, 256, 2, 10
 
 
 def _inputs():
@@ -38,6 +49,71 @@ def _inputs():
     return images, k.contiguous(), e.contiguous()
 
 
+def backbone_parameters(name: str, width: int) -> int:
+    """Trainable parameters of a registered backbone at ``width`` (built on the meta device)."""
+    import torch
+
+    from driveengine.train.backbones import get_backbone
+
+    with torch.device("meta"):
+        return sum(p.numel() for p in get_backbone(name).build(width, 3).parameters())
+
+
+def _step_fn(
+    backbone: str,
+    width: int,
+    device: str,
+    image_w: int,
+    image_h: int,
+    batch: int,
+    amp: bool,
+    full: bool = False,
+):
+    """One camera pre-training step (forward, loss, backward, AdamW) of ``backbone`` at ``width``: on the
+    test-size grid, or with ``full`` on OpenScene's 200 x 200 x 16 grid (1 m lift voxels, the GPU
+    defaults' 64 neck / 128 decoder channels)."""
+    import numpy as np
+    import torch
+    from driveengine.schemas import VoxelGrid
+    from driveengine.schemas.classes import FREE
+
+    from driveengine.synth.world import make_cameras
+    from driveengine.train.loss import OccupancyLoss
+    from driveengine.train.model_camera import CameraOccupancyNet
+
+    torch.manual_seed(0)
+    grid = VoxelGrid() if full else VoxelGrid(*GRID_ARGS)
+    dev = torch.device(device)
+    model = CameraOccupancyNet(
+        grid, backbone=backbone, width=width, neck_channels=64 if full else MODEL_ARGS["neck_channels"],
+        decoder_channels=128 if full else MODEL_ARGS["decoder_channels"], lift_voxel_size_m=1.0 if full else None,
+    ).to(dev)  # fmt: skip
+    cams = make_cameras(image_w, image_h)
+    k = torch.from_numpy(np.stack([c.intrinsic for c in cams]))[None].expand(batch, -1, -1, -1).to(dev)
+    e = (
+        torch.from_numpy(np.stack([c.ego_from_camera() for c in cams]))[None]
+        .expand(batch, -1, -1, -1)
+        .to(dev)
+    )
+    images = torch.rand(batch, CAMERAS, 3, image_h, image_w, device=dev)
+    sem = torch.randint(0, FREE + 1, (batch, *grid.shape), dtype=torch.uint8, device=dev)
+    flow = torch.zeros(batch, *grid.shape, 2, device=dev)
+    criterion = OccupancyLoss().to(dev)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
+            out = model(images, k, e)
+        loss = criterion(out["semantics"], out["flow"], sem, flow, out["visible"])["loss"]
+        loss.backward()
+        optimizer.step()
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+
+    return step
+
+
 def _measure(kind: str, queue: mp.Queue) -> None:
     """In a fresh process: best time of ``REPEAT`` steps of ``kind`` and the process's peak RSS (MiB)."""
     import torch
@@ -52,7 +128,10 @@ def _measure(kind: str, queue: mp.Queue) -> None:
     grid = VoxelGrid(*GRID_ARGS)
     images, k, e = _inputs()
     before = peak_rss_mib()
-    if kind in ("model", "backbone"):
+    if kind.startswith("step:"):  # step:<backbone>:<width>
+        _, name, width = kind.split(":")
+        step = _step_fn(name, int(width), "cpu", IMAGE_W, IMAGE_H, BATCH, amp=False)
+    elif kind in ("model", "backbone"):
         model = CameraOccupancyNet(grid, **MODEL_ARGS)
         sem = torch.randint(0, FREE + 1, (BATCH, *grid.shape), dtype=torch.uint8)
         flow = torch.zeros(BATCH, *grid.shape, 2)
@@ -64,7 +143,7 @@ def _measure(kind: str, queue: mp.Queue) -> None:
                 out = model(images, k, e)
                 loss = criterion(out["semantics"], out["flow"], sem, flow, out["visible"])["loss"]
             else:
-                feats = model.backbone((images.flatten(0, 1) - model.mean) / model.std)
+                feats = model.backbone(model.normalise(images.flatten(0, 1)))
                 loss = sum(f.float().mean() for f in feats)
             loss.backward()
 
@@ -125,7 +204,58 @@ def main() -> None:
         "<= 1",
     )
     report("peak memory growth: per camera vs all cameras at once", lift_mib, batched_mib, "MiB", "< 0.7")
+    backbones()
     print(f"(bench_camera took {time.perf_counter() - start:.0f} s)")
+
+
+def backbones() -> None:
+    """Issue 17: tiny VoVNet-99 vs tiny ResNet-101 of about the same size on CPU; full-width parameter
+    counts next to the published ones; full-width samples/s on a GPU when there is one."""
+    from benchmarks.harness import report, section
+
+    (vov, vov_w), (res, res_w) = BACKBONE_PAIR
+    vov_p, res_p = backbone_parameters(vov, vov_w), backbone_parameters(res, res_w)
+    section(
+        f"camera model step on CPU, {BATCH} frames x {CAMERAS} cameras {IMAGE_W}x{IMAGE_H}: {vov} width {vov_w} "
+        f"({vov_p / 1e6:.2f}M backbone parameters) vs {res} width {res_w} ({res_p / 1e6:.2f}M), 1 thread"
+    )
+    vov_s, vov_mib = _run(f"step:{vov}:{vov_w}")
+    res_s, res_mib = _run(f"step:{res}:{res_w}")
+    report("parameters: tiny VoVNet-99 vs tiny ResNet-101", vov_p, res_p, "params", "~1 (same size)")
+    report("forward+backward+AdamW: VoVNet-99 vs ResNet-101", vov_s * 1e3, res_s * 1e3, "ms")
+    report("peak memory growth: VoVNet-99 vs ResNet-101", vov_mib, res_mib, "MiB")
+
+    from driveengine.train.backbones import get_backbone
+
+    section("full-width backbones: parameters (no classifier) vs published")
+    for name in ("resnet18", "resnet34", "resnet50", "resnet101", "vovnet99"):
+        params = backbone_parameters(name, 64)
+        print(
+            f"{name:<10} {params:>12,d} parameters ({params / 1e6:.2f}M); published: {get_backbone(name).published}"
+        )
+
+    import torch
+
+    if not torch.cuda.is_available():
+        print("(no CUDA device: full-width GPU samples/s not measured)")
+        return
+    from benchmarks.harness import best_time
+
+    section(f"full-width camera pre-training step on {torch.cuda.get_device_name()}: {GPU_BATCH} frames x "
+            f"{CAMERAS} cameras {GPU_IMAGE_W}x{GPU_IMAGE_H}, 200x200x16 grid, 1 m lift voxels, bf16")  # fmt: skip
+    rates = {}
+    for name in (res, vov):
+        step = _step_fn(name, 64, "cuda", GPU_IMAGE_W, GPU_IMAGE_H, GPU_BATCH, amp=True, full=True)
+        torch.cuda.reset_peak_memory_stats()
+        seconds = best_time(step, repeat=GPU_STEPS, warmup=2)
+        rates[name] = GPU_BATCH / seconds
+        print(
+            f"{name:<10} {rates[name]:8.2f} samples/s, peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB"
+        )
+        del step
+        torch.cuda.empty_cache()
+    report("samples/s: VoVNet-99 vs ResNet-101 (full width, bf16)", rates[vov], rates[res], "samples/s",
+           higher_is_better=True)  # fmt: skip
 
 
 if __name__ == "__main__":

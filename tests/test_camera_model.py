@@ -259,16 +259,15 @@ def _synthetic_frames(n: int, size: tuple[int, int] = (48, 27)) -> dict[str, tor
     }
 
 
-def test_short_training_run_lowers_the_loss_and_the_backbone_exports(tmp_path):
-    torch.manual_seed(0)
-    frames = _synthetic_frames(4)
-    assert (frames["semantics"] != FREE).any() and (frames["semantics"] == 0).any()  # ground and vehicles
-    model = _small_model()
+def _train_briefly(model: CameraOccupancyNet, frames: dict[str, torch.Tensor], steps: int = 40) -> None:
+    """``steps`` AdamW steps on pairs of ``frames``; the loss (and its semantic term alone) must fall
+    below 0.4 of its start."""
     criterion = OccupancyLoss(flow_weight=0.5)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     losses, sem_losses = [], []
-    for step in range(40):
-        idx = torch.tensor([(2 * step) % 4, (2 * step + 1) % 4])
+    n = len(frames["images"])
+    for step in range(steps):
+        idx = torch.tensor([(2 * step) % n, (2 * step + 1) % n])
         batch = {key: value[idx] for key, value in frames.items()}
         out = model(**CameraOccupancyNet.inputs_from_batch(batch))
         terms = criterion(out["semantics"], out["flow"], batch["semantics"], batch["flow"], out["visible"])
@@ -279,6 +278,14 @@ def test_short_training_run_lowers_the_loss_and_the_backbone_exports(tmp_path):
         sem_losses.append(float(terms["loss_sem"].detach()))
     assert np.mean(losses[-4:]) < 0.4 * np.mean(losses[:4]), losses
     assert np.mean(sem_losses[-4:]) < 0.4 * np.mean(sem_losses[:4]), sem_losses  # not the flow term alone
+
+
+def test_short_training_run_lowers_the_loss_and_the_backbone_exports(tmp_path):
+    torch.manual_seed(0)
+    frames = _synthetic_frames(4)
+    assert (frames["semantics"] != FREE).any() and (frames["semantics"] == 0).any()  # ground and vehicles
+    model = _small_model()
+    _train_briefly(model, frames)
 
     ckpt = tmp_path / "run" / "last.pt"
     ckpt.parent.mkdir()
@@ -293,7 +300,10 @@ def test_short_training_run_lowers_the_loss_and_the_backbone_exports(tmp_path):
     assert not any(key.startswith(("backbone.", "fc.")) for key in state)
     assert infer_resnet_config(state) == (18, 8)
     meta = json.loads(path.with_suffix(".json").read_text())
-    assert meta["depth"] == 18 and meta["step"] == 40 and meta["torchvision_compatible"] is False
+    assert (
+        meta["backbone"] == "resnet18" and meta["depth"] == 18 and meta["width"] == 8 and meta["step"] == 40
+    )
+    assert meta["downstream_compatible"] is False and meta["downstream"] is None  # width 8: DriveEngine only
     fresh = ResNet(18, width=8)
     fresh.load_state_dict(state, strict=True)
     fresh.eval(), model.eval()
@@ -301,6 +311,15 @@ def test_short_training_run_lowers_the_loss_and_the_backbone_exports(tmp_path):
     with torch.no_grad():
         for got, want in zip(fresh(x), model.backbone(x), strict=True):
             torch.testing.assert_close(got, want)
+
+
+def test_a_vovnet99_camera_model_learns_too():
+    """The same short run with the VoVNet-99 backbone (tiny width; images above its 29-pixel minimum)."""
+    torch.manual_seed(0)
+    frames = _synthetic_frames(4, size=(64, 36))
+    model = _small_model(backbone="vovnet99", depth=None)
+    assert model.backbone_name == "vovnet99" and model.backbone.out_channels == (32, 64, 96, 128)
+    _train_briefly(model, frames)
 
 
 def test_export_refuses_a_checkpoint_without_a_camera_model(tmp_path):
@@ -328,8 +347,9 @@ def test_standard_resnet_weights_load_strictly_and_mismatches_are_refused(tmp_pa
     path = tmp_path / "resnet34.pth"
     torch.save(state, path)
     model = CameraOccupancyNet(GRID, depth=34, width=16, neck_channels=8, decoder_channels=8, pretrained=path)
+    loaded = model.backbone.state_dict()
     for key, value in source.state_dict().items():
-        assert torch.equal(model.backbone.state_dict()[key], value), key
+        assert torch.equal(loaded[key], value), key
     with pytest.raises(BackboneError, match="missing keys") as err:
         CameraOccupancyNet(GRID, depth=50, width=16, pretrained=path)
     assert str(path) in str(err.value)

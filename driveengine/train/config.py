@@ -21,14 +21,20 @@ class PretrainConfig:
         demo_dir: where the demo data lives / is made.
 
     Model:
-        modality: "lidar" (points -> BEV encoder-decoder) or "camera" (8 images -> ResNet + FPN + lift;
+        modality: "lidar" (points -> BEV encoder-decoder) or "camera" (8 images -> backbone + FPN + lift;
             the product is the image backbone, saved as ``backbone.pth``).
+        backbone: camera runs: a registered backbone (:mod:`driveengine.train.backbones`: ``resnet18``,
+            ``resnet34``, ``resnet50``, ``resnet101``, ``vovnet99``); None = ``resnet<depth>`` (configs
+            written before the option existed).
         image_size: camera runs: (width, height) the images are resized to (None = the camera default);
             lift_voxel_size_m: camera runs: voxel size of the lift grid (None = the label grid's);
             camera_history: camera runs: previous key frames fused; backbone_weights: camera runs: a
-            local torchvision ResNet ``.pth`` to start from.
-        depth: ResNet depth (18, 34, 50, 101); width: base channels; decoder_channels; stem_stride;
-            output_stride: x-y cells of the decoder/heads in voxels (2 on CPU, 1 for real runs).
+            local weights file of the backbone to start from (torchvision ResNet, VoVNet-99 in the mmdet3d
+            plugins' names).
+        depth: ResNet depth (18, 34, 50, 101) of the LiDAR encoder; width: channels of the first
+            convolution of the ResNet / camera backbone (64 = the published networks; every channel
+            count scales with it); decoder_channels; stem_stride (LiDAR); output_stride: x-y cells of the
+            decoder/heads in voxels (2 on CPU, 1 for real runs).
 
     Optimisation:
         batch_size: samples per rank per micro-step; grad_accum: micro-steps per optimiser step
@@ -60,6 +66,7 @@ class PretrainConfig:
     demo_dir: str = "demo_data"
 
     modality: str = "lidar"
+    backbone: str | None = None
     image_size: tuple[int, int] | None = None
     lift_voxel_size_m: float | None = None
     camera_history: int = 0
@@ -113,7 +120,8 @@ class PretrainConfig:
 
     @classmethod
     def for_gpu(cls, **overrides: Any) -> PretrainConfig:
-        """Defaults of a real run on a GPU (full-width ResNet-18, larger batches); override any field."""
+        """Defaults of a real run on a GPU (full-width backbone, ResNet-18 unless chosen, larger batches);
+        override any field."""
         base = dict(
             width=64, decoder_channels=128, stem_stride=4, output_stride=1, batch_size=8, max_steps=10_000, lr=1e-3,
             warmup_steps=500, num_workers=6, ckpt_every=1000, eval_every=1000, log_every=20, eval_frames=512,

@@ -1,16 +1,20 @@
-"""Camera-to-occupancy model: eight images -> ResNet + FPN -> parameter-free lift -> BEV decoder -> classes, flow.
+"""Camera-to-occupancy model: eight images -> backbone + FPN -> parameter-free lift -> BEV decoder -> classes, flow.
 
 OpenScene's camera pre-training setting: an image backbone learns from nuPlan occupancy and flow labels
-so that it transfers to downstream camera tasks (:mod:`driveengine.train.backbone_export` writes it in
-torchvision's format).
+so that it transfers to downstream camera tasks (:mod:`driveengine.train.backbone_export` writes it with
+the parameter names downstream code loads).
 
 Pipeline of :class:`CameraOccupancyNet`:
 
-1. **Backbone**: a :class:`~driveengine.train.resnet.ResNet` (depth 18/34/50/101, torchvision names)
-   over every image of the batch, ImageNet-normalised inside the model (inputs in [0, 1]); optionally
-   initialised from a local torchvision ``state_dict`` file.
-2. **Neck** (:class:`FPNNeck`): lateral 1x1 convolutions on ``layer1`` .. ``layer4`` (C2..C5), top-down
-   upsampling and addition down to one output level (stride 8 by default), then a 3x3 convolution.
+1. **Backbone**: one of the registered camera backbones (:mod:`driveengine.train.backbones`: ResNet
+   18/34/50/101 with torchvision names, VoVNet-99 (V-99-eSE) with the mmdet3d plugins' names) over every
+   image of the batch. Images arrive in [0, 1] RGB and are normalised inside the model the way the
+   backbone's published weights expect (ResNet: RGB, torchvision's ImageNet mean/std; VoVNet-99: the same
+   statistics in BGR order, as the DD3D weights and the mmdet3d configs use), so an exported backbone
+   is used downstream with that ``img_norm_cfg``. Optionally initialised from a local weights file.
+2. **Neck** (:class:`FPNNeck`): lateral 1x1 convolutions on the backbone's four maps (strides 4, 8, 16,
+   32: ``layer1`` .. ``layer4`` or ``stage2`` .. ``stage5``), top-down upsampling and addition down to
+   one output level (stride 8 by default), then a 3x3 convolution.
 3. **Lift** (:func:`lift_features`, no parameters): the centres of the voxels of the lift grid (the label
    grid or a coarser grid over the same range) are projected into every camera with the frame's
    calibration, the image features are sampled bilinearly there with
@@ -56,12 +60,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from driveengine.schemas import VoxelGrid
+from driveengine.train.backbones import get_backbone, resolve_backbone_name
 from driveengine.train.model_lidar import OccupancyHeads
-from driveengine.train.resnet import BasicBlock, ResNet
+from driveengine.train.resnet import BasicBlock
 
-#: ImageNet statistics of torchvision's ResNet weights (RGB, inputs in [0, 1]).
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 #: Points closer to the image plane than this (m, along the optical axis) are not seen by the camera.
 MIN_DEPTH_M = 0.1
 #: Batch keys the model reads (see :meth:`CameraOccupancyNet.inputs_from_batch`).
@@ -308,17 +310,25 @@ class CameraOccupancyNet(nn.Module):
 
     Args:
         grid: the label grid (output shape).
-        depth: ResNet depth (18, 34, 50, 101).
-        width: ResNet base width (64 = torchvision; only 64 can load torchvision weights).
+        backbone: a registered backbone name (``resnet18`` .. ``resnet101``, ``vovnet99``; default
+            ``resnet18``, or ``resnet<depth>`` when only ``depth`` is given).
+        width: channels of the backbone's first convolution (64 = the published network, the only width
+            published weights fit and downstream code builds; smaller = the same architecture scaled).
         neck_channels: channels of the FPN output, i.e. of every lifted voxel.
         decoder_channels: channels of the BEV decoder.
         feature_level: FPN output level sampled by the lift (0 = stride 4, 1 = stride 8, ...).
         lift_voxel_size_m: voxel size of the lift grid (None = the label grid's); a coarser lift grid
             saves memory, the decoder upsamples to the label grid.
         history: previous key frames fused (0 = current frame only).
-        pretrained: a local torchvision-style ResNet ``state_dict`` file to initialise the backbone
-            (:func:`~driveengine.train.backbone_export.load_backbone_weights`).
+        pretrained: a local weights file to initialise the backbone (torchvision ResNet, VoVNet-99 in the
+            mmdet3d plugins' names, an exported ``backbone.pth``;
+            :func:`~driveengine.train.backbone_export.load_backbone_weights`).
         min_depth_m: see :func:`project_to_pixels`.
+        depth: the older way to choose a ResNet (``depth=50`` = ``backbone="resnet50"``); must agree
+            with ``backbone`` when both are given.
+
+    Attributes:
+        backbone_name: the registered name of :attr:`backbone`.
     """
 
     #: Calibrations whose label-grid visibility is memoised (:meth:`label_visibility`).
@@ -327,7 +337,7 @@ class CameraOccupancyNet(nn.Module):
     def __init__(
         self,
         grid: VoxelGrid,
-        depth: int = 18,
+        backbone: str | None = None,
         width: int = 64,
         neck_channels: int = 64,
         decoder_channels: int = 64,
@@ -336,13 +346,16 @@ class CameraOccupancyNet(nn.Module):
         history: int = 0,
         pretrained: str | os.PathLike[str] | None = None,
         min_depth_m: float = MIN_DEPTH_M,
+        depth: int | None = None,
     ) -> None:
         super().__init__()
         self.grid = grid
         self.lift_grid = lift_grid_for(grid, lift_voxel_size_m)
         self.history = int(history)
         self.min_depth_m = float(min_depth_m)
-        self.backbone = ResNet(depth, in_channels=3, width=width, stem_stride=4)
+        spec = get_backbone(resolve_backbone_name(backbone, depth))
+        self.backbone_name = spec.name
+        self.backbone = spec.build(width, 3)
         if pretrained is not None:
             from driveengine.train.backbone_export import load_backbone_weights
 
@@ -350,19 +363,28 @@ class CameraOccupancyNet(nn.Module):
         self.neck = FPNNeck(self.backbone.out_channels, neck_channels, feature_level)
         lnz = self.lift_grid.shape[2]
         self.decoder = BEVDecoder(neck_channels * lnz * (1 + self.history), decoder_channels, grid.shape)
-        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        norm = spec.normalisation
+        self._channel_order = list(norm.rgb_indices())
+        self.register_buffer("mean", torch.tensor(norm.mean).view(1, 3, 1, 1) / 255.0, persistent=False)
+        self.register_buffer("std", torch.tensor(norm.std).view(1, 3, 1, 1) / 255.0, persistent=False)
         centres = torch.from_numpy(self.lift_grid.voxel_centres().reshape(-1, 3)).float()
         self.register_buffer("lift_centres", centres, persistent=False)
         label_centres = torch.from_numpy(grid.voxel_centres().reshape(-1, 3)).float()
         self.register_buffer("label_centres", label_centres, persistent=False)
         self._visibility_cache: dict[tuple, torch.Tensor] = {}
 
+    def normalise(self, images: torch.Tensor) -> torch.Tensor:
+        """Backbone input (..., 3, H, W) from RGB images in [0, 1]: reordered to the backbone's channel
+        order and standardised with its statistics (see the module docstring)."""
+        x = images.to(self.mean.dtype)
+        if self._channel_order != [0, 1, 2]:
+            x = x[..., self._channel_order, :, :]
+        return (x - self.mean) / self.std
+
     def image_features(self, images: torch.Tensor) -> torch.Tensor:
-        """Neck features (B, N, C, h, w) of images (B, N, 3, H, W) in [0, 1]."""
+        """Neck features (B, N, C, h, w) of images (B, N, 3, H, W) in [0, 1] RGB."""
         b, n = images.shape[:2]
-        x = (images.flatten(0, 1).to(self.mean.dtype) - self.mean) / self.std
-        feats = self.neck(self.backbone(x))
+        feats = self.neck(self.backbone(self.normalise(images.flatten(0, 1))))
         return feats.view(b, n, *feats.shape[1:])
 
     def _lift(
@@ -506,20 +528,22 @@ class CameraPretraining:
     this object for: the stream fields and options (:attr:`fields`, :meth:`stream_kwargs`), the model
     (:meth:`build_model`), the forward arguments of a batch (:meth:`inputs`), the voxels that count in
     the loss and the metrics (:meth:`mask`: LiDAR-observed and camera-visible), and the product, the
-    backbone in torchvision's format after each checkpoint (:meth:`save_backbone`).
+    backbone in the naming downstream code loads, after each checkpoint (:meth:`save_backbone`).
 
     Attributes:
-        depth, width: ResNet of the backbone (width 64 = torchvision, needed to load its weights).
+        backbone: registered backbone name (``resnet18`` .. ``resnet101``, ``vovnet99``).
+        width: channels of its first convolution (64 = the published network, needed to load published
+            weights and to use the export downstream).
         neck_channels: FPN output channels (= channels of every lifted voxel).
         decoder_channels: BEV decoder width.
         image_size: (W, H) pixels the stream resizes the images to (intrinsics scaled accordingly).
         lift_voxel_size_m: lift grid voxel size (None = the label grid's).
         feature_level: FPN level sampled by the lift (1 = stride 8).
         history: previous key frames fused (the stream then also delivers their images).
-        backbone_weights: local torchvision ResNet ``.pth`` to start from (None = random init).
+        backbone_weights: local weights file of the backbone to start from (None = random init).
     """
 
-    depth: int = 18
+    backbone: str = "resnet18"
     width: int = 64
     neck_channels: int = 64
     decoder_channels: int = 64
@@ -534,9 +558,13 @@ class CameraPretraining:
 
     @classmethod
     def from_config(cls, config: Any) -> CameraPretraining:
-        """From a :class:`~driveengine.train.config.PretrainConfig`: ``depth``, ``width``,
-        ``decoder_channels`` and, when the config has them, ``image_size``, ``neck_channels``,
-        ``lift_voxel_size_m``, ``feature_level``, ``camera_history``, ``backbone_weights``.
+        """From a :class:`~driveengine.train.config.PretrainConfig`: ``backbone`` (None, as in configs
+        written before it existed: ``resnet<depth>``), ``width``, ``decoder_channels`` and, when the config
+        has them, ``image_size``, ``neck_channels``, ``lift_voxel_size_m``, ``feature_level``,
+        ``camera_history``, ``backbone_weights``.
+
+        Raises:
+            BackboneError: an unknown backbone name.
         """
         keys = {
             "image_size": "image_size", "neck_channels": "neck_channels", "lift_voxel_size_m": "lift_voxel_size_m",
@@ -547,7 +575,11 @@ class CameraPretraining:
         }
         if "image_size" in extra:
             extra["image_size"] = tuple(int(v) for v in extra["image_size"])
-        return cls(depth=config.depth, width=config.width, decoder_channels=config.decoder_channels, **extra)
+        backbone = getattr(config, "backbone", None) or resolve_backbone_name(None, config.depth)
+        return cls(
+            backbone=get_backbone(backbone).name, width=config.width, decoder_channels=config.decoder_channels,
+            **extra,
+        )  # fmt: skip
 
     def stream_kwargs(self) -> dict[str, Any]:
         """Extra :class:`~driveengine.data.FrameStream` arguments: image size and history frames."""
@@ -556,7 +588,7 @@ class CameraPretraining:
     def build_model(self, grid: VoxelGrid) -> CameraOccupancyNet:
         """The camera model for the label ``grid`` (backbone initialised from ``backbone_weights``)."""
         return CameraOccupancyNet(
-            grid, depth=self.depth, width=self.width, neck_channels=self.neck_channels,
+            grid, backbone=self.backbone, width=self.width, neck_channels=self.neck_channels,
             decoder_channels=self.decoder_channels, feature_level=self.feature_level,
             lift_voxel_size_m=self.lift_voxel_size_m, history=self.history, pretrained=self.backbone_weights,
         )  # fmt: skip
@@ -577,9 +609,10 @@ class CameraPretraining:
 
     @staticmethod
     def save_backbone(model: nn.Module, run_dir: str | os.PathLike[str], step: int) -> Path:
-        """Write ``<run_dir>/backbone.pth`` (+ ``backbone.json``) from the (unwrapped) camera model."""
+        """Write ``<run_dir>/backbone.pth`` (+ ``backbone.json``) from the (unwrapped) camera model;
+        returns the ``.pth`` path."""
         from driveengine.train.backbone_export import save_backbone
 
         return save_backbone(
             model, Path(run_dir) / "backbone.pth", {"step": int(step), "run_dir": str(run_dir)}
-        )
+        ).path
