@@ -8,6 +8,11 @@
   (``resource.getrusage`` inside the worker process).
 - **2 workers vs 1 worker** (local process pool) on the same logs: speed-up of the whole run
   (process start included; goal >= 1.5x on 2 free cores).
+- **blob checks**: the same log collected with ``check_blobs`` (presence of every key frame's ``.pcd``
+  and 8 ``.jpg``, then their headers: JPEG start/end markers, PCD header and size) against without
+  (goal <= 1.3x). The blobs are sparse files of real sizes (150 000-point binary PCD, ~400 KB JPEG)
+  with real heads and tails, in the page cache: this measures the check's own cost (a few small reads
+  per file), not the disk.
 
 ``BENCH_COLLECT_SECONDS`` (default 1200 = 20 min, nuPlan's typical log length) and ``BENCH_COLLECT_LOGS``
 (default 2) size the synthetic input (databases only, no blobs).
@@ -22,8 +27,10 @@ import time
 from pathlib import Path
 
 from benchmarks.harness import best_time, report, section
+from driveengine.collect.frames import FrameOptions, select_frames
+from driveengine.collect.job import read_log
 from driveengine.collect.runner import CollectConfig, collect
-from driveengine.synth import synthesize
+from driveengine.synth import SynthLog, synthesize
 
 #: The tables the nuPlan reader queries.
 TABLES = (
@@ -41,12 +48,40 @@ def raw_sql_scan(db: Path) -> int:
         con.close()
 
 
-def _collect(root: Path, out: Path, workers: int, logs: list[str] | None = None):
+def _collect(root: Path, out: Path, workers: int, logs: list[str] | None = None, check_blobs: bool = False):
     config = CollectConfig(
-        source="nuplan", root=root, out=out, split="mini", labels=False, check_blobs=False,
+        source="nuplan", root=root, out=out, split="mini", labels=False, check_blobs=check_blobs,
         overwrite=True, workers=workers, logs=logs, progress=False,
     )  # fmt: skip
     return collect(config, echo=lambda _: None)
+
+
+#: Sizes of the sparse placeholder blobs: a full nuPlan sweep (150 000 points of 5 float32 + ring) and a
+#: typical 1920x1080 JPEG.
+PCD_POINTS = 150_000
+JPEG_BYTES = 400_000
+
+
+def write_key_frame_blobs(log: SynthLog) -> int:
+    """Sparse ``.pcd``/``.jpg`` files of real sizes for every key frame of ``log``; returns files written."""
+    data = read_log("nuplan", log.db_path)
+    keys = select_frames(data, FrameOptions(split="mini", check_blobs=False), None).key_sweeps
+    header = (
+        "# .PCD v0.7\nVERSION 0.7\nFIELDS x y z intensity ring lidar_info\nSIZE 4 4 4 4 4 4\n"
+        f"TYPE F F F F F F\nCOUNT 1 1 1 1 1 1\nWIDTH {PCD_POINTS}\nHEIGHT 1\nVIEWPOINT 0 0 0 1 0 0 0\n"
+        f"POINTS {PCD_POINTS}\nDATA binary\n"
+    ).encode()
+    paths = [(p, header, len(header) + PCD_POINTS * 24) for p in data.sweep_lidar_path[keys]]
+    paths += [(p, b"\xff\xd8\xff\xe0", JPEG_BYTES) for p in data.image_path[keys].ravel() if p]
+    for rel, head, size in paths:
+        path = log.sensor_root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "wb") as f:
+            f.write(head)
+            f.truncate(size)
+            f.seek(size - 2)
+            f.write(b"\xff\xd9" if rel.endswith(".jpg") else b"\0\0")
+    return len(paths)
 
 
 def main() -> None:
@@ -73,6 +108,22 @@ def main() -> None:
         print(
             f"  {frames} frames: {frames / ours:.0f} frames/s per worker; peak RSS {summaries[-1].peak_rss_mib:.0f} MiB"
         )
+
+        section("one log: blob checks (presence + headers of every key frame's 9 files) vs none")
+        files = write_key_frame_blobs(first)
+        runs: dict[bool, list] = {False: [], True: []}
+
+        def run(check: bool) -> None:
+            runs[check].append(_collect(tmp / "nuplan", tmp / "out3", 1, [first.log_name], check))
+
+        plain = best_time(lambda: run(False), repeat=3)
+        checked = best_time(lambda: run(True), repeat=3)
+        with_check, without = runs[True][-1], runs[False][-1]
+        assert (with_check.frames, with_check.dropped) == (without.frames, without.dropped), (
+            with_check.format()
+        )
+        report("collect one log with blob checks", checked, plain, "s", goal="<= 1.3x")
+        print(f"  {files} files checked: {(checked - plain) / files * 1e6:.1f} us per file")
 
         section(f"{n_logs} logs: local process pool, 2 workers vs 1")
         one = _timed(lambda: _collect(tmp / "nuplan", tmp / "out1", 1))

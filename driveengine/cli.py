@@ -36,18 +36,37 @@ def parse_image_size(text: str, option: str = "--image-size") -> tuple[int, int]
     return width, height
 
 
+def version_line() -> str:
+    """``driveengine <version> (format version <n>)``, printed by ``version`` and ``--version``."""
+    from driveengine import __version__
+    from driveengine.schemas import FORMAT_VERSION
+
+    return f"driveengine {__version__} (format version {FORMAT_VERSION})"
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(version_line())
+        raise typer.Exit()
+
+
 @app.callback()
-def _root() -> None:
+def _root(
+    show_version: bool = typer.Option(
+        False,
+        "--version",
+        callback=_print_version,
+        is_eager=True,
+        help="Print the DriveEngine version and the on-disk format version, then exit.",
+    ),
+) -> None:
     """DriveEngine: nuPlan / OpenScene driving data, from download to pre-training."""
 
 
 @app.command()
 def version() -> None:
     """Print the DriveEngine version and the on-disk format version."""
-    from driveengine import __version__
-    from driveengine.schemas import FORMAT_VERSION
-
-    typer.echo(f"driveengine {__version__} (format version {FORMAT_VERSION})")
+    typer.echo(version_line())
 
 
 # -- foundation: inspect, synth ------------------------------------------------------------------
@@ -140,9 +159,41 @@ def download(
     backoff: float = typer.Option(
         1.0, "--backoff", min=0.0, help="First retry delay in seconds (doubles per retry)."
     ),
-    timeout: float = typer.Option(60.0, "--timeout", min=0.1, help="Network timeout in seconds."),
+    timeout: float = typer.Option(
+        60.0, "--timeout", min=0.1, help="Network timeout in seconds (connect, each read, size probes)."
+    ),
+    min_speed: float = typer.Option(
+        1024.0,
+        "--min-speed",
+        min=0.0,
+        help="Bytes/s a transfer must average over --speed-window, else it is retried as too slow (0: off).",
+    ),
+    speed_window: float = typer.Option(
+        60.0, "--speed-window", min=0.1, help="Seconds over which --min-speed is averaged."
+    ),
+    deadline: float = typer.Option(
+        86400.0,
+        "--deadline",
+        min=0.0,
+        help="Most seconds one archive's download may take, retries included (0: none); .part is kept.",
+    ),
+    max_extract_ratio: float | None = typer.Option(
+        None,
+        "--max-extract-ratio",
+        min=1.0,
+        help="Most extracted bytes per archive byte, against decompression bombs "
+        "(default: 5 x the archive's extract_ratio in release.json, i.e. 5.25-15; at least 1 MiB).",
+    ),
+    release_json: Path | None = typer.Option(
+        None, "--release-json", help="Release manifest to use instead of the packaged release.json."
+    ),
 ) -> None:
-    """Download, verify and extract OpenScene release archives (resumable: run the same command again)."""
+    """Download, verify and extract OpenScene release archives (resumable: run the same command again).
+
+    The Hugging Face mirror honours HF_ENDPOINT (its base URL, e.g. a proxy) and HF_TOKEN (sent as
+    'Authorization: Bearer <token>' to that mirror only). Archives holding links, paths outside --out or
+    .driveengine/ members, or expanding past --max-extract-ratio, are refused and leave nothing behind.
+    """
     from driveengine.download.download import DownloadRequest, run_download
     from driveengine.download.fetch import FetchOptions
     from driveengine.download.release import parse_shards
@@ -158,7 +209,17 @@ def download(
         extract=not no_extract,
         keep_archives=keep_archives,
         dry_run=dry_run,
-        options=FetchOptions(jobs=jobs, retries=retries, backoff_s=backoff, timeout_s=timeout),
+        options=FetchOptions(
+            jobs=jobs,
+            retries=retries,
+            backoff_s=backoff,
+            timeout_s=timeout,
+            min_speed_bps=min_speed,
+            speed_window_s=speed_window,
+            deadline_s=deadline,
+        ),
+        max_extract_ratio=max_extract_ratio,
+        release_json=release_json,
     )
     report = run_download(req, echo=typer.echo)
     if report.interrupted:
@@ -169,7 +230,11 @@ def download(
 
 @app.command()
 def verify(
-    root: Path = typer.Argument(..., help="Download folder (holds openscene-v1.1/)."),
+    root: Path = typer.Argument(
+        ...,
+        help="Download folder (holds openscene-v1.1/), or a collected dataset: OUT/<split> or OUT with "
+        "--split (holds manifest.json), whose committed files are re-hashed against the manifest's sha256s.",
+    ),
     split: str = typer.Option("mini", "--split", help="Split to check."),
     json_out: bool = typer.Option(False, "--json", help="Print the report as JSON."),
     shard_map: Path | None = typer.Option(
@@ -186,9 +251,29 @@ def verify(
     archives: bool = typer.Option(
         True, "--archives/--no-archives", help="Re-hash archives still on disk against known checksums."
     ),
-    jobs: int = typer.Option(8, "--jobs", min=1, help="Threads reading file headers."),
+    jobs: int = typer.Option(
+        8, "--jobs", min=1, help="Threads reading file headers (hashing files, for a collected split)."
+    ),
 ) -> None:
-    """Check that every blob the metadata references exists and is readable; name the shard to fetch."""
+    """Check that every blob the metadata references exists and is readable; name the shard to fetch.
+
+    Given a collected split (OUT/<split>, or OUT --split S), re-hash its committed files against the
+    manifest's sha256s instead and name every file that is missing or differs (exit 1).
+    """
+    from driveengine.store.check import collected_split_folder, verify_split
+
+    split_dir = collected_split_folder(root, split)
+    if split_dir is not None:
+        if shard_map is not None or md5_file is not None:
+            raise DriveEngineError(
+                f"{root}: a collected split; --shard-map and --md5-file apply to a download folder"
+            )
+        result = verify_split(split_dir, workers=jobs)
+        typer.echo(result.to_json() if json_out else result.format())
+        if not result.ok:
+            raise typer.Exit(1)
+        return
+
     from driveengine.download.verify import verify_release
 
     report = verify_release(
@@ -284,7 +369,9 @@ def collect(
         help="Import OpenScene v1.0 occupancy labels from this folder instead of building them.",
     ),
     check_blobs: bool = typer.Option(
-        True, "--check-blobs/--no-check-blobs", help="Drop frames whose .pcd or images are missing."
+        True,
+        "--check-blobs/--no-check-blobs",
+        help="Drop frames whose .pcd or images are missing or broken (headers and sizes are checked).",
     ),
     overwrite: bool = typer.Option(
         False, "--overwrite", help="Redo logs even when their manifest entry is up to date."
@@ -292,7 +379,7 @@ def collect(
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
 ) -> None:
     """Collect nuPlan logs / OpenScene metadata into per-log frame shards (and labels); resumable."""
-    from driveengine.collect.runner import CollectConfig, CollectError
+    from driveengine.collect.runner import CollectConfig, CollectError, CollectInterrupted
     from driveengine.collect.runner import collect as run_collect
 
     root = nuplan_root if source == "nuplan" else openscene_root if source == "openscene" else None
@@ -310,7 +397,14 @@ def collect(
         logs=[x.strip() for x in logs.split(",") if x.strip()] if logs else None,
         workers=workers, scheduler=scheduler, progress=progress,
     )  # fmt: skip
-    summary = run_collect(config, echo=typer.echo)
+    try:
+        summary = run_collect(config, echo=typer.echo)
+    except KeyboardInterrupt as exc:  # Ctrl-C: one line, exit 130 (128 + SIGINT)
+        if isinstance(exc, CollectInterrupted):
+            typer.echo(str(exc), err=True)
+        else:
+            typer.echo("interrupted before any log was collected; run the same command again", err=True)
+        raise typer.Exit(130) from None
     typer.echo(summary.format())
     if not summary.ok:
         raise typer.Exit(1)
@@ -392,7 +486,7 @@ def evaluate(
     json_out: bool = typer.Option(False, "--json", help="Print the metrics as JSON."),
     workers: int = typer.Option(4, "--workers", min=1, help="Threads loading and scoring frames."),
 ) -> None:
-    """Occupancy mIoU (OpenScene SSCMetrics), completion/foreground/near/far IoU and flow EPE of PRED vs GT."""
+    """OpenScene's SSCMetrics numbers (mIoU, completion/foreground/near/far IoU, flow EPE) of PRED vs GT."""
     import json
 
     from driveengine.evaluate import evaluate as run_evaluate
@@ -400,8 +494,8 @@ def evaluate(
     from driveengine.train.metrics import format_metrics_table
 
     result = run_evaluate(pred, gt, mask_lidar=mask_lidar, workers=workers, progress=not json_out)
-    if json_out:
-        typer.echo(json.dumps(to_json_ready(result), indent=1))
+    if json_out:  # undefined values are null: strict JSON has no NaN
+        typer.echo(json.dumps(to_json_ready(result), indent=1, allow_nan=False))
     else:
         typer.echo(
             f"pred {result['pred']}\ngt   {result['gt']}\nmask_lidar {result['mask_lidar']}, matched by {result['matched_by']}"
@@ -490,7 +584,12 @@ def pretrain(
         help="Start from the defaults of a real GPU run (full-width ResNet, long schedule).",
     ),
     modality: str = typer.Option(
-        "lidar", "--modality", help="lidar (points -> BEV) or camera (8 images -> ResNet backbone + lift)."
+        "lidar", "--modality", help="lidar (points -> BEV) or camera (8 images -> image backbone + lift)."
+    ),
+    backbone: str | None = typer.Option(
+        None,
+        "--backbone",
+        help="Camera runs: resnet18 (default), resnet34, resnet50, resnet101 or vovnet99 (V-99-eSE).",
     ),
     image_size: str | None = typer.Option(
         None, "--image-size", help="Camera runs: images resized to WIDTHxHEIGHT pixels (default 384x216)."
@@ -500,10 +599,22 @@ def pretrain(
     ),
     history: int = typer.Option(0, "--history", min=0, help="Camera runs: previous key frames fused."),
     backbone_weights: str | None = typer.Option(
-        None, "--backbone-weights", help="Camera runs: a local torchvision ResNet .pth to start from."
+        None,
+        "--backbone-weights",
+        help="Camera runs: a local weights file to start from (torchvision ResNet .pth; VoVNet-99 in the "
+        "mmdet3d-plugin names, e.g. fcos3d_vovnet_imgbackbone-remapped.pth); needs --width 64.",
     ),
-    depth: int | None = typer.Option(None, "--depth", help="ResNet depth: 18, 34, 50 or 101."),
-    width: int | None = typer.Option(None, "--width", help="ResNet base width (64 = torchvision)."),
+    depth: int | None = typer.Option(
+        None,
+        "--depth",
+        help="ResNet depth of the LiDAR encoder: 18, 34, 50 or 101 (camera runs: = --backbone resnetN).",
+    ),
+    width: int | None = typer.Option(
+        None,
+        "--width",
+        help="Channels of the backbone's first convolution (64 = the published network; smaller scales "
+        "every layer).",
+    ),
     stem_stride: int | None = typer.Option(None, "--stem-stride", help="ResNet stem stride: 1, 2 or 4."),
     batch_size: int | None = typer.Option(None, "--batch-size", help="Samples per rank per micro-step."),
     grad_accum: int | None = typer.Option(None, "--grad-accum", help="Micro-steps per optimiser step."),
@@ -529,7 +640,8 @@ def pretrain(
     seed: int | None = typer.Option(None, "--seed", help="Seed of the data order and the initialisation."),
     no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar."),
 ) -> None:
-    """Occupancy/flow pre-training from LiDAR or the 8 cameras (ResNet); DDP under torchrun; resumable."""
+    """Occupancy/flow pre-training from LiDAR or 8 cameras (ResNet, VoVNet-99); DDP under torchrun; resumable."""
+    from driveengine.train.backbones import camera_backbone_option
     from driveengine.train.config import PretrainConfig
     from driveengine.train.loop import pretrain as run_pretrain
 
@@ -545,6 +657,7 @@ def pretrain(
         run_dir=run_dir, resume=resume, device=device, compile=compile_model, progress=not no_progress,
         modality=modality, image_size=parse_image_size(image_size) if image_size else None,
         lift_voxel_size_m=lift_voxel, camera_history=history, backbone_weights=backbone_weights,
+        backbone=camera_backbone_option(modality, backbone, depth),
     )  # fmt: skip
     config = PretrainConfig.for_gpu(**chosen) if gpu_defaults else PretrainConfig(**chosen)
     summary = run_pretrain(config)
@@ -555,10 +668,9 @@ def pretrain(
         f"pretrain: {summary['step']} steps on {summary['device']} x{summary['world_size']}, last loss {last:.4f}"
     )
     if summary["eval"]:
-        ev = summary["eval"]
-        typer.echo(
-            f"eval: mIoU {ev['miou']:.2f} (present classes {ev['miou_present']:.2f}), completion IoU {ev['completion_iou']:.2f}"
-        )
+        from driveengine.train.metrics import summary_line
+
+        typer.echo(f"eval: {summary_line(summary['eval'])}")
     typer.echo(f"run folder {summary['run_dir']} (metrics.csv, config.json, checkpoints)")
 
 
@@ -570,12 +682,16 @@ def export_backbone(
     out: Path | None = typer.Option(
         None, "--out", help="Output file (default: backbone.pth next to the checkpoint)."
     ),
+    key_prefix: str = typer.Option(
+        "", "--key-prefix", help="Prefix for every key, e.g. img_backbone. for an mmdet3d load_from."
+    ),
 ) -> None:
-    """Save the camera model's ResNet backbone alone, with torchvision names (backbone.pth + backbone.json)."""
+    """Save the camera model's backbone alone, named as downstream code names it (backbone.pth + backbone.json
+    with the config lines that load it)."""
     from driveengine.train.backbone_export import export_backbone as run_export
 
-    target = run_export(checkpoint, out)
-    typer.echo(f"wrote {target} (torchvision ResNet state_dict, no fc) and {target.with_suffix('.json')}")
+    exported = run_export(checkpoint, out, key_prefix)
+    typer.echo(f"wrote {exported.path} ({exported.info.format}) and {exported.meta_path}")
 
 
 def main() -> None:

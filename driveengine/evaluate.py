@@ -4,28 +4,32 @@ Each side is either
 
 * a **collected split folder** (``<out>/<split>`` with ``manifest.json``, ``meta/<log>.parquet`` and
   ``occ/<log>.zarr``), or
-* an **OpenScene v1.0 folder** of sparse files ``.../<scene_name>/occ_gt/{frame_idx:04d}_occ_final.npy``
-  (and ``_flow_final.npy``), searched recursively.
+* an **OpenScene v1.0 folder** of sparse files ``.../<scene_name>/occ_gt/{frame_idx:03d}_occ_final.npy``
+  (and ``_flow_final.npy``; any zero padding of the frame index is accepted), searched recursively.
 
 Frames are matched by ``token`` when both sides are collected splits (and must then belong to the same
 log), otherwise by ``(scene_name, frame_idx)``. Any frame present on one side only is an error (the
 message gives counts and examples), as are invalid sparse files and grids that differ: a partial
 evaluation is never reported as a full one.
 
-Metrics are :class:`~driveengine.train.metrics.OccupancyMetrics` (OpenScene's SSCMetrics, near/far,
-flow EPE). With ``mask_lidar`` the ground truth's ``mask_lidar`` array restricts every metric to
-voxels observed by LiDAR (default: on when the ground truth is a collected split, which has the mask).
+Metrics are :class:`~driveengine.train.metrics.OccupancyMetrics`: OpenScene's ``SSCMetrics`` numbers bit
+for bit (frame statistics are added in ground-truth frame order whatever the number of threads), plus our
+own present-class and near/far figures. With ``mask_lidar`` the ground truth's ``mask_lidar`` array
+restricts every metric to voxels observed by LiDAR (default: on when the ground truth is a collected
+split, which has the mask).
 """
 
 from __future__ import annotations
 
+import math
 import os
-import threading
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -40,6 +44,9 @@ from driveengine.store.openscene_occ import (
     read_frame_keys,
     read_label_file,
 )
+
+if TYPE_CHECKING:
+    from driveengine.train.metrics import FrameStats
 
 StrPath = str | os.PathLike[str]
 
@@ -137,8 +144,11 @@ def _openscene_source(folder: Path, grid: VoxelGrid) -> LabelSource:
     files: list[LabelFiles] = []
     for occ_path in sorted(folder.rglob(f"*{OCC_SUFFIX}")):
         stem = occ_path.name[: -len(OCC_SUFFIX)]
-        if not stem.isdigit():
-            raise EvaluationError(f"{occ_path}: file name is not {{frame_idx:04d}}{OCC_SUFFIX}")
+        if not (stem.isascii() and stem.isdigit()):
+            raise EvaluationError(
+                f"{occ_path}: file name is not <frame_idx>{OCC_SUFFIX} (OpenScene writes {{frame_idx:03d}}); "
+                "rename or remove it"
+            )
         scene_dir = occ_path.parent.parent if occ_path.parent.name == "occ_gt" else occ_path.parent
         flow_path = occ_path.with_name(stem + FLOW_SUFFIX)
         lf = LabelFiles(occ_path, flow_path if flow_path.exists() else None)
@@ -261,8 +271,8 @@ def evaluate(
         mask_lidar: restrict to voxels of the ground truth's ``mask_lidar``; None = when it has one.
         grid: grid of OpenScene files (collected splits carry their own).
         workers: threads loading and scoring frames (Zarr decompression and numpy release the GIL);
-            each has its own accumulator, merged at the end, so the result does not depend on it
-            (up to float rounding of the EPE sums).
+            their statistics are added in ground-truth frame order, so the result does not depend on it
+            (bit for bit, the EPE float sums included).
         progress: show a progress bar (tqdm) on stderr.
 
     Returns:
@@ -286,28 +296,19 @@ def evaluate(
         )
     use_mask = gt_src.has_mask if mask_lidar is None else mask_lidar
     pairs = match_frames(pred_src, gt_src)
-    local = threading.local()
-    accumulators: list[OccupancyMetrics] = []
-    lock = threading.Lock()
+    metrics = OccupancyMetrics(grid=gt_src.grid)
 
-    def score(pair: tuple[FrameRef, FrameRef]) -> None:
-        acc = getattr(local, "metrics", None)
-        if acc is None:
-            acc = local.metrics = OccupancyMetrics(grid=gt_src.grid)
-            with lock:
-                accumulators.append(acc)
+    def score(pair: tuple[FrameRef, FrameRef]) -> FrameStats:
         p_sem, p_flow, _ = pair[0].load()
         g_sem, g_flow, g_mask = pair[1].load()
-        acc.update(p_sem, g_sem, p_flow, g_flow, mask=g_mask if use_mask else None)
+        return metrics.frame_stats(p_sem, g_sem, p_flow, g_flow, mask=g_mask if use_mask else None)
 
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:  # results are None: nothing piles up
-        for _ in tqdm(
-            pool.map(score, pairs), total=len(pairs), desc="evaluate", unit="frame", disable=not progress
-        ):
-            pass
-    metrics = OccupancyMetrics(grid=gt_src.grid)
-    for acc in accumulators:
-        metrics.merge(acc)
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        for stats in tqdm(
+            _ordered_map(pool, score, pairs, ahead=4 * max(1, workers)),
+            total=len(pairs), desc="evaluate", unit="frame", disable=not progress,
+        ):  # fmt: skip
+            metrics.add(stats)  # in ground-truth frame order: the EPE float sums are OpenScene's
     out = metrics.compute()
     out.update(
         {
@@ -320,12 +321,28 @@ def evaluate(
     return out
 
 
+def _ordered_map(
+    pool: ThreadPoolExecutor, fn: Callable[[Any], Any], items: Sequence[Any], ahead: int
+) -> Iterator[Any]:
+    """``fn(item)`` for every item, computed on ``pool``, yielded in order; at most ``ahead`` in flight.
+
+    Unlike ``pool.map`` (which submits everything at once and keeps every finished result until its
+    turn), memory stays bounded by ``ahead`` results.
+    """
+    it = iter(items)
+    pending: deque[Future[Any]] = deque(pool.submit(fn, item) for item in islice(it, max(1, ahead)))
+    while pending:
+        result = pending.popleft().result()
+        pending.extend(pool.submit(fn, item) for item in islice(it, 1))
+        yield result
+
+
 def to_json_ready(value: Any) -> Any:
-    """``value`` with NaN floats replaced by None (strict JSON has no NaN)."""
+    """``value`` with NaN and infinite floats replaced by None (strict JSON has neither)."""
     if isinstance(value, dict):
         return {k: to_json_ready(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
         return [to_json_ready(v) for v in value]
-    if isinstance(value, float) and value != value:
+    if isinstance(value, float) and not math.isfinite(value):
         return None
     return value

@@ -17,6 +17,26 @@ from numpy.typing import ArrayLike, NDArray
 FloatArray = NDArray[np.float64]
 
 
+#: A quaternion whose norm is at or below this is no rotation (e.g. the ``[0, 0, 0, 0]`` of broken
+#: calibration rows): refused as calibration, a dropped frame as an ego pose.
+MIN_QUATERNION_NORM = 1e-6
+
+
+def quaternion_norm(q: ArrayLike) -> FloatArray:
+    """(...) Euclidean norm of ``[w, x, y, z]`` quaternions; non-finite components count as 0 (quietly)."""
+    q = np.asarray(q, dtype=np.float64)
+    return np.sqrt(np.sum(np.where(np.isfinite(q), q, 0.0) ** 2, axis=-1))
+
+
+def valid_poses(translation: ArrayLike, rotation: ArrayLike) -> NDArray[np.bool_]:
+    """(...) bool: the translation (..., 3) is finite and the quaternion (..., 4) finite with a norm above
+    :data:`MIN_QUATERNION_NORM`, i.e. the pose makes a transform."""
+    t = np.asarray(translation, dtype=np.float64)
+    q = np.asarray(rotation, dtype=np.float64)
+    finite = np.all(np.isfinite(t), axis=-1) & np.all(np.isfinite(q), axis=-1)
+    return finite & (quaternion_norm(q) > MIN_QUATERNION_NORM)
+
+
 def quaternion_to_matrix(q: ArrayLike) -> FloatArray:
     """Rotation matrices of ``[w, x, y, z]`` quaternions.
 

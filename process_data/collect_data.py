@@ -4,6 +4,8 @@ Reads ``<meta-dir>/*.pkl`` (untrusted pickles: loaded with DriveEngine's restric
 admits only builtins and numpy arrays), keeps the logs of ``--split`` if given, and writes the frames
 sorted by (log name, timestamp), so the output is deterministic. As OpenScene's script does for the
 mini split, ``--val-out`` sends the last ``--val-fraction`` of the (sorted) logs to a second file.
+The outputs are written by :func:`driveengine.store.pickles.write_pickle`: numpy 1.21-2.x load them
+with plain ``pickle.load``.
 
 Example::
 
@@ -14,7 +16,6 @@ Example::
 from __future__ import annotations
 
 import argparse
-import pickle
 import sys
 from pathlib import Path
 
@@ -41,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     from driveengine.splits import load_split
 
     from driveengine.errors import DriveEngineError
-    from driveengine.store.manifest import atomic_write_bytes
+    from driveengine.store.pickles import write_pickle
 
     try:
         files = sorted(args.meta_dir.glob("*.pkl"))
@@ -53,10 +54,10 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         n_val = int(len(files) * args.val_fraction) if args.val_out else 0
         train, val = files[: len(files) - n_val], files[len(files) - n_val :]
-        atomic_write_bytes(args.out, pickle.dumps(merge(train), protocol=4))
+        write_pickle(args.out, merge(train))
         print(f"{args.out}: {len(train)} logs")
         if args.val_out:
-            atomic_write_bytes(args.val_out, pickle.dumps(merge(val), protocol=4))
+            write_pickle(args.val_out, merge(val))
             print(f"{args.val_out}: {len(val)} logs")
     except DriveEngineError as exc:
         print(f"error: {exc}", file=sys.stderr)

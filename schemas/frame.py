@@ -40,8 +40,15 @@ Fixes of OpenScene's quirks (each one a deliberate difference from the original 
 Key frames are chosen as OpenScene's ``create_openscene_metadata.py`` does: the first ``lidar_pc``
 whose 8 camera channels all have an image within +-50 ms, moved one sweep later when that sweep's
 ``CAM_F0`` image is closer in time, then every ``sample_interval``-th (default 10, i.e. 2 Hz)
-``lidar_pc`` of the log. A key frame is dropped when its ``.pcd`` or one of its 8 images is missing,
-with the reason counted in the manifest.
+``lidar_pc`` of the log. A key frame is dropped when its ego pose is not finite, or its ``.pcd`` or one
+of its 8 images is missing or broken (truncated, empty, unparsable header), with the reason counted in
+the manifest (``driveengine.collect.frames.DROP_REASONS``).
+
+**Finite columns.** Every float column and member listed in :data:`FINITE_COLUMNS` (poses, transforms,
+calibration, ``can_bus``, boxes and box velocities: all of them) must hold finite numbers. ``collect``
+drops a key frame whose ego pose is not finite (``dropped["bad_ego_pose"]``) and checks every finite
+column of a log before committing it: a NaN or inf anywhere fails that log, naming the column, row and
+token. ``driveengine schema`` marks these columns ``[finite]``.
 
 ``driving_command`` (one-hot ``left, forward, right, unknown``) is **derived from the ego's own future
 path**, since maps are not read (OpenScene used the map route): the ego position after 20 m of travel
@@ -162,21 +169,43 @@ FRAME_SCHEMA: pa.Schema = pa.schema(
 #: Column docs by name (``driveengine schema`` prints them).
 FRAME_FIELD_DOCS: dict[str, str] = {name: doc for name, _, _, doc in _FIELDS}
 
+#: Float columns that must hold finite numbers only (no NaN, no inf), as dotted paths: ``cams.*.<member>``
+#: stands for that member of every camera, ``anns.<member>`` for a member of ``anns``. Declared here
+#: once; ``collect`` checks them before it commits a log (:func:`driveengine.collect.frames.check_finite`).
+FINITE_COLUMNS: tuple[str, ...] = (
+    "can_bus", "lidar2ego_translation", "lidar2ego_rotation", "ego2global_translation", "ego2global_rotation",
+    "ego_dynamic_state", "ego2global", "lidar2ego", "lidar2global",
+    "cams.*.sensor2lidar_rotation", "cams.*.sensor2lidar_translation", "cams.*.cam_intrinsic",
+    "cams.*.distortion",
+    "anns.gt_boxes", "anns.gt_velocity_3d",
+)  # fmt: skip
+
+#: Suffix of the doc of a :data:`FINITE_COLUMNS` entry in :func:`describe_schema`.
+FINITE_MARK = " [finite: NaN/inf refused]"
+
+
+def _marked(path: str, doc: str) -> str:
+    return doc + FINITE_MARK if path in FINITE_COLUMNS else doc
+
 
 def describe_schema() -> list[tuple[str, str, str]]:
-    """``(field, Arrow type, doc)`` for every column and nested member of :data:`FRAME_SCHEMA`."""
+    """``(field, Arrow type, doc)`` for every column and nested member of :data:`FRAME_SCHEMA`.
+
+    Docs of :data:`FINITE_COLUMNS` end with :data:`FINITE_MARK`.
+    """
     out: list[tuple[str, str, str]] = []
     for f in FRAME_SCHEMA:
-        out.append(
-            (f.name, str(f.type) if not pa.types.is_struct(f.type) else "struct", FRAME_FIELD_DOCS[f.name])
-        )
+        kind = str(f.type) if not pa.types.is_struct(f.type) else "struct"
+        out.append((f.name, kind, _marked(f.name, FRAME_FIELD_DOCS[f.name])))
         if f.name == "cams":
             out.append(("cams.<CAM_*>", "struct", f"one per channel: {', '.join(CAMERA_CHANNELS)}"))
             for member in CAMERA_TYPE:
                 doc = (member.metadata or {}).get(b"doc", b"").decode()
-                out.append((f"cams.<CAM_*>.{member.name}", str(member.type), doc))
+                out.append(
+                    (f"cams.<CAM_*>.{member.name}", str(member.type), _marked(f"cams.*.{member.name}", doc))
+                )
         elif f.name == "anns":
             for member in ANNS_TYPE:
                 doc = (member.metadata or {}).get(b"doc", b"").decode()
-                out.append((f"anns.{member.name}", str(member.type), doc))
+                out.append((f"anns.{member.name}", str(member.type), _marked(f"anns.{member.name}", doc)))
     return out

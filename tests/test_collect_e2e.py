@@ -1,7 +1,9 @@
 """synth -> collect -> read back, on real SQLite logs, real Parquet shards and a real manifest.
 
 Both sources (nuPlan DBs; OpenScene pickles made by the legacy export of the same world), resume,
-lock, corrupt inputs, missing blobs, a kill -9 in the middle of a run, and Dask vs the local pool.
+lock, corrupt inputs, missing and broken blobs, non-finite poses and values, a kill -9 in the middle of
+a run and of the client alone (its processes are then looked for in /proc), a worker killed by a signal,
+Ctrl-C, and Dask vs the local pool.
 """
 
 from __future__ import annotations
@@ -21,7 +23,9 @@ import pyarrow as pa
 import pytest
 from driveengine.schemas.classes import CAMERA_CHANNELS
 from driveengine.schemas.frame import FRAME_SCHEMA
+from test_collect_frames import placeholder_blob
 
+from driveengine.collect.frames import check_finite
 from driveengine.collect.runner import CollectConfig, collect
 from driveengine.errors import DriveEngineError
 from driveengine.geometry import invert_transform, rotate_vectors, transform_points
@@ -36,17 +40,15 @@ SECONDS = 4.0
 
 
 def _touch_blobs(logs, root: Path, skip: set[str] = frozenset()) -> None:
-    """Empty placeholder files for every blob the synthetic DBs reference (collect checks existence only)."""
+    """Tiny whole placeholder files for every blob the synthetic DBs reference (collect checks their
+    presence and headers, not their content)."""
     for log in logs:
         paths = list(log.plan.sweep_filename) + [
             p for ch in CAMERA_CHANNELS for p in log.plan.image_filename[ch]
         ]
         for rel in paths:
-            if rel in skip:
-                continue
-            f = root / rel
-            f.parent.mkdir(parents=True, exist_ok=True)
-            f.touch()
+            if rel not in skip:
+                placeholder_blob(root / rel)
 
 
 @pytest.fixture(scope="module")
@@ -369,3 +371,259 @@ def test_dask_local_cluster_matches_the_pool(tmp_path: Path) -> None:
             a, b = tmp_path / "pool" / "mini" / rel, tmp_path / "dask" / "mini" / rel
             assert sha256_tree(a) == sha256_tree(b) if a.is_dir() else a.read_bytes() == b.read_bytes(), rel
         assert pool[name]["checksums"] == dask[name]["checksums"]
+
+
+# -- processes: kill -9 of the client, a worker killed by a signal, Ctrl-C ------------------------------
+
+
+def _session_members(sid: int) -> list[int]:
+    """Live (non-zombie) processes of session ``sid``, from /proc."""
+    found = []
+    for entry in os.scandir("/proc"):
+        fields = _stat_fields(int(entry.name)) if entry.name.isdigit() else None
+        if fields and int(fields[3]) == sid and fields[0] != "Z":
+            found.append(int(entry.name))
+    return found
+
+
+def _wait_for_no_members(sid: int, seconds: float) -> list[int]:
+    deadline = time.monotonic() + seconds
+    while (alive := _session_members(sid)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return alive
+
+
+def _committed_files(split_dir: Path) -> set[str]:
+    return {
+        p.relative_to(split_dir).as_posix()
+        for p in split_dir.rglob("*")
+        if p.is_file() and not any(is_temporary(part) for part in p.relative_to(split_dir).parts)
+    }
+
+
+@pytest.fixture(scope="module")
+def many_logs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list]:
+    """10 logs of 12 s (databases only): a pool run of a second or two, long enough to interrupt."""
+    root = tmp_path_factory.mktemp("many")
+    return root, synthesize(root, logs=10, seconds=12.0, seed=21, split="mini", blobs=False)
+
+
+def _collect_args(root: Path, out: Path, workers: int | str) -> list[str]:
+    """The CLI collecting rows only, on ``workers`` local workers, or on a Dask ``local:N`` scheduler."""
+    how = ["--scheduler", workers] if isinstance(workers, str) else ["--workers", str(workers)]
+    return _cli(
+        "collect", "--nuplan-root", str(root), "--out", str(out), "--no-labels", "--no-check-blobs",
+        "--no-progress", *how,
+    )  # fmt: skip
+
+
+def _start_and_wait_for_first_commit(args: list[str], out: Path, n_logs: int) -> subprocess.Popen:
+    """Start the CLI in its own session; return once a log is committed and others are still to do."""
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    manifest_file = out / "mini" / "manifest.json"
+    deadline = time.monotonic() + 120
+    committed: dict = {}
+    while time.monotonic() < deadline and proc.poll() is None and not committed:
+        if manifest_file.exists():
+            committed = json.loads(manifest_file.read_text())["logs"]
+        time.sleep(0.01)
+    assert committed, "no log was committed"
+    assert len(committed) < n_logs and proc.poll() is None, "the run finished before it could be stopped"
+    return proc
+
+
+def _read_until_eof(stream, seconds: float) -> tuple[bytes, bool]:
+    """What ``stream`` yields until end-of-file (every writer gone), and whether EOF came in time."""
+    import select
+
+    data, deadline = b"", time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([stream], [], [], 0.1)
+        if ready:
+            chunk = os.read(stream.fileno(), 65536)
+            if not chunk:
+                return data, True
+            data += chunk
+    return data, False
+
+
+@pytest.mark.slow
+def test_kill_9_of_the_client_leaves_no_process_and_no_write_behind(many_logs, tmp_path: Path) -> None:
+    root, logs = many_logs
+    out = tmp_path / "out"
+    proc = _start_and_wait_for_first_commit(_collect_args(root, out, 2), out, len(logs))
+    members = _session_members(proc.pid)
+    # the client, the forkserver, the resource tracker and 2 busy workers
+    assert len(members) >= 5, members
+    os.kill(proc.pid, signal.SIGKILL)  # the client only, not its group
+    proc.wait(timeout=10)
+    at_kill = _committed_files(out / "mini")
+    survivors = _wait_for_no_members(proc.pid, 20)
+    assert survivors == [], [Path(f"/proc/{pid}/cmdline").read_bytes()[:120] for pid in survivors]
+    _, eof = _read_until_eof(proc.stdout, 10)
+    assert eof, "a process of the run still holds the caller's stdout"
+    proc.stdout.close()
+    time.sleep(0.5)
+    assert _committed_files(out / "mini") == at_kill  # nothing was written after the kill
+
+
+@pytest.mark.slow
+def test_a_worker_killed_by_a_signal_fails_its_log_only(many_logs, tmp_path: Path) -> None:
+    root, logs = many_logs
+    victim = sorted(log.log_name for log in logs)[3]
+    env = {**os.environ, "DRIVEENGINE_TEST_KILL_WORKER_ON_LOG": victim}
+    result = subprocess.run(
+        _collect_args(root, tmp_path, 2), capture_output=True, text=True, env=env, timeout=300, check=False
+    )
+    assert result.returncode == 1, result.stdout + result.stderr
+    failed = [line for line in result.stdout.splitlines() if line.startswith("  FAILED")]  # the summary's
+    assert len(failed) == 1 and failed[0].startswith(f"  FAILED {victim}: "), result.stdout
+    assert "worker died (signal 9, SIGKILL) on 2 tries" in failed[0] and f"{victim}.db" in failed[0]
+    assert f"{len(logs) - 1} logs done, 0 skipped (up to date), 1 failed" in result.stdout
+    manifest = load_manifest(tmp_path / "mini")
+    assert sorted(manifest.logs) == sorted(log.log_name for log in logs if log.log_name != victim)
+    assert "Traceback" not in result.stdout + result.stderr
+
+
+@pytest.mark.slow
+def test_a_killed_forkserver_takes_its_workers_along_and_the_run_goes_on(many_logs, tmp_path: Path) -> None:
+    root, logs = many_logs
+    proc = _start_and_wait_for_first_commit(_collect_args(root, tmp_path, 2), tmp_path, len(logs))
+    members = {pid: _stat_fields(pid) for pid in _session_members(proc.pid)}
+    (server,) = [
+        pid
+        for pid, fields in members.items()
+        if fields and int(fields[1]) == proc.pid and b"multiprocessing.forkserver" in _cmdline(pid)
+    ]
+    workers = [pid for pid, fields in members.items() if fields and int(fields[1]) == server]
+    assert workers, members
+    os.kill(server, signal.SIGKILL)
+    deadline = time.monotonic() + 20
+    while any(_alive(pid) for pid in workers):
+        assert time.monotonic() < deadline, "the workers outlived their forkserver"
+        time.sleep(0.02)
+    output, eof = _read_until_eof(proc.stdout, 120)
+    assert eof and proc.wait(timeout=10) == 0, output.decode()  # their logs were done again
+    assert sorted(load_manifest(tmp_path / "mini").logs) == sorted(log.log_name for log in logs)
+
+
+def _stat_fields(pid: int) -> list[str] | None:
+    """``state, ppid, pgrp, session, ...`` of a process, None when it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat[stat.rindex(")") + 2 :].split()
+
+
+def _alive(pid: int) -> bool:
+    fields = _stat_fields(pid)
+    return fields is not None and fields[0] != "Z"
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("workers", [1, 2, "local:2"])
+def test_ctrl_c_prints_one_line_exits_130_and_the_rerun_resumes(
+    many_logs, tmp_path: Path, workers: int | str
+) -> None:
+    root, logs = many_logs
+    args = _collect_args(root, tmp_path, workers)
+    proc = _start_and_wait_for_first_commit(args, tmp_path, len(logs))
+    os.killpg(proc.pid, signal.SIGINT)  # as a terminal's Ctrl-C does: the whole process group
+    output, eof = _read_until_eof(proc.stdout, 60)
+    assert eof and proc.wait(timeout=10) == 130, output.decode()
+    text = output.decode()
+    lines = [line for line in text.splitlines() if line.startswith("interrupted: ")]
+    assert (
+        len(lines) == 1
+        and "logs committed" in lines[0]
+        and "run the same command again to resume" in lines[0]
+    )
+    for noise in ("Traceback", "KeyboardInterrupt", "asyncio", "Exception"):
+        assert noise not in text, text
+    assert _wait_for_no_members(proc.pid, 20) == []
+    committed = load_manifest(tmp_path / "mini").logs
+    assert 0 < len(committed) < len(logs)
+    rerun = subprocess.run(args, capture_output=True, text=True, timeout=300, check=False)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    assert f"{len(committed)} skipped (up to date), 0 failed" in rerun.stdout
+    assert sorted(load_manifest(tmp_path / "mini").logs) == sorted(log.log_name for log in logs)
+
+
+# -- bad values: ego poses, non-finite rows, broken blobs ----------------------------------------------
+
+
+def test_non_finite_ego_poses_drop_frames_and_a_nan_velocity_fails_its_log(tmp_path: Path) -> None:
+    logs = synthesize(tmp_path / "in", logs=2, seconds=SECONDS, seed=7, split="mini", blobs=False)
+    posed, boxed = sorted(logs, key=lambda log: log.log_name)
+    assert collect(_config(tmp_path / "in", tmp_path / "probe", check_blobs=False), echo=lambda _: None).ok
+    clean = {
+        log.log_name: read_log_frames(tmp_path / "probe" / "mini", log.log_name).to_pylist() for log in logs
+    }
+    baseline = load_manifest(tmp_path / "probe" / "mini").logs[posed.log_name]
+    bad_tokens = [clean[posed.log_name][i]["token"] for i in (1, 2, 3)]
+    with sqlite3.connect(posed.db_path) as con:
+        pose = "(SELECT ego_pose_token FROM lidar_pc WHERE lower(hex(token)) = ?)"
+        con.execute(f"UPDATE ego_pose SET x = ? WHERE token = {pose}", (float("nan"), bad_tokens[0]))  # NULL
+        con.execute(f"UPDATE ego_pose SET z = 1e999 WHERE token = {pose}", (bad_tokens[1],))  # inf
+        con.execute(
+            f"UPDATE ego_pose SET qw = 0, qx = 0, qy = 0, qz = 0 WHERE token = {pose}", (bad_tokens[2],)
+        )
+    row = clean[boxed.log_name][2]
+    with sqlite3.connect(boxed.db_path) as con:
+        box = con.execute(
+            "SELECT token FROM lidar_box WHERE lidar_pc_token = (SELECT token FROM lidar_pc "
+            "WHERE lower(hex(token)) = ?) ORDER BY token",
+            (row["token"],),
+        ).fetchone()[0]
+        con.execute("UPDATE lidar_box SET vy = ? WHERE token = ?", (float("nan"), box))
+    out = tmp_path / "out"
+    result = subprocess.run(
+        _collect_args(tmp_path / "in", out, 1), capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 1, result.stdout + result.stderr
+    manifest = load_manifest(out / "mini")
+    assert list(manifest.logs) == [posed.log_name]
+    entry = manifest.logs[posed.log_name]
+    assert entry["dropped"] == {**baseline["dropped"], "bad_ego_pose": 3}
+    table = read_log_frames(out / "mini", posed.log_name)
+    assert table.num_rows == entry["frames"] == baseline["frames"] - 3
+    assert not set(bad_tokens) & set(table.column("token").to_pylist())
+    check_finite(table, posed.db_path, posed.log_name)
+    assert "bad_ego_pose 3" in result.stdout
+    (failed,) = [line for line in result.stdout.splitlines() if line.startswith("  FAILED")]
+    assert failed.startswith(
+        f"  FAILED {boxed.log_name}: {boxed.db_path}: log {boxed.log_name}: column anns.gt_velocity_3d holds nan "
+        f"at row 2 (token {row['token']})"
+    ), failed
+    assert not (out / "mini" / "meta" / f"{boxed.log_name}.parquet").exists()
+
+
+def test_broken_blobs_are_dropped_counted_and_reported(world, tmp_path: Path) -> None:
+    root, logs = world
+    rows = _first_rows(root, tmp_path / "probe", logs[0].log_name)
+    inputs = tmp_path / "in"
+    shutil.copytree(root / "splits", inputs / "splits")
+    _touch_blobs(logs, inputs / "sensor_blobs")
+    blobs = inputs / "sensor_blobs"
+    (blobs / rows[1]["cams"]["CAM_F0"]["data_path"]).write_bytes(b"")  # zero-byte image
+    image = blobs / rows[2]["cams"]["CAM_R2"]["data_path"]
+    image.write_bytes(image.read_bytes()[:-30])  # truncated image
+    sweep = blobs / rows[3]["lidar_path"]
+    sweep.write_bytes(sweep.read_bytes()[:-4])  # truncated binary sweep
+    summary = collect(_config(inputs, tmp_path / "out"), echo=lambda _: None)
+    assert summary.ok
+    assert summary.dropped == {"broken_image": 2, "broken_lidar": 1}
+    entry = load_manifest(tmp_path / "out" / "mini").logs[logs[0].log_name]
+    assert entry["dropped"] == {"broken_image": 2, "broken_lidar": 1} and entry["frames"] == len(rows) - 3
+    assert any(str(sweep) in note and "truncated" in note for note in entry["notes"])
+    text = summary.format()
+    assert "WARNING: 3 frames dropped for broken sensor files (broken_lidar 1, broken_image 2), e.g. " in text
+    assert "then run again with --overwrite" in text

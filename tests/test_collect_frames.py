@@ -2,18 +2,25 @@
 
 from __future__ import annotations
 
+import io
+import re
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pytest
 from driveengine.schemas.classes import CAMERA_CHANNELS, CATEGORIES
-from driveengine.schemas.frame import FRAME_SCHEMA
+from driveengine.schemas.frame import FINITE_COLUMNS, FINITE_MARK, FRAME_SCHEMA, describe_schema
+from PIL import Image
 
 from driveengine.collect.frames import (
     FrameOptions,
+    NonFiniteError,
     build_frame_table,
+    check_finite,
     driving_commands,
+    jpeg_defect,
+    pcd_defect,
     select_frames,
     select_key_frames,
 )
@@ -26,6 +33,7 @@ from driveengine.geometry import (
     yaw_to_quaternion,
 )
 from driveengine.sources.logdata import LogData
+from driveengine.sources.pcd import write_pcd
 
 
 def make_log(
@@ -122,14 +130,31 @@ def make_log(
     )
 
 
+def _tiny_jpeg() -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (2, 2), (90, 120, 30)).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+#: A whole JPEG (2x2 pixels) and a whole binary PCD (one point): placeholders that pass collect's blob check.
+TINY_JPEG = _tiny_jpeg()
+TINY_PCD = (
+    b"# .PCD v0.7\nVERSION 0.7\nFIELDS x y z\nSIZE 4 4 4\nTYPE F F F\nCOUNT 1 1 1\nWIDTH 1\nHEIGHT 1\n"
+    b"VIEWPOINT 0 0 0 1 0 0 0\nPOINTS 1\nDATA binary\n" + np.zeros(3, np.float32).tobytes()
+)
+
+
+def placeholder_blob(path: Path) -> None:
+    """Write a tiny whole ``.pcd`` or ``.jpg`` at ``path`` (by its suffix)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(TINY_PCD if path.suffix == ".pcd" else TINY_JPEG)
+
+
 def write_blobs(log: LogData, root: Path, skip: set[str] = frozenset()) -> None:
-    """Create empty sensor files for every path the log names (except those in ``skip``)."""
+    """Create tiny whole sensor files for every path the log names (except those in ``skip``)."""
     for p in set(log.sweep_lidar_path.tolist()) | set(log.image_path[log.image_path != ""].tolist()):
-        if p in skip:
-            continue
-        f = root / p
-        f.parent.mkdir(parents=True, exist_ok=True)
-        f.write_bytes(b"x")
+        if p not in skip:
+            placeholder_blob(root / p)
 
 
 def test_key_frames_start_at_first_full_frame_aligned_to_cam_f0() -> None:
@@ -281,3 +306,133 @@ def test_a_log_without_any_sensor_folder_is_an_error_not_an_empty_log(tmp_path: 
     with pytest.raises(SourceError, match="no sensor blobs") as info:
         select_frames(log, FrameOptions(split="x"), tmp_path)
     assert str(tmp_path / log.log_name) in str(info.value) and "--sensor-root" in str(info.value)
+
+
+# -- bad inputs: ego poses, broken blobs, non-finite rows -----------------------------------------------
+
+
+def test_frames_with_a_non_finite_or_zero_ego_pose_are_dropped_and_the_command_ignores_them() -> None:
+    log = make_log(80)
+    options = FrameOptions(split="mini", check_blobs=False)
+    good = build_frame_table(log, select_frames(log, options, None), options)
+    log.ego_translation[20, 0] = np.nan
+    log.ego_translation[40, 2] = np.inf
+    log.ego_rotation[60] = 0.0
+    sel = select_frames(log, options, None)
+    assert sel.dropped == {"bad_ego_pose": 3}
+    table = build_frame_table(log, sel, options)
+    assert table.num_rows == good.num_rows - 3
+    assert 20 not in sel.key_sweeps and 40 not in sel.key_sweeps and 60 not in sel.key_sweeps
+    check_finite(table, "x.db", log.log_name)  # nothing non-finite reached the rows
+    # The command of a kept frame is computed over the path without the bad poses.
+    kept = good.filter(pa.compute.is_in(good.column("token"), table.column("token")))
+    assert table.column("driving_command").to_pylist() == kept.column("driving_command").to_pylist()
+
+
+def test_non_finite_rows_are_refused_naming_file_log_column_row_and_token() -> None:
+    log = make_log(60)
+    options = FrameOptions(split="mini", check_blobs=False)
+    sel = select_frames(log, options, None)
+    second = int(sel.key_sweeps[1])
+    log.box_velocity[log.boxes(second).start + 1, 0] = np.nan  # one box of the second row
+    table = build_frame_table(log, sel, options)
+    token = log.sweep_token[second]
+    with pytest.raises(NonFiniteError) as err:
+        check_finite(table, "/data/x.db", log.log_name)
+    message = str(err.value)
+    assert message.startswith(
+        f"/data/x.db: log {log.log_name}: column anns.gt_velocity_3d holds nan at row 1"
+    )
+    assert f"(token {token})" in message and "\n" not in message
+    log = make_log(60)
+    log.camera_intrinsic[3, 0, 0] = np.inf  # calibration the reader let through
+    table = build_frame_table(log, sel, options)
+    with pytest.raises(
+        NonFiniteError, match=f"column cams.{CAMERA_CHANNELS[3]}.cam_intrinsic holds inf at row 0"
+    ):
+        check_finite(table, "/data/x.db", log.log_name)
+
+
+def _float_leaves(dtype: pa.DataType, prefix: str) -> list[str]:
+    if pa.types.is_struct(dtype):
+        return [leaf for f in dtype for leaf in _float_leaves(f.type, f"{prefix}.{f.name}")]
+    while pa.types.is_list(dtype) or pa.types.is_fixed_size_list(dtype):
+        dtype = dtype.value_type
+    return [prefix] if pa.types.is_floating(dtype) else []
+
+
+def test_every_float_column_is_declared_finite_once_and_the_schema_output_says_so() -> None:
+    leaves = [leaf for f in FRAME_SCHEMA for leaf in _float_leaves(f.type, f.name)]
+    leaves = sorted({re.sub(r"^cams\.CAM_\w+\.", "cams.*.", leaf) for leaf in leaves})
+    assert sorted(FINITE_COLUMNS) == leaves
+    described = {name: doc for name, _, doc in describe_schema()}
+    assert described["anns.gt_velocity_3d"].endswith(FINITE_MARK)
+    assert described["cams.<CAM_*>.cam_intrinsic"].endswith(FINITE_MARK)
+    assert not described["token"].endswith(FINITE_MARK)
+
+
+def test_jpeg_defects_from_the_head_and_tail_only(tmp_path: Path) -> None:
+    cases = {
+        "whole.jpg": TINY_JPEG,
+        "padded.jpg": TINY_JPEG + b"\0" * 16,  # a little padding after the end marker is tolerated
+        "trailer.jpg": TINY_JPEG + b"trailing bytes",
+        "empty.jpg": b"",
+        "tiny.jpg": b"\xff\xd8",
+        "truncated.jpg": TINY_JPEG[:-40],
+        "png.jpg": b"\x89PNG\r\n\x1a\n" + b"\0" * 64,
+    }
+    found = {}
+    for name, data in cases.items():
+        (tmp_path / name).write_bytes(data)
+        found[name] = jpeg_defect(tmp_path / name)
+    assert found["whole.jpg"] is None and found["padded.jpg"] is None and found["trailer.jpg"] is None
+    assert "too short" in found["empty.jpg"] and "too short" in found["tiny.jpg"]
+    assert "end marker" in found["truncated.jpg"] and "start marker" in found["png.jpg"]
+    assert "cannot open" in jpeg_defect(tmp_path / "absent.jpg")
+    # A real photo-like JPEG cut anywhere in its image data is never taken for whole.
+    buf = io.BytesIO()
+    noise = np.random.default_rng(0).integers(0, 256, (96, 128, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(buf, format="JPEG", quality=92)
+    data = buf.getvalue()
+    for cut in range(len(data) // 4, len(data) - 2, 97):
+        (tmp_path / "cut.jpg").write_bytes(data[:cut])
+        assert jpeg_defect(tmp_path / "cut.jpg") is not None, cut
+
+
+def test_pcd_defects_from_the_header_and_the_size(tmp_path: Path) -> None:
+    xyz = {"x": np.arange(50, dtype=np.float32), "y": np.ones(50, np.float32), "z": np.zeros(50, np.float32)}
+    for encoding in ("binary", "binary_compressed", "ascii"):
+        whole = tmp_path / f"{encoding}.pcd"
+        write_pcd(whole, xyz, encoding=encoding)
+        assert pcd_defect(whole) is None, encoding
+        data = whole.read_bytes()
+        header_len = data.index(b"DATA") + data[data.index(b"DATA") :].index(b"\n") + 1
+        cut = tmp_path / f"cut-{encoding}.pcd"
+        cut.write_bytes(data[:header_len] if encoding == "ascii" else data[: header_len + 30])
+        assert "truncated" in pcd_defect(cut), encoding
+    (tmp_path / "trailing.pcd").write_bytes((tmp_path / "binary.pcd").read_bytes() + b"\0" * 7)  # as nuPlan's
+    assert pcd_defect(tmp_path / "trailing.pcd") is None
+    (tmp_path / "garbage.pcd").write_bytes(b"\x00\x01garbage" * 10)
+    (tmp_path / "empty.pcd").write_bytes(b"")
+    assert pcd_defect(tmp_path / "garbage.pcd") and pcd_defect(tmp_path / "empty.pcd")
+
+
+def test_broken_blobs_drop_their_frames_with_counted_reasons(tmp_path: Path) -> None:
+    log = make_log(80)
+    write_blobs(log, tmp_path)
+    options = FrameOptions(split="mini")
+    keys = select_frames(log, options, tmp_path).key_sweeps
+    (tmp_path / log.sweep_lidar_path[keys[1]]).write_bytes(TINY_PCD[:-5])  # truncated sweep
+    (tmp_path / log.image_path[keys[2], 4]).write_bytes(b"")  # zero-byte image
+    (tmp_path / log.image_path[keys[3], 0]).write_bytes(TINY_JPEG[: len(TINY_JPEG) // 2])  # truncated image
+    (tmp_path / log.image_path[keys[3], 1]).write_bytes(b"")  # same frame, second broken image
+    sel = select_frames(log, options, tmp_path)
+    assert sel.dropped == {"broken_lidar": 1, "broken_image": 2}
+    assert sel.key_sweeps.tolist() == [k for i, k in enumerate(keys.tolist()) if i not in (1, 2, 3)]
+    assert len(sel.broken) == 4 and str(tmp_path / log.sweep_lidar_path[keys[1]]) in sel.broken[0]
+    assert (
+        "1 broken .pcd file(s), their frames dropped" in sel.notes
+        and "3 broken .jpg file(s), their frames dropped" in sel.notes
+    )
+    # Without blob checks nothing is read.
+    assert select_frames(log, FrameOptions(split="mini", check_blobs=False), None).dropped == {}

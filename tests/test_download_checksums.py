@@ -19,8 +19,16 @@ from driveengine.download.checksums import (
     parse_checksum_lines,
     read_checksum_file,
 )
-from driveengine.download.errors import ChecksumFileError, ReleaseError
-from driveengine.download.release import format_shards, parse_shards, resolve_base_url, select_files
+from driveengine.download.errors import ChecksumFileError, DownloadError, ReleaseError
+from driveengine.download.fetch import FetchOptions
+from driveengine.download.release import (
+    format_shards,
+    load_manifest,
+    parse_shards,
+    resolve_base_url,
+    resolve_source,
+    select_files,
+)
 
 MD5 = "6f92f38d5f03ed852da7872a7122bdd2"
 SHA = "a" * 64
@@ -114,7 +122,8 @@ def test_release_selection() -> None:
         select_files("mini", ["radar"])
 
 
-def test_mirrors_and_base_url(tmp_path: Path) -> None:
+def test_mirrors_and_base_url(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.delenv("HF_ENDPOINT", raising=False)
     assert resolve_base_url("mini") == "https://huggingface.co/datasets/OpenDriveLab/OpenScene/resolve/main/"
     assert resolve_base_url("mini", "modelscope").startswith("https://www.modelscope.cn/")
     assert resolve_base_url("mini", base_url="http://127.0.0.1:9/x") == "http://127.0.0.1:9/x/"
@@ -134,3 +143,46 @@ def test_shard_specs_round_trip() -> None:
         parse_shards("3-1")
     with pytest.raises(ReleaseError):
         parse_shards("a")
+
+
+def test_hf_endpoint_and_token_apply_to_the_hugging_face_mirror_only(tmp_path: Path) -> None:
+    env = {"HF_ENDPOINT": "https://hf-mirror.example/", "HF_TOKEN": " hf_abc "}
+    hf = resolve_source("mini", environ=env)
+    assert hf.base_url == "https://hf-mirror.example/datasets/OpenDriveLab/OpenScene/resolve/main/"
+    assert hf.mirror == "huggingface" and hf.authorization == "Bearer hf_abc"
+    assert "hf_abc" not in repr(hf)  # never printed with the source
+    assert resolve_source("mini", "modelscope", environ=env).authorization is None
+    assert resolve_source("navtrain", environ=env).authorization is None
+    other = resolve_source("mini", base_url="https://hf-mirror.example/x", environ=env)
+    assert other.authorization is None and other.mirror is None
+    assert resolve_source("mini", environ={}).base_url.startswith("https://huggingface.co/datasets/")
+    with pytest.raises(ReleaseError, match="HF_ENDPOINT"):
+        resolve_source("mini", environ={"HF_ENDPOINT": "hf-mirror.example"})
+    with pytest.raises(ReleaseError, match="HF_TOKEN"):
+        resolve_source("mini", environ={"HF_TOKEN": "abc\r\nX-Injected: 1"})
+
+
+@pytest.mark.parametrize(
+    ("entry", "value"), [("size", -5), ("size", 1.5), ("extract_ratio", 0), ("size_tolerance", float("nan"))]
+)
+def test_manifest_numbers_are_checked(entry: str, value: float) -> None:
+    import json
+
+    manifest = json.loads(json.dumps(load_manifest()))
+    manifest["splits"]["mini"]["modalities"]["metadata"][entry] = value
+    with pytest.raises(ReleaseError, match=f"mini.metadata.{entry}"):
+        select_files("mini", ["metadata"], manifest=manifest)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"deadline_s": float("nan")},
+        {"min_speed_bps": -1.0},
+        {"timeout_s": 0.0},
+        {"speed_window_s": float("inf")},
+    ],
+)
+def test_fetch_limits_must_be_finite(options: dict[str, float]) -> None:
+    with pytest.raises(DownloadError, match="finite"):
+        FetchOptions(**options)

@@ -9,7 +9,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from download_server import FileServer, cached_release
+from download_server import FileServer, cached_release, write_release_json
 from typer.testing import CliRunner
 
 from driveengine.cli import app
@@ -32,9 +32,9 @@ def server(release):
         yield srv
 
 
-def _download(server: FileServer, out: Path, *extra: str):
+def _download(server: FileServer, release: dict, out: Path, *extra: str):
     args = ["download", "--split", "mini", "--shards", "0-1", "--out", str(out), "--base-url", server.url]
-    args += ["--backoff", "0.001", "--jobs", "3", *extra]
+    args += ["--release-json", str(release["release_json"]), "--backoff", "0.001", "--jobs", "3", *extra]
     return CliRunner().invoke(app, args)
 
 
@@ -42,7 +42,7 @@ def test_download_with_faults_resumes_extracts_and_is_idempotent(server, release
     out = tmp_path / "data"
     server.add_faults(LIDAR0, "drop:3000")
     server.add_faults(CAMERA1, "500")
-    result = _download(server, out)
+    result = _download(server, release, out)
     assert result.exit_code == 0, result.output
     assert "5 of 5 archives complete" in result.output
     # the dropped transfer resumed at the byte where the first response ended
@@ -68,7 +68,7 @@ def test_download_with_faults_resumes_extracts_and_is_idempotent(server, release
 
     # the same command again: nothing to do, no request at all
     before = len(server.requests)
-    again = _download(server, out)
+    again = _download(server, release, out)
     assert again.exit_code == 0, again.output
     assert "5 of 5 archives already downloaded and extracted" in again.output
     assert len(server.requests) == before
@@ -84,7 +84,7 @@ def test_failed_verification_redownloads_once_then_reports_and_exits_nonzero(
         f"{hashlib.md5((release['server'] / META).read_bytes()).hexdigest()} *{Path(META).name}\n"
     )
     server.add_faults(CAMERA0, "wrong-bytes", "wrong-bytes")
-    result = _download(server, out, "--md5-file", str(md5))
+    result = _download(server, release, out, "--md5-file", str(md5))
     assert result.exit_code == 1, result.output
     assert "1 of 5 archives FAILED" in result.output
     assert f"{CAMERA0}: MD5 mismatch" in result.output
@@ -97,15 +97,15 @@ def test_failed_verification_redownloads_once_then_reports_and_exits_nonzero(
     assert (blobs / log1 / "CAM_F0").is_dir()  # the others are complete
 
     # the server is fixed: the same command finishes the job
-    result = _download(server, out, "--md5-file", str(md5))
+    result = _download(server, release, out, "--md5-file", str(md5))
     assert result.exit_code == 0, result.output
     assert "4 of 5 archives already downloaded and extracted" in result.output
 
 
-def test_corrupt_archive_without_checksum_is_downloaded_again(server, tmp_path) -> None:
+def test_corrupt_archive_without_checksum_is_downloaded_again(server, release, tmp_path) -> None:
     out = tmp_path / "data"
     server.add_faults(LIDAR0, "wrong-bytes")  # right size, garbage: only extraction can tell
-    result = _download(server, out, "--modality", "lidar", "--shards", "0")
+    result = _download(server, release, out, "--modality", "lidar", "--shards", "0")
     assert result.exit_code == 0, result.output
     assert server.ranges(LIDAR0) == [None, None]
     assert (out / ".driveengine/archives/openscene_sensor_mini_lidar_0.tgz.extracted.json").is_file()
@@ -113,7 +113,7 @@ def test_corrupt_archive_without_checksum_is_downloaded_again(server, tmp_path) 
 
 def test_keep_archives_and_no_extract(server, release, tmp_path) -> None:
     out = tmp_path / "data"
-    result = _download(server, out, "--modality", "metadata", "--no-extract")
+    result = _download(server, release, out, "--modality", "metadata", "--no-extract")
     assert result.exit_code == 0, result.output
     assert (out / META).read_bytes() == (release["server"] / META).read_bytes()
     assert not (out / "openscene-v1.1/meta_datas").exists()
@@ -124,7 +124,7 @@ def test_keep_archives_and_no_extract(server, release, tmp_path) -> None:
     assert check.returncode == 0, check.stdout + check.stderr
     # now extract the verified archive that is present, keeping it: no new request
     before = len(server.requests)
-    result = _download(server, out, "--modality", "metadata", "--keep-archives")
+    result = _download(server, release, out, "--modality", "metadata", "--keep-archives")
     assert result.exit_code == 0, result.output
     assert len(server.requests) == before
     assert (out / META).is_file() and (out / "openscene-v1.1/meta_datas/mini").is_dir()
@@ -132,7 +132,7 @@ def test_keep_archives_and_no_extract(server, release, tmp_path) -> None:
 
 def test_dry_run_lists_files_and_sizes_and_downloads_nothing(server, release, tmp_path) -> None:
     out = tmp_path / "data"
-    result = _download(server, out, "--dry-run")
+    result = _download(server, release, out, "--dry-run")
     assert result.exit_code == 0, result.output
     total = (
         sum((release["server"] / n).stat().st_size for n in (META, LIDAR0, CAMERA0, CAMERA1))
@@ -145,12 +145,12 @@ def test_dry_run_lists_files_and_sizes_and_downloads_nothing(server, release, tm
     assert total > 0
 
 
-def test_not_enough_disk_space_is_refused_before_any_byte(server, tmp_path, monkeypatch) -> None:
+def test_not_enough_disk_space_is_refused_before_any_byte(server, release, tmp_path, monkeypatch) -> None:
     real = shutil.disk_usage
     monkeypatch.setattr(
         "driveengine.download.download.shutil.disk_usage", lambda p: real(p)._replace(free=1000)
     )
-    result = _download(server, tmp_path / "data")
+    result = _download(server, release, tmp_path / "data")
     assert isinstance(result.exception, InsufficientSpaceError)
     message = str(result.exception)
     assert str(tmp_path) in message and "need" in message and "1,000 bytes" in message
@@ -196,8 +196,9 @@ def test_ctrl_c_keeps_part_files_says_how_to_continue_and_the_same_command_resum
     payload = os.urandom(3 << 20)
     (srv / META).write_bytes(payload)
     out = tmp_path / "data"
+    manifest = write_release_json(tmp_path / "release.json", "mini", {"metadata": len(payload)})
     cmd = [sys.executable, "-m", "driveengine.cli", "download", "--split", "mini", "--modality", "metadata"]
-    cmd += ["--out", str(out), "--no-extract", "--backoff", "0.001"]
+    cmd += ["--out", str(out), "--no-extract", "--backoff", "0.001", "--release-json", str(manifest)]
     with FileServer(srv) as server:
         server.add_faults(META, "slow")
         proc = subprocess.Popen(

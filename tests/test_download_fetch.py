@@ -43,7 +43,7 @@ def test_dropped_connection_resumes_from_the_part_size(served) -> None:
     assert not (out / "blob.bin.part").exists()
     # the retry asked for exactly the bytes after what the first response delivered
     assert server.ranges("blob.bin") == [None, "bytes=300000-"]
-    assert res.verified == ["size", "md5"]
+    assert res.verified == ["length", "md5"]  # the Content-Length only shows the transfer is complete
 
 
 def test_interrupted_download_keeps_part_and_the_next_run_resumes_there(served) -> None:
@@ -137,7 +137,7 @@ def test_sha256_is_checked_when_given(served) -> None:
     assert not res.ok and "SHA-256 mismatch" in res.error
     res = fetch_file(_task(server, out, data, sha256=hashlib.sha256(data).hexdigest()), FAST)
     assert res.ok and res.sha256 == hashlib.sha256(data).hexdigest()
-    assert res.verified == ["size", "md5", "sha256"]
+    assert res.verified == ["length", "md5", "sha256"]
 
 
 def test_file_url_and_parallel_many(tmp_path: Path) -> None:
@@ -169,3 +169,47 @@ def test_backoff_doubles_and_honours_retry_after() -> None:
         assert step * 0.5 <= _delay(failures, None, opts) <= step
     assert _delay(1, 20.0, opts) == 20.0
     assert _delay(1, 1000.0, opts) == 30.0
+
+
+def test_content_length_alone_verifies_nothing(served) -> None:
+    server, data, out = served
+    lines: list[str] = []
+    res = fetch_file(_task(server, out, data, md5=None), FAST, line=lines.append)
+    assert res.ok and res.verified == ["length"]
+    done = next(s for s in lines if s.startswith("[done]"))
+    assert "verified nothing (no published checksum or size" in done
+
+
+@pytest.mark.parametrize(
+    ("expected", "tolerance", "ok"),
+    [
+        (SIZE, 0.0, True),
+        (SIZE + 1, 0.0, False),
+        (int(SIZE * 1.05), 0.1, True),  # a rounded figure: within 10 %
+        (SIZE * 2, 0.1, False),  # the served file is half the size the manifest says: a short file
+    ],
+)
+def test_size_from_the_manifest_is_verified_without_a_checksum(served, expected, tolerance, ok) -> None:
+    server, data, out = served
+    task = _task(server, out, data, md5=None, size=expected, size_tolerance=tolerance)
+    res = fetch_file(task, FAST)
+    assert res.ok is ok, res.error
+    if ok:
+        assert res.verified == ["size"]
+    else:
+        assert f"size {SIZE:,} bytes, expected" in res.error and f"{expected:,}" in res.error
+        assert not task.dest.exists() and not task.part.exists()
+        assert server.ranges("blob.bin") == [None, None]  # downloaded once more from zero, then reported
+
+
+def test_authorization_goes_to_the_url_but_not_where_it_redirects(tmp_path: Path) -> None:
+    (tmp_path / "blob.bin").write_bytes(b"z" * 1000)
+    with FileServer(tmp_path) as cdn, FileServer(tmp_path, bearer="s3cret", redirect_to=cdn.url) as hub:
+        task = FetchTask(
+            url=hub.url + "blob.bin", dest=tmp_path / "o/blob.bin", name="blob", authorization="Bearer s3cret"
+        )
+        res = fetch_file(task, FAST)
+        assert res.ok, res.error
+        assert hub.authorizations == ["Bearer s3cret"]
+        assert cdn.authorizations == [None] and cdn.ranges("blob.bin") == [None]
+        assert "s3cret" not in repr(task)

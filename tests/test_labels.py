@@ -299,6 +299,9 @@ def test_label_sweep_set_uses_every_nth_sweep_from_each_key_frame() -> None:
     assert list(label_sweep_set(log, keys, 0)) == [3, 13, 27]
     assert list(label_sweep_set(log, keys, 5)) == [3, 8, 13, 18, 23, 27, 32, 37]
     assert list(label_sweep_set(log, keys, 1)) == list(range(40))
+    log.ego_translation[8] = np.nan  # a sweep whose pose is broken is never aggregated
+    log.ego_rotation[18] = 0.0
+    assert list(label_sweep_set(log, keys, 5)) == [3, 13, 23, 27, 32, 37]
 
 
 def test_config_is_json_ready_and_validated() -> None:

@@ -11,7 +11,7 @@ import zarr
 from driveengine.schemas import FORMAT_VERSION, FREE, GRID, VoxelGrid
 from driveengine.schemas.occ import OCC_ARRAYS, OCC_FORMAT
 
-from driveengine.store.occ import OccFormatError, create_occ, open_occ
+from driveengine.store.occ import OccDataError, OccFormatError, create_occ, open_occ
 
 SMALL = VoxelGrid((-2.0, -2.0, -1.0), (2.0, 2.0, 1.0), 0.5)  # 8 x 8 x 4
 
@@ -100,16 +100,132 @@ def test_writer_holds_one_shard_and_checks_the_frame_count(tmp_path: Path) -> No
         )
 
 
-def test_unwritten_frames_read_as_fill_values_and_empty_logs_work(tmp_path: Path) -> None:
+def test_unwritten_frames_are_an_error_and_empty_logs_work(tmp_path: Path) -> None:
     with create_occ(tmp_path / "e.zarr", 0, generator={}) as w:
         assert w.num_frames == 0
     assert open_occ(tmp_path / "e.zarr").num_frames == 0
+    assert all(v.shape[0] == 0 for v in open_occ(tmp_path / "e.zarr").read().values())
     w = create_occ(tmp_path / "p.zarr", 3, generator={}, grid=SMALL, shard_frames=2)
     w.append(*_frames(1, SMALL)[0])
-    w.append(*_frames(1, SMALL)[0])  # first shard flushed; frame 2 never written
+    w.append(*_frames(1, SMALL)[0])  # first shard flushed; frame 2 never written (a crashed writer)
     occ = open_occ(tmp_path / "p.zarr")
-    f = occ.frame(2)
-    assert np.all(f.semantics == FREE) and not f.flow.any() and not f.mask_lidar.any()
+    assert occ.frame(1).semantics.shape == SMALL.shape
+    # zarr alone would read frame 2 as fill values (all free, no flow): DriveEngine refuses
+    assert np.all(occ.semantics[2] == FREE)
+    with pytest.raises(
+        OccDataError,
+        match=r"log p: .*p\.zarr/semantics/c/1/0/0/0: the shard file of semantics frames 2\.\.2 is missing",
+    ):
+        occ.frame(2)
+    with pytest.raises(OccDataError, match=r"semantics/c/1/0/0/0"):
+        occ.read(0, 3)
+
+
+def test_every_shard_file_is_written_even_when_all_fill(tmp_path: Path) -> None:
+    """All free, zero flow, unobserved frames are stored: a missing shard file always means damage."""
+    n = 5
+    with create_occ(tmp_path / "f.zarr", n, generator={}, grid=SMALL, shard_frames=2) as w:
+        for _ in range(n):
+            w.append(
+                np.full(SMALL.shape, FREE, np.uint8), np.zeros((*SMALL.shape, 2)), np.zeros(SMALL.shape, bool)
+            )
+    for name in OCC_ARRAYS:
+        shards = sorted(
+            p.relative_to(tmp_path / "f.zarr" / name).as_posix()
+            for p in (tmp_path / "f.zarr" / name / "c").rglob("*")
+            if p.is_file()
+        )
+        assert [s.split("/")[1] for s in shards] == ["0", "1", "2"], name
+    block = open_occ(tmp_path / "f.zarr").read()
+    assert np.all(block["semantics"] == FREE) and not block["flow"].any() and not block["mask_lidar"].any()
+
+
+def test_deleted_and_damaged_shards_name_the_log_and_file(tmp_path: Path) -> None:
+    frames = _frames(6, SMALL)
+    path = tmp_path / "2021.01.01.00.00.00_veh-1_00001_00002.zarr"
+    with create_occ(path, 6, generator={}, grid=SMALL, shard_frames=2) as w:
+        for f in frames:
+            w.append(*f)
+    (path / "flow" / "c" / "1" / "0" / "0" / "0" / "0").unlink()
+    occ = open_occ(path)
+    np.testing.assert_array_equal(occ.frame(0).semantics, frames[0][0])  # other shards still read
+    with pytest.raises(OccDataError) as exc:
+        occ.frame(3)
+    message = str(exc.value)
+    assert message.startswith("log 2021.01.01.00.00.00_veh-1_00001_00002: ")
+    assert f"{path}/flow/c/1/0/0/0/0: the shard file of flow frames 2..3 is missing" in message
+    assert "--overwrite" in message and "\n" not in message
+    mask_shard = path / "mask_lidar" / "c" / "2" / "0" / "0" / "0"
+    mask_shard.write_bytes(mask_shard.read_bytes()[:-30])  # truncated
+    with pytest.raises(
+        OccDataError,
+        match=r"veh-1_00001_00002: .*mask_lidar/c/2/0/0/0: mask_lidar frames 4\.\.4 do not decode",
+    ):
+        occ.frame(4)
+    with pytest.raises(OccDataError, match=r"mask_lidar/c/2/0/0/0: mask_lidar frames 4\.\.5 do not decode"):
+        open_occ(path).read(4, 6)  # whole-shard reads too
+    mask_shard.write_bytes(b"")  # emptied: zarr alone reads an empty file as fill values
+    assert not open_occ(path).mask_lidar[4:6].any()
+    with pytest.raises(
+        OccDataError,
+        match=r"mask_lidar/c/2/0/0/0: the shard file of mask_lidar frames 4\.\.5 is truncated \(0 bytes\)",
+    ):
+        open_occ(path).read(4, 6)
+
+
+@pytest.mark.parametrize(
+    ("file", "damage", "reason"),
+    [
+        ("zarr.json", lambda t: "{not json", "malformed group metadata (JSONDecodeError"),
+        ("zarr.json", lambda t: "[1, 2]", "malformed group metadata"),
+        ("zarr.json", lambda t: json.dumps({**json.loads(t), "attributes": "x"}), "malformed group metadata"),
+        ("zarr.json", lambda t: _attrs(t, grid="x"), "malformed group attribute grid"),
+        ("zarr.json", lambda t: _attrs(t, grid={"voxel_size_m": 0.5}), "malformed group attribute grid"),
+        (
+            "zarr.json",
+            lambda t: _attrs(t, grid={"range_min_m": [0, 0, 0], "range_max_m": [1, 1, 1], "voxel_size_m": 0}),
+            "voxel_size_m > 0",
+        ),
+        ("flow/zarr.json", lambda t: "", "malformed metadata of array 'flow' (JSONDecodeError"),
+        (
+            "semantics/zarr.json",
+            lambda t: json.dumps({**json.loads(t), "shape": "abc"}),
+            "malformed metadata of array 'semantics' (TypeError",
+        ),
+        (
+            "semantics/zarr.json",
+            lambda t: json.dumps({**json.loads(t), "data_type": 5}),
+            "malformed metadata of array 'semantics'",
+        ),
+        (
+            "mask_lidar/zarr.json",
+            lambda t: json.dumps({**json.loads(t), "codecs": "x"}),
+            "malformed metadata of array 'mask_lidar'",
+        ),
+        (
+            "mask_lidar/zarr.json",
+            lambda t: json.dumps({**json.loads(t), "node_type": "group"}),
+            "malformed metadata of array 'mask_lidar'",
+        ),
+    ],
+)
+def test_garbage_zarr_json_is_an_occ_format_error_naming_the_file(
+    tmp_path: Path, file, damage, reason
+) -> None:
+    path = tmp_path / "log.zarr"
+    with create_occ(path, 1, generator={}, grid=SMALL) as w:
+        w.append(*_frames(1, SMALL)[0])
+    target = path / file
+    target.write_text(damage(target.read_text()))
+    with pytest.raises(OccFormatError) as exc:
+        open_occ(path)
+    assert str(exc.value).startswith(f"{target}: ") and reason in str(exc.value)
+
+
+def _attrs(text: str, **changes) -> str:
+    data = json.loads(text)
+    data["attributes"].update(changes)
+    return json.dumps(data)
 
 
 def test_open_occ_rejects_other_formats_with_the_path(tmp_path: Path) -> None:

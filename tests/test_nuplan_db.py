@@ -11,10 +11,12 @@ import pickle
 import sqlite3
 import sys
 import types
+import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
+from bounded_reader import read_in_child
 from driveengine.schemas.classes import CAMERA_CHANNELS, CATEGORIES
 
 from driveengine.errors import SourceError, UnsafePickleError
@@ -363,13 +365,18 @@ def mutate(path: Path, *statements: str, params: tuple = ()) -> None:
         ("DROP TABLE lidar_pc", "no such table lidar_pc.*is this a nuPlan log database"),
         ("ALTER TABLE lidar_box DROP COLUMN yaw", "table lidar_box lacks column.*yaw"),
         ("DELETE FROM lidar_pc", "no lidar_pc rows.*empty"),
-        ("UPDATE lidar SET channel = 'Other' WHERE channel = 'MergedPointCloud'", "no MergedPointCloud lidar"),
+        ("UPDATE lidar_pc SET lidar_token = (SELECT token FROM lidar WHERE channel = 'OtherLidar')",
+         "no lidar_pc rows of the MergedPointCloud lidar .token 025a000000000000.: table lidar_pc has 7 of "
+         "lidar channel 'OtherLidar'"),
+        ("UPDATE lidar SET channel = 'Other' WHERE channel = 'MergedPointCloud'",
+         r"table lidar has no 'MergedPointCloud' channel \(it has 'Other', 'OtherLidar'\)"),
         ("DELETE FROM log", "table log has 0 rows"),
         ("UPDATE category SET name = 'spaceship' WHERE name = 'vehicle'", "unknown box category 'spaceship'"),
         ("UPDATE camera SET rotation = x'80049502' WHERE channel = 'CAM_L1'",
          "column camera.rotation of channel CAM_L1 is not a valid pickle"),
         ("UPDATE camera SET intrinsic = ? WHERE channel = 'CAM_R2'", "camera.intrinsic of channel CAM_R2 has shape"),
-        ("UPDATE lidar_box SET token = CAST(x'0102' || token AS BLOB)", "8-byte token"),
+        ("UPDATE lidar_box SET track_token = hex(track_token)",
+         "lidar_box.track_token holds str '.*', expected a token BLOB"),
         ("DELETE FROM track", "lidar_box rows whose track_token matches no track"),
         ("DELETE FROM category WHERE name = 'vehicle'", "category_token matches no category"),
     ],
@@ -601,3 +608,236 @@ def test_round_trip_synthetic_world(tmp_path: Path, calibration: str) -> None:
     assert set(np.diff(data.traffic_light_offsets).tolist()) == {3}
     assert data.tag_offsets[-1] == log.counts["scenario_tag"]
     assert data.notes == []
+
+
+# -- calibration is checked, ego poses pass through ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("table", "channel", "column", "value", "words"),
+    [
+        # seen in nuPlan-schema fixture databases of other tools
+        ("lidar", "MergedPointCloud", "rotation", [0.0, 0.0, 0.0, 0.0], "is not a rotation (quaternion norm 0,"),
+        ("camera", "CAM_L1", "rotation", [float("nan"), 0.0, 0.0, 1.0], "is not finite"),
+        ("camera", "CAM_F0", "rotation", [0.0, 0.0, 0.0, 0.0], "is not a rotation"),
+        ("camera", "CAM_R0", "translation", [float("inf"), 0.5, 1.6], "translation [inf, 0.5, 1.6] is not finite"),
+        ("lidar", "MergedPointCloud", "translation", [1.5, float("nan"), 1.8], "is not finite"),
+        ("camera", "CAM_B0", "intrinsic", [[0.0, 0, 960], [0, 1000, 540], [0, 0, 1]], "is not a camera matrix"),
+        ("camera", "CAM_B0", "intrinsic", [[1000.0, 0, 960], [0, -5, 540], [0, 0, 1]], "fy = [1][1] > 0"),
+        ("camera", "CAM_L0", "intrinsic", [[1000.0, 0, 960], [0, 1000, float("nan")], [0, 0, 1]], "is not a camera"),
+        ("camera", "CAM_L2", "distortion", [0.0, float("inf"), 0, 0, 0], "distortion [0.0, inf, 0.0, 0.0, 0.0]"),
+    ],
+)  # fmt: skip
+def test_bad_calibration_is_refused_naming_table_token_and_value(
+    tmp_path: Path, table: str, channel: str, column: str, value: list, words: str
+) -> None:
+    path = tmp_path / "log.db"
+    make_log(path, n_sweeps=4, seed=1)
+    mutate(path, f"UPDATE {table} SET {column} = ? WHERE channel = ?", params=(pickle.dumps(value), channel))
+    (token,) = (
+        sqlite3.connect(path).execute(f"SELECT token FROM {table} WHERE channel = ?", (channel,)).fetchone()
+    )
+    with pytest.raises(SourceError) as info:
+        read_nuplan_log(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}: table {table}, token {token.hex()} (channel {channel}): {column} ")
+    assert words in message, message
+    assert "calibration is corrupt" in message
+
+
+def test_calibration_of_an_absent_camera_stays_nan(tmp_path: Path) -> None:
+    path = tmp_path / "log.db"
+    make_log(path, n_sweeps=4, channels=tuple(c for c in CAMERA_CHANNELS if c != "CAM_R1"))
+    data = read_nuplan_log(path)
+    r1 = CAMERA_CHANNELS.index("CAM_R1")
+    assert data.camera_token[r1] == "" and np.isnan(data.camera_intrinsic[r1]).all()
+    assert np.isfinite(np.delete(data.camera_intrinsic, r1, axis=0)).all()
+
+
+def test_non_finite_ego_poses_flow_through_without_warnings(tmp_path: Path) -> None:
+    """The reader passes bad ego poses on as they are (the frame stage drops and counts those frames):
+    SQLite stores NaN as NULL, which reads as NaN; infinities stay; a zero quaternion stays zero."""
+    path = tmp_path / "log.db"
+    truth = make_log(path, n_sweeps=8, seed=4)
+    mutate(path, "UPDATE ego_pose SET x = NULL WHERE token = ?", params=(tok(7, 1),))
+    mutate(path, "UPDATE ego_pose SET y = 9e999 WHERE token = ?", params=(tok(7, 2),))
+    mutate(path, "UPDATE ego_pose SET qw = 0, qx = 0, qy = 0, qz = 0 WHERE token = ?", params=(tok(7, 3),))
+    mutate(path, "UPDATE ego_pose SET qx = NULL, vx = NULL WHERE token = ?", params=(tok(7, 5),))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        data = read_nuplan_log(path)
+    assert data.sweep_token.tolist() == truth["sweep_tokens"]  # every sweep kept
+    assert np.isnan(data.ego_translation[1, 0]) and np.isfinite(data.ego_translation[1, 1:]).all()
+    assert data.ego_translation[2, 1] == np.inf
+    assert (data.ego_rotation[3] == 0).all()
+    assert np.isnan(data.ego_rotation[5, 1]) and np.isnan(data.ego_velocity[5, 0])
+    good = [0, 4, 6, 7]
+    np.testing.assert_array_equal(data.ego_translation[good], truth["poses"][good, 0:3])
+    assert data.notes == [n for n in data.notes if "ego_pose" not in n]  # nothing skipped for it
+
+
+# -- nuPlan-schema databases of other tools ---------------------------------------------------------------
+
+TOKEN_COLUMNS = {
+    "log": ("token",), "lidar": ("token", "log_token"), "camera": ("token", "log_token"),
+    "ego_pose": ("token", "log_token"), "image": ("token", "camera_token", "ego_pose_token"),
+    "lidar_pc": ("token", "ego_pose_token", "lidar_token", "scene_token"),
+    "lidar_box": ("token", "lidar_pc_token", "track_token"), "track": ("token", "category_token"),
+    "category": ("token",), "scene": ("token", "log_token"),
+    "scenario_tag": ("token", "lidar_pc_token", "agent_track_token"),
+    "traffic_light_status": ("token", "lidar_pc_token"),
+}  # fmt: skip
+
+
+def _reshape_tokens(path: Path, expression: str, tables: dict[str, tuple[str, ...]] = TOKEN_COLUMNS) -> None:
+    """Rewrite every token BLOB ``{t}`` as ``expression`` (SQL over ``{t}``) in ``tables``."""
+    con = sqlite3.connect(path)
+    for table, columns in tables.items():
+        sets = ", ".join(f"{c} = CAST({expression.format(t=c)} AS BLOB)" for c in columns)
+        con.execute(f"UPDATE {table} SET {sets}")
+    con.commit()
+    con.close()
+
+
+def _shrink(hex8: str) -> str:
+    """tok(table, i) -> its 4-byte form: the table byte and the low 3 bytes of i (order kept)."""
+    return hex8[:2] + hex8[10:] if hex8 else ""
+
+
+@pytest.mark.parametrize(
+    ("name", "expression", "convert"),
+    [
+        ("4 bytes", "substr({t}, 1, 1) || substr({t}, 6, 3)", _shrink),
+        ("16 bytes", "{t} || {t}", lambda h: h + h),
+    ],
+)
+def test_tokens_of_other_lengths_are_read_and_hex_encoded_as_they_are(
+    tmp_path: Path, name: str, expression: str, convert
+) -> None:
+    reference = tmp_path / "nuplan.db"
+    make_log(reference, n_sweeps=12, seed=6)
+    other = tmp_path / "other.db"
+    other.write_bytes(reference.read_bytes())
+    _reshape_tokens(other, expression)
+    want, got = read_nuplan_log(reference), read_nuplan_log(other)
+    for field in ("sweep_token", "box_token", "box_track_token", "scene_token", "tag_agent_track_token",
+                  "camera_token"):  # fmt: skip
+        assert getattr(got, field).tolist() == [convert(h) for h in getattr(want, field).tolist()], field
+    assert got.log_token == convert(want.log_token) and got.lidar_token == convert(want.lidar_token)
+    for field in ("sweep_timestamp_us", "box_offsets", "box_category", "box_center", "image_path",
+                  "image_timestamp_us", "traffic_light_offsets", "traffic_light_status", "tag_type",
+                  "ego_translation", "camera_intrinsic", "sweep_scene"):  # fmt: skip
+        np.testing.assert_array_equal(getattr(got, field), getattr(want, field), err_msg=field)
+    assert "" in got.tag_agent_track_token.tolist()  # an empty (NULL) token stays empty
+
+
+def test_mixed_token_lengths_take_the_general_path(tmp_path: Path) -> None:
+    """Only lidar_box's own tokens are 10 bytes: the fast path notices and the log is read generally."""
+    reference = tmp_path / "nuplan.db"
+    make_log(reference, n_sweeps=12, seed=8)
+    other = tmp_path / "other.db"
+    other.write_bytes(reference.read_bytes())
+    mutate(other, "UPDATE lidar_box SET token = CAST(x'0102' || token AS BLOB)")
+    want, got = read_nuplan_log(reference), read_nuplan_log(other)
+    assert got.box_token.tolist() == ["0102" + h for h in want.box_token.tolist()]
+    assert got.sweep_token.tolist() == want.sweep_token.tolist()
+    np.testing.assert_array_equal(got.box_center, want.box_center)
+
+
+def test_no_nuplan_camera_lists_the_channels_found(tmp_path: Path) -> None:
+    path = tmp_path / "log.db"
+    make_log(path, n_sweeps=4, channels=("CAM_F0", "CAM_B0"))
+    mutate(path, "UPDATE camera SET channel = replace(channel, 'CAM_', 'CAMERA_')")
+    with pytest.raises(SourceError) as info:
+        read_nuplan_log(path)
+    assert (
+        f"{path}: table camera has none of nuPlan's camera channels (it has 'CAMERA_B0', 'CAMERA_F0'; "
+        f"expected {', '.join(CAMERA_CHANNELS)})"
+    ) in str(info.value)
+
+
+# -- hostile schemas ------------------------------------------------------------------------------------
+
+
+def test_a_recursive_view_is_refused_fast(tmp_path: Path) -> None:
+    """lidar_pc as a view over an endless recursive query (it hung collect with growing memory)."""
+    path = tmp_path / "log.db"
+    make_log(path, n_sweeps=4)
+    mutate(
+        path,
+        "DROP TABLE lidar_pc",
+        "CREATE VIEW lidar_pc AS WITH RECURSIVE r(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM r) "
+        "SELECT randomblob(8) AS token, NULL AS next_token, NULL AS prev_token, NULL AS ego_pose_token, "
+        "(SELECT token FROM lidar WHERE channel = 'MergedPointCloud') AS lidar_token, NULL AS scene_token, "
+        "'x.pcd' AS filename, x AS timestamp FROM r",
+    )
+    report = read_in_child("nuplan", path)
+    assert report["error"] == "SourceError", report
+    assert report["message"].startswith(f"{path}: lidar_pc is a view, not a table;"), report
+
+
+def test_a_computed_column_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "log.db"
+    make_log(path, n_sweeps=4)
+    mutate(path, "ALTER TABLE track RENAME COLUMN category_token TO category_token_stored")
+    mutate(
+        path, "ALTER TABLE track ADD COLUMN category_token BLOB GENERATED ALWAYS AS (category_token_stored)"
+    )
+    with pytest.raises(SourceError, match=r"table track computes column\(s\) category_token when read"):
+        read_nuplan_log(path)
+
+
+def test_queries_run_under_a_progress_budget(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The second line of defence: a query past the budget (here made tiny) is aborted, clearly."""
+    path = tmp_path / "log.db"
+    make_log(path, n_sweeps=40)
+    from driveengine.sources import nuplan_db
+
+    assert read_nuplan_log(path).num_sweeps == 40  # the real budget leaves a normal log alone
+    monkeypatch.setattr(nuplan_db, "PROGRESS_STEPS_FLOOR", 2_000)
+    monkeypatch.setattr(nuplan_db, "PROGRESS_STEPS_PER_BYTE", 0)
+    monkeypatch.setattr(nuplan_db, "_PROGRESS_PERIOD", 100)
+    with pytest.raises(SourceError, match=r"a query did not finish within 2000 SQLite steps") as info:
+        read_nuplan_log(path)
+    assert str(info.value).startswith(f"{path}: ")
+
+
+def test_a_ctrl_c_during_a_query_stops_the_caller(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """SQLite swallows an exception raised in its progress handler (a Ctrl-C lands there while a query
+    runs) and reports the query as "interrupted": that must reach the caller as the KeyboardInterrupt it
+    was, not as a failed log (collect would go on with the next log)."""
+    path = tmp_path / "log.db"
+    make_log(path, n_sweeps=40)
+    from driveengine.sources import nuplan_db
+
+    def ctrl_c(self: object) -> int:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(nuplan_db._ProgressBudget, "__call__", ctrl_c)
+    monkeypatch.setattr(nuplan_db, "_PROGRESS_PERIOD", 100)
+    with pytest.raises(KeyboardInterrupt):
+        read_nuplan_log(path)
+
+
+def test_the_general_token_path_reads_a_nuplan_log_exactly_as_the_fast_path(tmp_path: Path) -> None:
+    """White box: the two key schemes (uint64 views, ranked encodings) agree field by field."""
+    from dataclasses import fields
+
+    from driveengine.sources import nuplan_db
+
+    path = tmp_path / "log.db"
+    make_log(path, n_sweeps=30, seed=9)
+    results = []
+    for general in (False, True):
+        con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            results.append(nuplan_db._read(con, path, general=general))
+        finally:
+            con.close()
+    fast, general = results
+    for f in fields(fast):
+        a, b = getattr(fast, f.name), getattr(general, f.name)
+        if isinstance(a, np.ndarray):
+            np.testing.assert_array_equal(a, b, err_msg=f.name)
+        else:
+            assert a == b, f.name

@@ -23,7 +23,9 @@ from driveengine.store.openscene_occ import (
     check_sparse,
     dense_to_sparse,
     export_openscene_occupancy,
+    frame_number,
     import_openscene_labels,
+    label_file_names,
     locate_label_files,
     read_label_file,
     sparse_to_dense,
@@ -175,8 +177,9 @@ def test_export_then_import_round_trip(tmp_path: Path):
     assert len(keys) == 8
     log, (rows, sems, flows) = next(iter(truth.items()))
     first = keys[rows["token"][0]]
-    assert first[OCC_PATH_KEY] == f"occupancy/mini/{log}-scene-a/occ_gt/0000_occ_final.npy"
-    assert first[FLOW_PATH_KEY] == f"occupancy/mini/{log}-scene-a/occ_gt/0000_flow_final.npy"
+    # three digits, as OpenScene's generator ('%03d') and its metadata name the files
+    assert first[OCC_PATH_KEY] == f"occupancy/mini/{log}-scene-a/occ_gt/000_occ_final.npy"
+    assert first[FLOW_PATH_KEY] == f"occupancy/mini/{log}-scene-a/occ_gt/000_flow_final.npy"
     occ_file = np.load(export_root / first[OCC_PATH_KEY])
     flow_file = np.load(export_root / first[FLOW_PATH_KEY])
     assert occ_file.dtype == np.int64 and flow_file.dtype == np.float32
@@ -224,11 +227,95 @@ def test_locate_openscene_scene_folders(tmp_path: Path):
         {"log_name": log, "scene_name": f"{log}-scene-0009", "frame_idx": 0},  # no such folder
     ]
     files = locate_label_files(rows, tmp_path, "mini")
+    # four-digit files are found too (any zero padding); a missing file is named the OpenScene way
     assert files[0] == LabelFiles(folder / "0001_occ_final.npy", folder / "0001_flow_final.npy")
-    assert files[1].occ == tmp_path / "mini" / f"{log}-scene-0009" / "occ_gt" / "0000_occ_final.npy"
+    assert files[1].occ == tmp_path / "mini" / f"{log}-scene-0009" / "occ_gt" / "000_occ_final.npy"
     report = check_label_files(files)
     assert list(report.problems) == [str(files[1].occ)]
     assert report.problems[str(files[1].occ)] == ["occ file is missing"]
     sem, dense_flow = read_label_file(files[0].occ, files[0].flow)
     assert np.count_nonzero(sem != FREE) == 20
     assert np.count_nonzero(dense_flow.any(axis=-1)) == np.count_nonzero(flow.any(axis=-1))
+
+
+def test_label_file_names_have_three_digits():
+    assert label_file_names(0) == ("000_occ_final.npy", "000_flow_final.npy")
+    assert label_file_names(42) == ("042_occ_final.npy", "042_flow_final.npy")
+    assert label_file_names(1234) == ("1234_occ_final.npy", "1234_flow_final.npy")  # '%03d' of 1234
+    assert [frame_number(n) for n in ("000_occ_final.npy", "7_occ_final.npy", "00012_occ_final.npy")] == [
+        0,
+        7,
+        12,
+    ]
+    assert frame_number("x1_occ_final.npy") is None and frame_number("001_flow_final.npy") is None
+
+
+def _save_pair(folder: Path, stem: str, rng) -> tuple[np.ndarray, np.ndarray]:
+    folder.mkdir(parents=True, exist_ok=True)
+    occ, flow = random_sparse(rng, 30)
+    np.save(folder / f"{stem}_occ_final.npy", occ)
+    np.save(folder / f"{stem}_flow_final.npy", flow)
+    return occ, flow
+
+
+@pytest.mark.parametrize("root_level", ["occupancy", "split", "dataset-parent"])
+def test_openscene_metadata_paths_resolve_against_the_occupancy_folder(tmp_path: Path, root_level: str):
+    """OpenScene's occ_gt_final_path, verbatim from its v1.0 metadata, against --openscene-occupancy."""
+    rng = np.random.default_rng(5)
+    release = tmp_path / "dataset" / "openscene-v1.0" / "occupancy"
+    scene = release / "mini" / "log-0001-scene-0001" / "occ_gt"
+    truth = [_save_pair(scene, f"{i:03d}", rng) for i in range(3)]
+    rows = [
+        {
+            "token": f"t{i}",
+            "scene_name": "log-0001-scene-0001",
+            "frame_idx": i,
+            OCC_PATH_KEY: f"dataset/openscene-v1.0/occupancy/mini/log-0001-scene-0001/occ_gt/{i:03d}_occ_final.npy",
+            FLOW_PATH_KEY: f"dataset/openscene-v1.0/occupancy/mini/log-0001-scene-0001/occ_gt/{i:03d}_flow_final.npy",
+        }
+        for i in range(3)
+    ]
+    root = {"occupancy": release, "split": release / "mini", "dataset-parent": tmp_path}[root_level]
+    files = locate_label_files(rows, root, "mini")
+    assert files == [
+        LabelFiles(scene / f"{i:03d}_occ_final.npy", scene / f"{i:03d}_flow_final.npy") for i in range(3)
+    ]
+    assert check_label_files(files).ok
+    import_openscene_labels(files, tmp_path / "imported.zarr")
+    imported = open_occ(tmp_path / "imported.zarr")
+    for i, (occ, flow) in enumerate(truth):
+        sem, dense_flow = sparse_to_dense(occ, flow)
+        np.testing.assert_array_equal(imported.semantics[i], sem)
+        np.testing.assert_array_equal(imported.flow[i], dense_flow.astype(np.float16))
+    # without the flow key the flow file sits next to the occ file
+    no_flow = [{k: v for k, v in r.items() if k != FLOW_PATH_KEY} for r in rows]
+    assert locate_label_files(no_flow, root, "mini") == files
+    # a file the metadata names but nobody shipped is reported under the split folder, not guessed
+    (scene / "002_occ_final.npy").unlink()
+    report = check_label_files(locate_label_files(rows, root, "mini"))
+    assert list(report.problems) == [str(scene / "002_occ_final.npy")]
+    assert report.problems[str(scene / "002_occ_final.npy")] == ["occ file is missing"]
+
+
+def test_any_zero_padding_is_accepted(tmp_path: Path):
+    rng = np.random.default_rng(6)
+    stems = {"scene-a": "7", "scene-b": "07", "scene-c": "007", "scene-d": "0007", "scene-e": "00007"}
+    for scene, stem in stems.items():
+        _save_pair(tmp_path / "mini" / scene / "occ_gt", stem, rng)
+    rows = [{"scene_name": scene, "frame_idx": 7} for scene in stems]
+    files = locate_label_files(rows, tmp_path, "mini")
+    assert [f.occ.name for f in files] == [f"{s}_occ_final.npy" for s in stems.values()]
+    assert [f.flow.name for f in files] == [f"{s}_flow_final.npy" for s in stems.values()]
+    assert check_label_files(files).ok
+    # metadata naming 000-style files when the folder has another padding
+    meta = [{OCC_PATH_KEY: "dataset/openscene-v1.0/occupancy/mini/scene-d/occ_gt/007_occ_final.npy"}]
+    assert (
+        locate_label_files(meta, tmp_path, "mini")[0].occ
+        == tmp_path / "mini/scene-d/occ_gt/0007_occ_final.npy"
+    )
+    # the same frame under two paddings is ambiguous: refused, naming the folder and the files
+    _save_pair(tmp_path / "mini" / "scene-d" / "occ_gt", "07", rng)
+    with pytest.raises(
+        OpenSceneLabelError, match=r"scene-d/occ_gt: frame 7 has several label files \(0007_occ_final"
+    ):
+        locate_label_files([{"scene_name": "scene-d", "frame_idx": 7}], tmp_path, "mini")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import csv
+import pickle
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -150,8 +152,8 @@ def test_resume_continues_the_same_steps_and_loss_curve(split, tmp_path):
     assert resumed["step"] == 6
     assert [s for s, _ in resumed["train_loss"]] == [4, 5, 6]
     assert resumed["train_loss"] == full["train_loss"][3:]  # bitwise equal floats
-    a = torch.load(tmp_path / "runs" / "full" / "last.pt", weights_only=False)["model"]
-    b = torch.load(tmp_path / "runs" / "resumed" / "last.pt", weights_only=False)["model"]
+    a = torch.load(tmp_path / "runs" / "full" / "last.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "runs" / "resumed" / "last.pt", weights_only=True)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -175,6 +177,175 @@ def test_bad_checkpoint_is_reported(split, tmp_path):
         pretrain(_config(split, tmp_path, max_steps=1, resume=str(bad)))
     with pytest.raises(PretrainError, match="no such checkpoint"):
         pretrain(_config(split, tmp_path, max_steps=1, resume=str(tmp_path / "missing.pt")))
+
+
+# -- hostile and wrong checkpoints ------------------------------------------------------------------
+
+
+class _WritesMarker:
+    """Pickles as a call of ``open(marker, "w")``: unpickling it creates the marker file."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def _plain_types(value, where="checkpoint"):
+    """Every (path, type name) in ``value`` that is not a tensor or a plain type."""
+    if isinstance(value, dict):
+        return [p for k, v in value.items() for p in _plain_types(v, f"{where}[{k!r}]")]
+    if isinstance(value, list | tuple):
+        return [p for i, v in enumerate(value) for p in _plain_types(v, f"{where}[{i}]")]
+    if value is None or isinstance(value, bool | int | float | str | torch.Tensor):
+        return []
+    return [(where, type(value).__name__)]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(split, tmp_path_factory) -> Path:
+    """The last.pt of a 2-step run (read-only: tests copy what they change)."""
+    tmp = tmp_path_factory.mktemp("ckpt")
+    pretrain(_config(split, tmp, max_steps=2, ckpt_every=2, eval_every=0))
+    return tmp / "runs" / "pretrain" / "last.pt"
+
+
+def test_checkpoints_hold_only_tensors_and_plain_types(checkpoint):
+    state = torch.load(checkpoint, weights_only=True)
+    assert _plain_types(state) == []
+    tuples = [k for k, v in state["optimizer"]["param_groups"][0].items() if isinstance(v, tuple)]
+    assert tuples == ["betas"]  # torch's own layout; everything of ours is a list
+    assert state["format"] == 1 and state["step"] == 2 and isinstance(state["rng"], torch.Tensor)
+    assert isinstance(state["class_weights"], list) and len(state["class_weights"]) == FREE + 1
+    assert state["config"]["width"] == 8 and state["data"]["num_samples"] == state["micro_in_epoch"] * 2
+
+
+def _run_cli(args, cwd, timeout=300):
+    import subprocess
+    import sys
+
+    return subprocess.run(
+        [sys.executable, "-m", "driveengine.cli", *map(str, args)],
+        cwd=cwd, capture_output=True, text=True, timeout=timeout, check=False,
+    )  # fmt: skip
+
+
+def _cli_pretrain_args(split, tmp_path, resume):
+    return [
+        "pretrain", "--data", split.root, "--split", split.split, "--run-dir", tmp_path / "runs", "--max-steps", "1",
+        "--width", "8", "--stem-stride", "1", "--cpu-threads", "1", "--no-progress", "--resume", resume,
+    ]  # fmt: skip
+
+
+def test_resume_refuses_a_checkpoint_that_would_run_code(split, checkpoint, tmp_path):
+    marker = tmp_path / "marker"
+    evil = tmp_path / "evil.pt"
+    state = torch.load(checkpoint, weights_only=True)
+    state["model"] = _WritesMarker(marker)  # a real torch checkpoint whose model entry runs open()
+    torch.save(state, evil)
+    # the attack is real: the loading of the old code (weights_only=False) creates the marker
+    torch.load(evil, weights_only=False)
+    assert marker.exists()
+    marker.unlink()
+
+    result = _run_cli(_cli_pretrain_args(split, tmp_path, evil), cwd=tmp_path)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert len(lines) == 1, result.stderr  # one line, no traceback
+    assert str(evil) in lines[0] and "refused checkpoint" in lines[0] and "open" in lines[0]
+    assert "nothing from the file was run" in lines[0]
+    assert not marker.exists()
+
+    # a raw pickle (torch's legacy format) and `--resume auto` with a planted last.pt are refused too
+    from driveengine.train.loop import PretrainError
+
+    raw = tmp_path / "raw.pt"
+    with raw.open("wb") as f:
+        pickle.dump({"model": _WritesMarker(marker)}, f, protocol=2)
+    with pytest.raises(PretrainError, match=r"raw\.pt: refused checkpoint"):
+        pretrain(_config(split, tmp_path, max_steps=1, resume=str(raw)))
+    planted = tmp_path / "runs" / "pretrain" / "last.pt"
+    planted.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(evil, planted)
+    with pytest.raises(PretrainError, match=r"last\.pt: refused checkpoint"):
+        pretrain(_config(split, tmp_path, max_steps=1, resume="auto"))
+    assert not marker.exists()
+
+
+def _wrong_structures():
+    """(name, change of the loaded checkpoint state or raw bytes, expected message fragment)."""
+
+    def drop(key):
+        return lambda s: {k: v for k, v in s.items() if k != key}
+
+    def put(key, value):
+        return lambda s: {**s, key: value}
+
+    def wrong_moment(s):
+        opt = {**s["optimizer"], "state": dict(s["optimizer"]["state"])}
+        opt["state"][0] = {**opt["state"][0], "exp_avg": torch.zeros(3)}
+        return {**s, "optimizer": opt}
+
+    def other_width(s):
+        return {**s, "model": {k: torch.zeros([2 * d for d in v.shape]) for k, v in s["model"].items()}}
+
+    return [
+        ("not_a_dict", lambda s: [1, 2, 3], "it holds a list of 3, not a dict"),
+        ("bare_state_dict", lambda s: s["model"], "bare state_dict of tensors"),
+        ("missing_rng", drop("rng"), "missing keys ['rng']"),
+        ("missing_step", drop("step"), "missing keys ['step']"),
+        ("step_is_text", put("step", "2"), "'step' is str '2', expected a non-negative int"),
+        ("weights_short", put("class_weights", [1.0] * 3), "'class_weights' is a list of 3"),
+        ("weights_nan", put("class_weights", [float("nan")] * 17), "'class_weights'"),
+        ("rng_float", put("rng", torch.zeros(3)), "'rng' is a float32 tensor of shape (3,)"),
+        ("format_2", put("format", 2), "format 2 is not 1"),
+        ("format_tensor", put("format", torch.ones(3)), "format tensor([1., 1., 1.]) is not 1"),
+        ("data_keys", put("data", {"epoch": 0}), "'data' has missing keys"),
+        (
+            "scheduler_extra",
+            lambda s: {**s, "scheduler": {**s["scheduler"], "optimizer": 1}},
+            "unexpected keys",
+        ),
+        (
+            "optimizer_shape",
+            wrong_moment,
+            "'optimizer' state[0]['exp_avg'] is a float32 tensor of shape (3,)",
+        ),
+        ("other_model", other_width, "its model differs from this run's"),
+        ("empty_file", b"", "unreadable checkpoint (EOFError"),
+        ("text_file", b"not a checkpoint", "unreadable checkpoint: not a torch file"),
+    ]
+
+
+@pytest.mark.parametrize("name,change,fragment", _wrong_structures(), ids=[w[0] for w in _wrong_structures()])
+def test_wrong_checkpoints_are_one_clear_line(split, checkpoint, tmp_path, name, change, fragment):
+    from driveengine.train.loop import PretrainError
+
+    path = tmp_path / f"{name}.pt"
+    if isinstance(change, bytes):
+        path.write_bytes(change)
+    else:
+        torch.save(change(torch.load(checkpoint, weights_only=True)), path)
+    with pytest.raises(PretrainError) as exc:
+        pretrain(_config(split, tmp_path, max_steps=3, resume=str(path)))
+    message = str(exc.value)
+    assert "\n" not in message and message.startswith(f"{path}: "), message
+    assert fragment in message, message
+    assert "resume only from" in message or "resume with the options" in message, message
+
+
+def test_wrong_checkpoint_through_the_cli_is_one_line(split, checkpoint, tmp_path):
+    state = torch.load(checkpoint, weights_only=True)
+    del state["optimizer"]
+    path = tmp_path / "no_optimizer.pt"
+    torch.save(state, path)
+    result = _run_cli(_cli_pretrain_args(split, tmp_path, path), cwd=tmp_path)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert result.stderr.strip().splitlines() == [
+        f"error: {path}: not a usable pretrain checkpoint: missing keys ['optimizer']; resume only from a "
+        "ckpt_*.pt or last.pt that `driveengine pretrain` wrote, or start without --resume"
+    ]
 
 
 def test_cli_pretrain_runs_on_a_collected_split(split, tmp_path):

@@ -31,6 +31,7 @@ def downloaded(release, tmp_path_factory):
     out = tmp_path_factory.mktemp("downloaded") / "data"
     with FileServer(release["server"]) as server:
         args = ["download", "--split", "mini", "--shards", "0-1", "--out", str(out), "--base-url", server.url]
+        args += ["--release-json", str(release["release_json"])]  # the synthetic release's sizes
         result = CliRunner().invoke(app, [*args, "--keep-archives"])
     assert result.exit_code == 0, result.output
     return out

@@ -236,3 +236,32 @@ def test_show_finds_the_images_through_the_blob_root_collect_recorded(tmp_path, 
     np.testing.assert_array_equal(found, given)  # the camera panel shows the image
     assert np.abs(found[:, 200:] - missing[:, 200:]).max() > 50  # ... not the "no image" text
     np.testing.assert_array_equal(found[:, :200], missing[:, :200])  # the BEV panel is the same
+
+
+def test_unwritable_out_is_one_clear_line(split, tmp_path, monkeypatch, capsys):
+    from driveengine import cli
+
+    split_dir, _ = split
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+
+    def run(*args: str) -> tuple[int, str]:
+        monkeypatch.setattr(
+            "sys.argv", ["driveengine", "show", str(split_dir), "--log", LOG, "--size", "200", *args]
+        )
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exc:
+            cli.main()
+        return int(exc.value.code or 0), capsys.readouterr().err
+
+    for target, reason in (
+        ("/proc/x.png", "cannot write the picture: "),  # a kernel file system: no new files
+        (str(blocker / "x.png"), "cannot write the picture: "),  # a file where a folder should be
+        (str(tmp_path / "pic.xyz"), "cannot write the picture: Format 'xyz' is not supported"),
+    ):
+        code, err = run("--out", target)
+        (line,) = err.strip().splitlines()
+        assert code == 2 and line.startswith(f"error: {target}: {reason}"), line
+    code, err = run("--video", "--out", str(blocker / "v.gif"))
+    (line,) = err.strip().splitlines()
+    assert code == 2 and line.startswith(f"error: {blocker / 'v.gif'}: cannot write the picture: ")

@@ -8,19 +8,30 @@ Typical use (the per-log job does this)::
 
     selection = select_frames(log, FrameOptions(split="mini"), blob_root=Path("sensor_blobs"))
     table = build_frame_table(log, selection, FrameOptions(split="mini"))
+    check_finite(table, log.path, log.log_name)
+
+**Bad inputs never become rows.** A key frame whose ego pose is not finite (NaN/inf translation, a
+non-finite or zero-norm quaternion) is dropped (``bad_ego_pose``). With ``check_blobs`` a frame is
+dropped when its files are absent (``missing_lidar``, ``missing_camera``) or broken: the blob check
+reads only the head and the tail of each file of a kept frame (:func:`jpeg_defect`: JPEG start marker
+``FF D8 FF`` at the start, end marker ``FF D9`` at the end; :func:`pcd_defect`: a parsable PCD header and
+a file long enough for its ``POINTS``), so ``broken_image`` and ``broken_lidar`` cost a few small reads
+per frame, not a decode. Finally :func:`check_finite` refuses a table with a NaN/inf in any of
+:data:`~driveengine.schemas.frame.FINITE_COLUMNS` (the log fails, naming column, row and token).
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
-from driveengine.errors import SourceError
+from driveengine.errors import PCDError, SourceError
 from driveengine.geometry import (
     make_transform,
     matrix_to_quaternion,
@@ -35,6 +46,7 @@ from driveengine.schemas.frame import (
     CAMS_TYPE,
     DRIVING_COMMAND_LATERAL_M,
     DRIVING_COMMAND_LOOKAHEAD_M,
+    FINITE_COLUMNS,
     FRAME_SCHEMA,
     TRAFFIC_LIGHT_TYPE,
 )
@@ -47,10 +59,20 @@ FILTERED_CATEGORIES: tuple[str, ...] = ("traffic_cone", "barrier", "czone_sign",
 DROP_REASONS: tuple[str, ...] = (
     "no_frame_with_all_cameras",  # the log has no lidar_pc with all 8 camera images: no key frames at all
     "not_in_split",  # the split lists tokens and this key frame is not one of them
+    "bad_ego_pose",  # the ego pose has a NaN/inf translation or a non-finite / zero-norm quaternion
     "missing_lidar",  # the .pcd file is not under the blob root
     "no_camera_image",  # a channel has no image row within +-50 ms of the lidar_pc
     "missing_camera",  # an image row exists but its .jpg file is not under the blob root
+    "broken_lidar",  # the .pcd file has no parsable header or is shorter than its header says
+    "broken_image",  # a .jpg file lacks the JPEG start or end marker (empty or truncated)
 )
+
+#: Drop reasons that mean a sensor file is broken (the summary asks to repair them).
+BROKEN_BLOB_REASONS: tuple[str, ...] = ("broken_lidar", "broken_image")
+#: Bytes read from the end of a ``.jpg`` to find its end marker in (a little padding after it is allowed).
+JPEG_TAIL_BYTES = 64
+#: Broken files named per log and kind (the manifest's notes and the summary), beyond which they are counted.
+BROKEN_EXAMPLES = 3
 
 _TRAFFIC_LIGHT_RED = 2
 
@@ -65,7 +87,8 @@ class FrameOptions:
             sweeps already are key frames (OpenScene).
         is_test: write null ``anns`` (test data has no boxes).
         filter_instance: drop boxes of :data:`FILTERED_CATEGORIES` (OpenScene's ``--filter-instance``).
-        check_blobs: drop frames whose ``.pcd`` or images are missing under the blob root.
+        check_blobs: drop frames whose ``.pcd`` or images are missing under the blob root or broken
+            (:func:`pcd_defect`, :func:`jpeg_defect`).
     """
 
     split: str
@@ -88,12 +111,15 @@ class FrameSelection:
         kept: (K,) bool, whether each candidate becomes a row.
         dropped: frames dropped, by reason (see :data:`DROP_REASONS`); zero counts omitted.
         notes: human-readable remarks for the summary (e.g. why a log has no rows).
+        broken: ``"<file>: <defect>"`` of the first broken sensor files (up to :data:`BROKEN_EXAMPLES`
+            per kind).
     """
 
     candidates: np.ndarray
     kept: np.ndarray
     dropped: dict[str, int] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    broken: list[str] = field(default_factory=list)
 
     @property
     def key_sweeps(self) -> np.ndarray:
@@ -167,6 +193,106 @@ def _require_sensor_folder(log: LogData, candidates: np.ndarray, blob_root: Path
         )
 
 
+def jpeg_defect(path: str | os.PathLike[str]) -> str | None:
+    """What is wrong with a ``.jpg`` file, or None when it looks whole.
+
+    Reads the first 3 and the last :data:`JPEG_TAIL_BYTES` bytes only: a JPEG starts with the SOI marker
+    and the next marker's ``FF`` (``FF D8 FF``) and ends with the EOI marker ``FF D9`` (a few bytes of
+    padding after it, as some encoders write, are tolerated; ``FF D9`` cannot occur inside the
+    entropy-coded data, where every ``FF`` is followed by ``00`` or a restart marker). An empty or
+    truncated file fails; the image data is not decoded.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError as exc:
+        return f"cannot open ({exc.strerror or exc})"
+    try:
+        size = os.fstat(fd).st_size
+        if size < 4:
+            return f"{size} bytes, too short for a JPEG"
+        head = os.pread(fd, 3, 0)
+        tail = os.pread(fd, min(size, JPEG_TAIL_BYTES), max(0, size - JPEG_TAIL_BYTES))
+    except OSError as exc:
+        return f"cannot read ({exc.strerror or exc})"
+    finally:
+        os.close(fd)
+    if head != b"\xff\xd8\xff":
+        return "no JPEG start marker (FF D8 FF): not a JPEG"
+    if b"\xff\xd9" not in tail:
+        return "no JPEG end marker (FF D9): truncated"
+    return None
+
+
+def pcd_defect(path: str | os.PathLike[str]) -> str | None:
+    """What is wrong with a ``.pcd`` file, or None when it looks whole.
+
+    Parses the header (:func:`driveengine.sources.pcd.read_pcd_header`) and compares the file size with
+    what the header announces: ``binary`` needs ``POINTS x`` record size bytes after the header
+    (trailing bytes are allowed, as in nuPlan's files); ``binary_compressed`` needs its two size words,
+    an uncompressed size of ``POINTS x`` record size and the compressed bytes they announce; ``ascii``
+    needs a body when ``POINTS > 0``. The point data itself is not decoded.
+    """
+    from driveengine.sources.pcd import read_pcd_header  # imports numba (~0.4 s): only when blobs are checked
+
+    try:
+        header = read_pcd_header(path)
+        size = os.stat(path).st_size
+    except PCDError as exc:
+        return exc.reason
+    except OSError as exc:
+        return f"cannot read ({exc.strerror or exc})"
+    body = size - header.data_offset
+    need = header.points * header.dtype.itemsize
+    if header.encoding == "binary" and body < need:
+        return f"truncated: {header.points} points need {need} bytes after the header, the file has {body}"
+    if header.encoding == "binary_compressed":
+        try:
+            with open(path, "rb") as f:
+                f.seek(header.data_offset)
+                words = f.read(8)
+        except OSError as exc:
+            return f"cannot read ({exc.strerror or exc})"
+        if len(words) < 8:
+            return "truncated: binary_compressed data lacks its two size words"
+        compressed, uncompressed = int.from_bytes(words[:4], "little"), int.from_bytes(words[4:], "little")
+        if uncompressed != need:
+            return f"binary_compressed announces {uncompressed} bytes, {header.points} points need {need}"
+        if body < 8 + compressed:
+            return f"truncated: {compressed} compressed bytes announced, {max(0, body - 8)} present"
+    if header.encoding == "ascii" and header.points > 0 and body <= 0:
+        return f"truncated: no data for {header.points} points"
+    return None
+
+
+def _defects(
+    paths: np.ndarray,
+    rows: np.ndarray,
+    blob_root: Path,
+    defect: Callable[[Path], str | None],
+    examples: list[str],
+) -> tuple[np.ndarray, int]:
+    """Which of ``paths`` (shape (K,) or (K, C)) are broken, checking the rows flagged in ``rows`` only.
+
+    Returns:
+        (same shape as ``paths``) bool, True where broken; the number of broken files. The first
+        :data:`BROKEN_EXAMPLES` are appended to ``examples`` as ``"<file>: <defect>"``.
+    """
+    width = 1 if np.ndim(paths) == 1 else np.shape(paths)[1]
+    table = np.asarray(paths, dtype=str).reshape(len(rows), width)
+    broken = np.zeros(table.shape, dtype=bool)
+    count = 0
+    for i in np.flatnonzero(rows):
+        for j in range(table.shape[1]):
+            path = blob_root / table[i, j]
+            why = defect(path)
+            if why is not None:
+                broken[i, j] = True
+                count += 1
+                if count <= BROKEN_EXAMPLES:
+                    examples.append(f"{path}: {why}")
+    return broken.reshape(np.shape(paths)), count
+
+
 def select_frames(
     log: LogData,
     options: FrameOptions,
@@ -212,18 +338,28 @@ def select_frames(
     if tokens is not None:
         wanted = np.array(sorted(set(tokens)), dtype=str)
         drop(~np.isin(log.sweep_token[candidates], wanted), "not_in_split")
+    drop(~log.valid_ego_poses()[candidates], "bad_ego_pose")
+    broken: list[str] = []
     if options.check_blobs:
         if blob_root is None:
             raise ValueError("check_blobs needs a blob_root")
         _require_sensor_folder(log, candidates, blob_root)
-        lidar_ok = _present(log.sweep_lidar_path[candidates], blob_root)
-        drop(~lidar_ok, "missing_lidar")
+        lidar = log.sweep_lidar_path[candidates]
+        drop(~_present(lidar, blob_root), "missing_lidar")
         images = log.image_path[candidates]
         drop(np.any(images == "", axis=1), "no_camera_image")
         drop(~np.all(_present(images, blob_root), axis=1), "missing_camera")
+        # Header checks of the files of the frames still kept (a few small reads per file).
+        bad_lidar, n_lidar = _defects(lidar, kept, blob_root, pcd_defect, broken)
+        drop(bad_lidar, "broken_lidar")
+        bad_images, n_images = _defects(images, kept, blob_root, jpeg_defect, broken)
+        drop(np.any(bad_images, axis=1), "broken_image")
+        for n, kind in ((n_lidar, ".pcd"), (n_images, ".jpg")):
+            if n:
+                notes.append(f"{n} broken {kind} file(s), their frames dropped")
     else:
         drop(np.any(log.image_path[candidates] == "", axis=1), "no_camera_image")
-    return FrameSelection(candidates=candidates, kept=kept, dropped=dropped, notes=notes)
+    return FrameSelection(candidates=candidates, kept=kept, dropped=dropped, notes=notes, broken=broken)
 
 
 def driving_commands(translation: np.ndarray, rotation: np.ndarray) -> np.ndarray:
@@ -352,8 +488,12 @@ def build_frame_table(log: LogData, selection: FrameSelection, options: FrameOpt
     s = selection.key_sweeps
     k = int(s.shape[0])
 
-    # Ego poses and the driving command (over the candidate grid, so drops do not change it).
-    command = driving_commands(log.ego_translation[cand], log.ego_rotation[cand])[selection.kept]
+    # Ego poses and the driving command (over the candidate grid with a valid pose, so other drops do
+    # not change it; a frame with a bad pose is never kept).
+    valid = log.valid_ego_poses()[cand]
+    commands = np.zeros((cand.shape[0], 4), dtype=np.int8)
+    commands[valid] = driving_commands(log.ego_translation[cand[valid]], log.ego_rotation[cand[valid]])
+    command = commands[selection.kept]
     t_ego = log.ego_translation[s]
     q_ego = log.ego_rotation[s]
     global_from_ego = make_transform(q_ego, t_ego)
@@ -525,3 +665,62 @@ def _anns_array(
         ]
         return pa.StructArray.from_arrays(children, fields=fields, mask=pa.array(np.ones(k, dtype=bool)))
     return pa.StructArray.from_arrays(children, fields=fields)
+
+
+# -- finiteness --------------------------------------------------------------------------------------
+
+
+class NonFiniteError(SourceError):
+    """A frame row would hold NaN/inf in a column that must be finite (see ``FINITE_COLUMNS``)."""
+
+
+def _column_paths(path: str) -> list[str]:
+    """A :data:`FINITE_COLUMNS` entry with ``cams.*`` expanded to every camera."""
+    if path.startswith("cams.*."):
+        return [path.replace("*", channel, 1) for channel in CAMERA_CHANNELS]
+    return [path]
+
+
+def _first_non_finite(values: pa.Array) -> tuple[int, float] | None:
+    """(row, value) of the first NaN/inf in a column of (nested lists of) floats, None when all finite."""
+    rows = np.arange(len(values), dtype=np.int64)
+    while pa.types.is_list(values.type) or pa.types.is_fixed_size_list(values.type):
+        rows = rows[pc.list_parent_indices(values).to_numpy()]
+        values = pc.list_flatten(values)
+    numbers = values.to_numpy(zero_copy_only=False)
+    bad = ~np.isfinite(numbers)
+    if values.null_count:
+        bad &= values.is_valid().to_numpy(zero_copy_only=False)
+    if not bad.any():
+        return None
+    first = int(np.argmax(bad))
+    return int(rows[first]), float(numbers[first])
+
+
+def check_finite(table: pa.Table, source: str | os.PathLike[str], log_name: str) -> None:
+    """Refuse frame rows with a NaN/inf in any column of :data:`~driveengine.schemas.frame.FINITE_COLUMNS`.
+
+    Args:
+        table: a log's frame rows (:data:`FRAME_SCHEMA`).
+        source: the input file (named in the error).
+        log_name: the log (named in the error).
+
+    Raises:
+        NonFiniteError: one line naming the file, log, column, first bad row and its token.
+    """
+    for declared in FINITE_COLUMNS:
+        for path in _column_paths(declared):
+            top, *members = path.split(".")
+            column = table.column(top).combine_chunks()
+            for member in members:
+                column = pc.struct_field(column, [member])
+            found = _first_non_finite(column)
+            if found is not None:
+                row, value = found
+                token = table.column("token")[row].as_py()
+                raise NonFiniteError(
+                    source,
+                    f"log {log_name}: column {path} holds {value} at row {row} (token {token}); frame rows "
+                    "must be finite there",
+                    "fix the input, or collect the other logs with --logs",
+                )

@@ -4,6 +4,11 @@
 comes back as a :class:`LogResult` with ``status="failed"`` and a reason that names the file, and its
 temporaries are removed. It commits the log's files itself (rename into place); the manifest is
 updated by the client alone, from the returned entry.
+
+Before anything is written the rows are checked for NaN/inf in the schema's finite columns
+(:func:`~driveengine.collect.frames.check_finite`: the log fails, naming column, row and token). In a
+pool worker, ``may_commit`` is asked right before the rename: a worker whose client is gone (killed)
+commits nothing.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from driveengine.collect.frames import FrameOptions, build_frame_table, select_frames
+from driveengine.collect.frames import FrameOptions, build_frame_table, check_finite, select_frames
 from driveengine.errors import DriveEngineError
 from driveengine.sources.logdata import LogData
 from driveengine.store.commit import commit_log_files, meta_relpath, occ_relpath, temporary_path
@@ -78,6 +83,7 @@ class LogResult:
         frames: rows written.
         dropped: frames dropped by reason.
         notes: remarks (e.g. a log without key frames).
+        broken: ``"<file>: <defect>"`` of the first broken sensor files found (their frames dropped).
         seconds: wall time of the job.
         peak_rss_mib: peak resident memory of the worker process so far, MiB.
     """
@@ -89,6 +95,7 @@ class LogResult:
     frames: int = 0
     dropped: dict[str, int] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    broken: list[str] = field(default_factory=list)
     seconds: float = 0.0
     peak_rss_mib: float = 0.0
 
@@ -161,12 +168,17 @@ def _write_labels(
     )
 
 
-def run_log(task: LogTask, progress: Callable[[int], None] | None = None) -> LogResult:
+def run_log(
+    task: LogTask,
+    progress: Callable[[int], None] | None = None,
+    may_commit: Callable[[], bool] | None = None,
+) -> LogResult:
     """Collect one log: read, select key frames, write ``meta/<log>.parquet`` (+ labels), commit files.
 
     Args:
         task: what to do.
         progress: called with the number of frames whose labels were just finished (in-process runs).
+        may_commit: asked right before the commit; False (the client is gone) fails the log instead.
 
     Never raises; see :class:`LogResult`.
     """
@@ -184,6 +196,7 @@ def run_log(task: LogTask, progress: Callable[[int], None] | None = None) -> Log
             tokens=_split_tokens(task),
         )
         table = build_frame_table(log, selection, task.options)
+        check_finite(table, task.input_path, task.log_name)
         meta_rel = meta_relpath(task.log_name)
         meta_tmp = temporary_path(split_dir / meta_rel)
         meta_tmp.parent.mkdir(parents=True, exist_ok=True)
@@ -199,7 +212,7 @@ def run_log(task: LogTask, progress: Callable[[int], None] | None = None) -> Log
             temporaries.append(occ_tmp)
             label_stats = _write_labels(task, log, selection.key_sweeps, occ_tmp, progress)
             files[occ_rel] = occ_tmp
-        checksums = commit_log_files(split_dir, files)
+        checksums = commit_log_files(split_dir, files, may_commit)
         temporaries.clear()
         timestamps = table.column("timestamp").to_numpy()
         notes = list(selection.notes) + list(log.notes)
@@ -209,6 +222,7 @@ def run_log(task: LogTask, progress: Callable[[int], None] | None = None) -> Log
             frames=table.num_rows,
             dropped=dict(selection.dropped),
             notes=notes,
+            broken=list(selection.broken),
             entry={
                 "frames": table.num_rows,
                 "meta": meta_rel,
@@ -227,7 +241,7 @@ def run_log(task: LogTask, progress: Callable[[int], None] | None = None) -> Log
                 "log_name": log.log_name,
                 "first_timestamp": int(timestamps[0]) if len(timestamps) else None,
                 "last_timestamp": int(timestamps[-1]) if len(timestamps) else None,
-                "notes": notes,
+                "notes": notes + list(selection.broken),
                 "committed_at": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
             },
         )

@@ -189,7 +189,9 @@ def label_sweep_set(log: LogData, key_sweeps: np.ndarray, sweep_step: int) -> np
     """Sorted indices of the sweeps that may be aggregated (see :attr:`LabelConfig.sweep_step`).
 
     With ``sweep_step = n > 0`` a sweep ``k`` is in the set iff ``k - key`` is a multiple of ``n``, where
-    ``key`` is the last key sweep at or before ``k`` (the first key sweep for sweeps before it).
+    ``key`` is the last key sweep at or before ``k`` (the first key sweep for sweeps before it), and
+    the sweep's ego pose is valid (:meth:`LogData.valid_ego_poses`: a sweep without one cannot be moved
+    into a key frame; key frames always have one, collect drops the others).
     """
     key_sweeps = np.asarray(key_sweeps, dtype=np.int64)
     if sweep_step <= 0 or key_sweeps.size == 0:
@@ -197,7 +199,7 @@ def label_sweep_set(log: LogData, key_sweeps: np.ndarray, sweep_step: int) -> np
     k = np.arange(log.num_sweeps, dtype=np.int64)
     prev = np.searchsorted(key_sweeps, k, side="right") - 1
     anchor = key_sweeps[np.maximum(prev, 0)]
-    return k[np.abs(k - anchor) % sweep_step == 0]
+    return k[(np.abs(k - anchor) % sweep_step == 0) & log.valid_ego_poses()]
 
 
 @dataclass

@@ -3,8 +3,9 @@
 Schedulers (one log per task, dynamic scheduling, per-log error isolation):
 
 * ``workers=1``: in this process;
-* ``workers=N``: a local process pool (``forkserver`` context: workers start clean, forked from a
-  server process that imported the job's modules once);
+* ``workers=N``: a local process pool (:mod:`driveengine.collect.pool`: workers forked from a
+  ``forkserver``; a worker killed by the OOM killer costs one retry of its log, not the run; workers die
+  with this process, even after ``kill -9``);
 * ``scheduler="local:N"``: a Dask ``LocalCluster`` of N single-threaded worker processes on 127.0.0.1;
 * ``scheduler="tcp://host:port"``: an existing Dask distributed cluster; the output folder must be on a
   file system the workers share.
@@ -14,24 +15,29 @@ owns ``manifest.json`` and saves it after each finished log, so an interrupted r
 logs (for huge manifests, saves are spaced by :data:`MANIFEST_SAVE_BACKOFF` times their cost; a log
 whose entry was not saved yet is simply redone). A lock file refuses a second ``collect`` on the same
 output. Logs about to be redone lose their entry first, so an entry never disagrees with its files.
+
+Ctrl-C (SIGINT) stops the workers, saves the manifest with the logs finished so far and raises
+:class:`CollectInterrupted` (a ``KeyboardInterrupt``); the command line prints one line and exits 130.
+Running the same command again resumes.
 """
 
 from __future__ import annotations
 
-import multiprocessing
+import contextlib
+import logging
+import signal
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures import as_completed as futures_as_completed
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from driveengine.collect.frames import FrameOptions
+from driveengine.collect.frames import BROKEN_BLOB_REASONS, FrameOptions
 from driveengine.collect.job import PARQUET_OPTIONS, LogResult, LogTask, run_log
+from driveengine.collect.pool import run_pool
 from driveengine.errors import DriveEngineError
 from driveengine.schemas import FORMAT_VERSION
 from driveengine.schemas.classes import CAMERA_CHANNELS, LIDAR_CHANNEL
@@ -54,6 +60,21 @@ MANIFEST_SAVE_BACKOFF = 10.0
 
 class CollectError(DriveEngineError):
     """``collect`` cannot start: bad input folder, unknown logs, bad scheduler, ..."""
+
+
+class CollectInterrupted(KeyboardInterrupt):
+    """Ctrl-C stopped a ``collect``; the logs finished before are committed (``summary``).
+
+    A ``KeyboardInterrupt``, so callers that do not know it stop as usual; ``str()`` is the one line the
+    command line prints.
+    """
+
+    def __init__(self, summary: CollectSummary, committed: int) -> None:
+        self.summary = summary
+        super().__init__(
+            f"interrupted: {len(summary.done)} logs committed in this run, {committed} in "
+            f"{summary.split_dir}; run the same command again to resume"
+        )
 
 
 @dataclass
@@ -120,6 +141,7 @@ class CollectSummary:
         seconds: wall time.
         peak_rss_mib: highest peak resident memory reported by a worker, MiB.
         cleaned: stale temporaries removed at start.
+        broken: ``"<file>: <defect>"`` of the first broken sensor files met (their frames dropped).
     """
 
     split_dir: Path
@@ -132,6 +154,7 @@ class CollectSummary:
     seconds: float = 0.0
     peak_rss_mib: float = 0.0
     cleaned: list[str] = field(default_factory=list)
+    broken: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -146,6 +169,14 @@ class CollectSummary:
         if self.dropped:
             lines.append(
                 "frames dropped: " + ", ".join(f"{reason} {n}" for reason, n in sorted(self.dropped.items()))
+            )
+        broken = {reason: self.dropped[reason] for reason in BROKEN_BLOB_REASONS if self.dropped.get(reason)}
+        if broken:
+            counts = ", ".join(f"{reason} {n}" for reason, n in broken.items())
+            lines.append(
+                f"WARNING: {sum(broken.values())} frames dropped for broken sensor files ({counts}), e.g. "
+                f"{self.broken[0] if self.broken else '?'}; repair or re-download them, then run again "
+                "with --overwrite"
             )
         for name, why in sorted(self.empty.items()):
             lines.append(f"  empty log {name}: {why}")
@@ -294,55 +325,18 @@ def _results_inline(tasks: list[LogTask], progress: Callable[[str, int], None]) 
         yield run_log(task, progress=lambda n, name=task.log_name: progress(name, n))
 
 
-#: In a pool worker: the queue that carries (log name, frames labelled) to the client's frames bar.
-_PROGRESS_QUEUE: Any = None
-
-
-def _init_pool_worker(queue: Any) -> None:
-    global _PROGRESS_QUEUE
-    _PROGRESS_QUEUE = queue
-
-
-def _run_log_in_pool(task: LogTask) -> LogResult:
-    """:func:`run_log` in a pool worker, reporting labelling progress through the worker's queue."""
-    queue = _PROGRESS_QUEUE
-    return run_log(task, progress=None if queue is None else lambda n: queue.put((task.log_name, n)))
-
-
-def _results_pool(
-    tasks: list[LogTask], workers: int, progress: Callable[[str, int], None]
-) -> Iterator[LogResult]:
-    # forkserver: a clean server process imports the job's modules once and forks each worker from it
-    # (no inherited threads or locks as with fork; much faster worker start than spawn).
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["driveengine.collect.runner"])
-    queue = context.SimpleQueue()
-    drain = threading.Thread(target=_drain, args=(queue, progress), daemon=True)
-    drain.start()
+@contextlib.contextmanager
+def _sigint_ignored() -> Iterator[None]:
+    """Ignore SIGINT while processes are started (they inherit it: a terminal's Ctrl-C reaches the whole
+    process group, and then only this process reacts); a no-op outside the main thread."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
-        with ProcessPoolExecutor(
-            max_workers=workers, mp_context=context, initializer=_init_pool_worker, initargs=(queue,)
-        ) as pool:
-            futures = {pool.submit(_run_log_in_pool, task): task for task in tasks}
-            try:
-                for future in futures_as_completed(futures):
-                    task = futures[future]
-                    try:
-                        yield future.result()
-                    except Exception as exc:  # the worker process died (killed, out of memory, segfault)
-                        reason = f"{task.input_path}: worker process failed ({exc!r})"
-                        yield LogResult(task.log_name, "failed", reason=reason)
-            finally:
-                for future in futures:
-                    future.cancel()
+        yield
     finally:
-        queue.put(None)
-        drain.join(timeout=10)
-
-
-def _drain(queue: Any, progress: Callable[[str, int], None]) -> None:
-    while (item := queue.get()) is not None:
-        progress(*item)
+        signal.signal(signal.SIGINT, previous)
 
 
 def _results_dask(tasks: list[LogTask], scheduler: str) -> Iterator[LogResult]:
@@ -356,13 +350,15 @@ def _results_dask(tasks: list[LogTask], scheduler: str) -> Iterator[LogResult]:
             n = int(scheduler.removeprefix("local:"))
         except ValueError:
             raise CollectError(f"--scheduler {scheduler!r}: expected local:N with N workers") from None
-        cluster = LocalCluster(
-            n_workers=n,
-            threads_per_worker=1,
-            host="127.0.0.1",
-            dashboard_address="127.0.0.1:0",
-            processes=True,
-        )
+        with _sigint_ignored():  # the cluster's processes inherit it: Ctrl-C is handled here alone
+            cluster = LocalCluster(
+                n_workers=n,
+                threads_per_worker=1,
+                host="127.0.0.1",
+                dashboard_address="127.0.0.1:0",
+                processes=True,
+                silence_logs=logging.ERROR,  # not the warnings of tasks cancelled by Ctrl-C; failures are ours
+            )
         client = Client(cluster)
     elif scheduler.startswith("tcp://"):
         try:
@@ -386,9 +382,10 @@ def _results_dask(tasks: list[LogTask], scheduler: str) -> Iterator[LogResult]:
                     task.log_name, "failed", reason=f"{task.input_path}: Dask task failed ({exc!r})"
                 )
     finally:
-        client.close()
-        if cluster is not None:
-            cluster.close()
+        with _sigint_ignored():  # a Ctrl-C during the shutdown would leave the cluster half closed
+            client.close()
+            if cluster is not None:
+                cluster.close()
 
 
 def collect(config: CollectConfig, echo: Callable[[str], None] = print) -> CollectSummary:
@@ -405,33 +402,38 @@ def collect(config: CollectConfig, echo: Callable[[str], None] = print) -> Colle
     split_dir, tasks = plan_tasks(config)
     summary = CollectSummary(split_dir=split_dir)
     split_dir.mkdir(parents=True, exist_ok=True)
-    with CollectLock(split_dir):
-        summary.cleaned = clean_stale_temporaries(split_dir)
-        manifest: Manifest = load_or_create_manifest(split_dir, split_dir.name)
-        todo = []
-        for task in tasks:
-            if not config.overwrite and _is_current(split_dir, manifest.logs.get(task.log_name), task):
-                summary.skipped.append(task.log_name)
-            else:
-                todo.append(task)
-        # An entry must never disagree with its files: forget the logs about to be redone first.
-        forgotten = [t.log_name for t in todo if manifest.logs.pop(t.log_name, None) is not None]
-        if forgotten or not (split_dir / "manifest.json").exists():
-            save_manifest(split_dir, manifest)
-        if todo:
-            echo(f"collect: {len(todo)} logs to do, {len(summary.skipped)} up to date -> {split_dir}")
-        bars = _Bars(len(todo), config.progress and bool(todo))
-        try:
-            _consume(_run(config, todo, bars), manifest, split_dir, summary, bars)
-        finally:
-            bars.close()
+    manifest = Manifest(split=split_dir.name)
+    try:
+        with CollectLock(split_dir):
+            summary.cleaned = clean_stale_temporaries(split_dir)
+            manifest = load_or_create_manifest(split_dir, split_dir.name)
+            todo = []
+            for task in tasks:
+                if not config.overwrite and _is_current(split_dir, manifest.logs.get(task.log_name), task):
+                    summary.skipped.append(task.log_name)
+                else:
+                    todo.append(task)
+            # An entry must never disagree with its files: forget the logs about to be redone first.
+            forgotten = [t.log_name for t in todo if manifest.logs.pop(t.log_name, None) is not None]
+            if forgotten or not (split_dir / "manifest.json").exists():
+                save_manifest(split_dir, manifest)
+            if todo:
+                echo(f"collect: {len(todo)} logs to do, {len(summary.skipped)} up to date -> {split_dir}")
+            bars = _Bars(len(todo), config.progress and bool(todo))
+            try:
+                _consume(_run(config, todo, bars), manifest, split_dir, summary, bars)
+            finally:
+                bars.close()
+    except KeyboardInterrupt:
+        summary.seconds = time.perf_counter() - start
+        raise CollectInterrupted(summary, len(manifest.logs)) from None
     summary.seconds = time.perf_counter() - start
     return summary
 
 
 class _Bars:
-    """tqdm bars of logs and frames; frames advance while labels are made (in-process and pool runs)
-    or when a log ends (Dask). Thread-safe: pool progress arrives on a helper thread."""
+    """tqdm bars of logs and frames; frames advance while labels are made (in-process and pool runs:
+    progress arrives in this thread, between results) or when a log ends (Dask)."""
 
     def __init__(self, total_logs: int, enabled: bool) -> None:
         from tqdm import tqdm
@@ -440,19 +442,16 @@ class _Bars:
         self.frames = tqdm(desc="frames", unit="frame", disable=not enabled, position=1)
         self._reported: Counter = Counter()
         self._done: set[str] = set()
-        self._lock = threading.Lock()
 
     def frame_progress(self, log_name: str, n: int) -> None:
-        with self._lock:
-            if log_name not in self._done:  # a late message of a finished log is already counted
-                self._reported[log_name] += n
-                self.frames.update(n)
+        if log_name not in self._done:  # a late message of a finished log is already counted
+            self._reported[log_name] += n
+            self.frames.update(n)
 
     def log_done(self, result: LogResult) -> None:
-        with self._lock:
-            self._done.add(result.log_name)
-            self.frames.update(max(0, result.frames - self._reported.pop(result.log_name, 0)))
-            self.logs.update(1)
+        self._done.add(result.log_name)
+        self.frames.update(max(0, result.frames - self._reported.pop(result.log_name, 0)))
+        self.logs.update(1)
 
     def close(self) -> None:
         self.frames.close()
@@ -466,7 +465,7 @@ def _run(config: CollectConfig, todo: list[LogTask], bars: _Bars) -> Iterator[Lo
         return _results_dask(todo, config.scheduler)
     if config.workers <= 1 or len(todo) == 1:
         return _results_inline(todo, bars.frame_progress)
-    return _results_pool(todo, min(config.workers, len(todo)), bars.frame_progress)
+    return run_pool(todo, min(config.workers, len(todo)), bars.frame_progress)
 
 
 def _consume(
@@ -484,6 +483,7 @@ def _consume(
                 summary.done.append(result.log_name)
                 summary.frames += result.frames
                 summary.dropped.update(result.dropped)
+                summary.broken.extend(result.broken)
                 if result.frames == 0:
                     summary.empty[result.log_name] = "; ".join(result.notes) or "no key frame kept"
             else:

@@ -7,9 +7,14 @@ The loader reads whole frames only, so for the layout ``store/occ.py`` writes (c
 module reads the shard index once per shard, checks its CRC-32C, fetches a run of frames with one
 ranged read and decompresses each chunk straight into the caller's preallocated array. It follows
 the Zarr v3 sharding specification (index of ``(offset, nbytes)`` uint64 pairs per inner chunk, C
-order, ``2**64 - 1`` for an empty chunk that reads as the fill value; a missing shard file reads as
-the fill value too) and is used only when :meth:`FrameArrayReader.for_array` recognises the codecs;
-anything else goes through ``zarr`` itself.
+order, ``2**64 - 1`` for an empty chunk that reads as the fill value) and is used only when
+:meth:`FrameArrayReader.for_array` recognises the codecs; anything else goes through ``zarr`` itself.
+
+Unlike zarr, a **missing shard file is an error** (:class:`ShardMissingError`), not fill values:
+DriveEngine's writer writes every shard of every array (all frames are appended and empty chunks are
+written), so a missing file means a deleted or lost file, and reading it as "all free, no flow,
+unobserved" would be silently wrong labels. An empty chunk recorded in a shard's checksummed index
+is the writer's own statement and still reads as the fill value.
 """
 
 from __future__ import annotations
@@ -26,7 +31,11 @@ _EMPTY_INT = 2**64 - 1
 
 
 class ShardReadError(Exception):
-    """A shard or chunk could not be read or decoded (the caller adds the log and file)."""
+    """A shard or chunk could not be read or decoded (the message names the file; the caller adds the log)."""
+
+
+class ShardMissingError(ShardReadError):
+    """A shard file that holds requested frames does not exist."""
 
 
 class FrameArrayReader:
@@ -67,7 +76,7 @@ class FrameArrayReader:
         self.ndim = ndim
         self.separator = separator
         self.frame_bytes = int(np.prod(frame_shape)) * self.dtype.itemsize
-        self._index: dict[int, np.ndarray | None] = {}  # shard -> chunk index (a few hundred bytes)
+        self._index: dict[int, np.ndarray] = {}  # shard -> chunk index (a few hundred bytes)
         self._entries: dict[int, list[list[int]]] = {}  # the same as Python ints
         self._fd: int | None = None  # one open shard file (local): consecutive reads reuse it
         self._fd_shard = -1
@@ -128,31 +137,45 @@ class FrameArrayReader:
         """Bytes ``start:stop`` of a shard file. Locally one descriptor is kept (of the last shard read),
         so a worker streaming thousands of logs holds a bounded number of open files."""
         path = self._shard_path(shard)
-        if self.fs is not None:
-            return self.fs.cat_file(path, start=start, end=stop)
-        if self._fd_shard != shard:
-            self.close()
-            self._fd = os.open(path, os.O_RDONLY)
-            self._fd_shard = shard
-        return os.pread(self._fd, stop - start, start)
-
-    def _size(self, shard: int) -> int | None:
-        """Size of a shard file in bytes, None when it does not exist (an all-fill shard)."""
         try:
             if self.fs is not None:
-                return int(self.fs.size(self._shard_path(shard)))
-            return os.stat(self._shard_path(shard)).st_size
+                return self.fs.cat_file(path, start=start, end=stop)
+            if self._fd_shard != shard:
+                self.close()
+                self._fd = os.open(path, os.O_RDONLY)
+                self._fd_shard = shard
+            return os.pread(self._fd, stop - start, start)  # type: ignore[arg-type]
         except FileNotFoundError:
-            return None
+            raise ShardMissingError(f"shard file {path} is missing") from None
+        except OSError as exc:
+            raise ShardReadError(f"shard file {path} cannot be read ({exc})") from None
 
-    def _shard_index(self, shard: int) -> np.ndarray | None:
-        """(shard_frames, 2) uint64 (offset, nbytes) of the shard's chunks, or None for a missing shard."""
-        if shard in self._index:
-            return self._index[shard]
+    def _size(self, shard: int) -> int:
+        """Size of a shard file in bytes.
+
+        Raises:
+            ShardMissingError: the file does not exist.
+            ShardReadError: it cannot be examined (permissions, I/O error).
+        """
+        path = self._shard_path(shard)
+        try:
+            if self.fs is not None:
+                return int(self.fs.size(path))
+            return os.stat(path).st_size
+        except FileNotFoundError:
+            first = shard * self.shard_frames
+            raise ShardMissingError(
+                f"shard file {path} (frames {first}..{first + self.shard_frames - 1}) is missing"
+            ) from None
+        except OSError as exc:
+            raise ShardReadError(f"shard file {path} cannot be read ({exc})") from None
+
+    def _shard_index(self, shard: int) -> np.ndarray:
+        """(shard_frames, 2) uint64 (offset, nbytes) of the shard's chunks."""
+        cached = self._index.get(shard)
+        if cached is not None:
+            return cached
         size = self._size(shard)
-        if size is None:
-            self._index[shard] = None
-            return None
         n = 16 * self.shard_frames + 4
         if size < n:
             raise ShardReadError(
@@ -178,7 +201,8 @@ class FrameArrayReader:
         """Decode frames ``start:stop`` into ``out`` ((stop - start, *frame_shape), C-contiguous).
 
         Raises:
-            ShardReadError: a truncated or corrupt shard or chunk.
+            ShardMissingError: a shard file holding requested frames does not exist.
+            ShardReadError: a truncated or corrupt shard or chunk, or an unreadable file.
         """
         if (
             out.shape != (stop - start, *self.frame_shape)
@@ -196,10 +220,7 @@ class FrameArrayReader:
             frame = last
 
     def _read_shard_run(self, shard: int, start: int, stop: int, out: np.ndarray) -> None:
-        index = self._shard_index(shard)
-        if index is None:
-            out[...] = self.fill_value
-            return
+        self._shard_index(shard)
         first = start - shard * self.shard_frames
         entries = self._entries[shard][first : first + (stop - start)]  # Python ints: no numpy per call
         used = [e for e in entries if e[0] != _EMPTY_INT]

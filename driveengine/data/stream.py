@@ -195,19 +195,31 @@ class _LogReader:
         """Decode frames ``start:stop`` of array ``field`` into ``out`` ((stop - start, ...), preallocated)."""
         from zarr.core.buffer.cpu import NDBuffer
 
-        from driveengine.data.shards import ShardReadError
+        from driveengine.data.shards import ShardMissingError, ShardReadError
+        from driveengine.store.occ import OccDataError
 
         fast = self._frame_reader(field)
         if fast is not None:
             try:
                 fast.read(start, stop, out)
+            except ShardMissingError as exc:
+                raise StreamError(
+                    f"log {self.name}: cannot read {field} frames {start}..{stop - 1}: {exc} although the "
+                    "manifest lists the log (a deleted or lost file); re-collect this log with --overwrite "
+                    "(`driveengine verify` lists every damaged file)"
+                ) from None
             except ShardReadError as exc:
                 raise StreamError(
                     f"log {self.name}: cannot decode {field} frames {start}..{stop - 1} ({exc}); "
                     "the chunk is truncated or corrupt, re-collect this log"
                 ) from None
             return
-        array = self.occ().group[field]
+        occ = self.occ()
+        try:
+            occ.check_shards(field, start, stop)  # zarr would read a missing shard as fill values
+        except OccDataError as exc:
+            raise StreamError(str(exc)) from None
+        array = occ.array(field)
         try:
             array.get_basic_selection((slice(start, stop),), out=NDBuffer.from_numpy_array(out))
         except Exception as exc:  # zarr/codec errors have no common base class

@@ -3,12 +3,25 @@
 Each selected archive goes through: skip when its extraction is complete (marker present and every
 file it extracted still there) -> download to ``.part`` (resumable, verified) -> extract all-or-nothing
 -> delete the archive unless asked to keep it. Archives whose extraction fails as corrupt are
-downloaded once more from zero. Re-running the same command continues where it stopped, and repairs
-archives whose extracted files went missing.
+downloaded once more from zero; archives refused for what they hold (links, paths leaving the
+folder, ``.driveengine/`` members, decompression bombs) are not. Re-running the same command continues
+where it stopped, and repairs archives whose extracted files went missing.
+
+Limits (see :class:`~driveengine.download.fetch.FetchOptions` and :mod:`.extract`): ``--timeout``
+(connect, each read and the size probes), ``--min-speed`` over ``--speed-window`` and ``--deadline`` per
+file, and ``--max-extract-ratio`` (extracted bytes / archive bytes; default
+:data:`EXTRACT_RATIO_MARGIN` x the archive's ``extract_ratio`` in ``release.json``). Without a
+checksum a download must still match the manifest's size (exactly, or within ``size_tolerance`` of a
+rounded figure); a server's ``Content-Length`` alone verifies nothing.
+
+Sizes unknown to the manifest are probed before the download (``Range: bytes=0-0``). When the first
+probe gets no answer at all, the mirror is reported unreachable in one line (and, unless it is a dry
+run, the download stops there) instead of one line per file.
 """
 
 from __future__ import annotations
 
+import math
 import shlex
 import shutil
 import sys
@@ -17,22 +30,29 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from driveengine.download.checksums import lookup, read_checksum_file
-from driveengine.download.errors import ArchiveError, InsufficientSpaceError
+from driveengine.download.errors import (
+    ArchiveError,
+    DownloadError,
+    InsufficientSpaceError,
+    UnsafeArchiveError,
+)
 from driveengine.download.extract import extract_archive
 from driveengine.download.fetch import (
     FetchOptions,
     FetchResult,
     FetchTask,
     LineFn,
+    Probe,
     fetch_file,
     parallel_map,
-    probe_size,
+    probe,
 )
 from driveengine.download.release import (
+    MirrorSource,
     ReleaseFile,
     format_shards,
     load_manifest,
-    resolve_base_url,
+    resolve_source,
     select_files,
     url_for,
 )
@@ -44,6 +64,9 @@ from driveengine.download.state import (
     write_download_record,
 )
 from driveengine.errors import DriveEngineError
+
+#: Default decompression-bomb limit: this many times the archive's expected ``extract_ratio``.
+EXTRACT_RATIO_MARGIN = 5.0
 
 
 @dataclass
@@ -60,7 +83,10 @@ class DownloadRequest:
         extract: extract archives after download.
         keep_archives: keep archives after a verified extraction.
         dry_run: only list files, sizes and the disk-space need.
-        options: fetch behaviour (jobs, retries, backoff, timeouts).
+        options: fetch behaviour (jobs, retries, backoff, timeouts, minimum speed, deadline).
+        max_extract_ratio: most extracted bytes per archive byte (``None``: :data:`EXTRACT_RATIO_MARGIN`
+            x the archive's ``extract_ratio`` from the manifest).
+        release_json: a release manifest to use instead of the packaged ``release.json``.
     """
 
     split: str
@@ -74,6 +100,17 @@ class DownloadRequest:
     keep_archives: bool = False
     dry_run: bool = False
     options: FetchOptions = field(default_factory=FetchOptions)
+    max_extract_ratio: float | None = None
+    release_json: Path | None = None
+
+    def __post_init__(self) -> None:
+        ratio = self.max_extract_ratio
+        if ratio is not None and not (math.isfinite(ratio) and ratio >= 1):
+            raise DownloadError(f"--max-extract-ratio {ratio}: must be a finite number >= 1")
+
+    def extract_ratio_limit(self, file: ReleaseFile) -> float:
+        """The decompression-bomb ratio for ``file`` (see ``max_extract_ratio``)."""
+        return self.max_extract_ratio or EXTRACT_RATIO_MARGIN * file.extract_ratio
 
 
 @dataclass
@@ -81,7 +118,9 @@ class PlannedFile:
     """One archive of the plan and its state on disk.
 
     ``state``: ``extracted`` (nothing to do), ``downloaded`` (verified archive present),
-    ``partial`` (a ``.part`` to resume), ``todo``.
+    ``partial`` (a ``.part`` to resume), ``todo``. ``size`` is the manifest's, or the server's answer to
+    the size probe (for the plan and the disk-space check; only the manifest's is verified).
+    ``unreachable``: why the source did not answer the first size probe (see :func:`probe_sizes`).
     """
 
     file: ReleaseFile
@@ -93,6 +132,22 @@ class PlannedFile:
     sha256: str | None
     state: str
     part_bytes: int = 0
+    source: MirrorSource | None = None
+    unreachable: str | None = None
+
+    def fetch_task(self) -> FetchTask:
+        """What :func:`~driveengine.download.fetch.fetch_file` needs; sizes only from the manifest."""
+        f = self.file
+        return FetchTask(
+            url=self.url,
+            dest=self.path,
+            name=f.name,
+            size=f.size,
+            size_tolerance=0.0 if f.size_exact else f.size_tolerance,
+            md5=self.md5,
+            sha256=self.sha256,
+            authorization=self.source.authorization if self.source else None,
+        )
 
 
 @dataclass
@@ -141,6 +196,10 @@ def format_command(
         parts += ["--mirror", req.mirror]
     if req.md5_file:
         parts += ["--md5-file", str(req.md5_file)]
+    if req.release_json:
+        parts += ["--release-json", str(req.release_json)]
+    if req.max_extract_ratio:
+        parts += ["--max-extract-ratio", f"{req.max_extract_ratio:g}"]
     if req.options.jobs != FetchOptions().jobs:
         parts += ["--jobs", str(req.options.jobs)]
     if req.keep_archives:
@@ -153,12 +212,12 @@ def format_command(
 def plan_download(req: DownloadRequest, line: LineFn | None = None) -> list[PlannedFile]:
     """Resolve the request against the release manifest and the state of ``req.out``.
 
-    Sizes unknown to the manifest are asked from the server (``Range: bytes=0-0``, in parallel) for
-    the files that still need downloading.
+    Sizes unknown to the manifest are asked from the server (``Range: bytes=0-0``, in parallel, with
+    ``req.options.timeout_s``) for the files that still need downloading; see :func:`probe_sizes`.
     """
-    manifest = load_manifest()
+    manifest = load_manifest(str(req.release_json) if req.release_json else None)
     files = select_files(req.split, req.modalities, req.shards, manifest)
-    base = resolve_base_url(req.split, req.mirror, req.base_url, manifest)
+    source = resolve_source(req.split, req.mirror, req.base_url, manifest)
     table = read_checksum_file(req.md5_file) if req.md5_file else {}
     plan: list[PlannedFile] = []
     for f in files:
@@ -166,13 +225,14 @@ def plan_download(req: DownloadRequest, line: LineFn | None = None) -> list[Plan
         path = f.local_path(req.out)
         item = PlannedFile(
             file=f,
-            url=url_for(base, f),
+            url=url_for(source.base_url, f),
             path=path,
             size=f.size,
             size_exact=f.size_exact,
             md5=(expected.md5 if expected and expected.md5 else f.md5),
             sha256=(expected.sha256 if expected and expected.sha256 else f.sha256),
             state="todo",
+            source=source,
         )
         if req.extract and extraction_complete(req.out, f.basename):
             item.state = "extracted"
@@ -184,16 +244,46 @@ def plan_download(req: DownloadRequest, line: LineFn | None = None) -> list[Plan
         plan.append(item)
 
     to_probe = [p for p in plan if p.state in ("todo", "partial") and not p.size_exact]
-    if to_probe:
-        sizes = parallel_map(
-            lambda p: probe_size(p.url, FetchOptions(timeout_s=20.0)), to_probe, max(4, req.options.jobs)
+    line = line or (lambda s: None)
+    offline = probe_sizes(to_probe, source, req.options, line)
+    if offline and req.dry_run:  # a real run stops with this reason instead (run_download)
+        line(
+            f"[offline] {source.label}: unreachable: {offline}; "
+            f"the size of {len(to_probe)} archive{'s' if len(to_probe) != 1 else ''} is unknown"
         )
-        for p, size in zip(to_probe, sizes, strict=True):
-            if size is not None:
-                p.size, p.size_exact = size, True
-            elif line:
-                line(f"[size?]   {p.file.name}: the server did not tell its size ({p.url})")
     return plan
+
+
+def probe_sizes(
+    items: list[PlannedFile], source: MirrorSource, opts: FetchOptions, line: LineFn
+) -> str | None:
+    """Ask the server the size of each of ``items`` (``opts.timeout_s`` per request) and store it.
+
+    The first file is asked alone: when it gets no answer at all, the source is unreachable: every
+    item is marked so (``unreachable``), nothing more is asked and the reason is returned (for one
+    line per source instead of one per file). Else the others are asked in parallel
+    (``max(4, opts.jobs)`` at a time), each file left without a size gets its own line, and ``None``
+    is returned.
+    """
+    if not items:
+        return None
+    first = probe(items[0].url, opts, source.authorization)
+    if first.unreachable:
+        for p in items:
+            p.unreachable = first.problem
+        return first.problem
+    rest = parallel_map(lambda p: probe(p.url, opts, source.authorization), items[1:], max(4, opts.jobs))
+    for p, answer in zip(items, [first, *rest], strict=True):
+        _store_probe(p, answer, line)
+    return None
+
+
+def _store_probe(item: PlannedFile, answer: Probe, line: LineFn) -> None:
+    """Keep a probed size for the plan, or say why there is none."""
+    if answer.size is not None:
+        item.size, item.size_exact = answer.size, True
+        return
+    line(f"[size?]   {item.file.name}: size unknown: {answer.problem} ({item.url})")
 
 
 def _verified_archive(root: Path, item: PlannedFile) -> bool:
@@ -303,6 +393,7 @@ def run_download(
         if req.dry_run:
             _print_plan(plan, report, req, echo)
             return report
+        _stop_if_unreachable(plan)
         if report.needed_bytes > report.free_bytes:
             raise InsufficientSpaceError(folder, report.needed_bytes, report.free_bytes)
         if report.unknown_sizes:
@@ -336,6 +427,19 @@ def run_download(
     return report
 
 
+def _stop_if_unreachable(plan: list[PlannedFile]) -> None:
+    """Raise one :class:`DownloadError` when the size probe found the source unreachable."""
+    cut_off = [p for p in plan if p.unreachable]
+    if not cut_off:
+        return
+    source = cut_off[0].source
+    where = source.label if source else cut_off[0].url
+    raise DownloadError(
+        f"{where}: unreachable ({cut_off[0].unreachable}); nothing was downloaded (check the network or "
+        "proxy settings, raise --timeout, or choose another --mirror or --base-url)"
+    )
+
+
 def _process(item: PlannedFile, req: DownloadRequest, progress: _Progress, stop: threading.Event) -> Outcome:
     """Download (unless a verified archive is present), extract, clean up one archive.
 
@@ -352,14 +456,7 @@ def _process_one(
     item: PlannedFile, req: DownloadRequest, progress: _Progress, stop: threading.Event
 ) -> Outcome:
     name = item.file.name
-    task = FetchTask(
-        url=item.url,
-        dest=item.path,
-        name=name,
-        size=item.size if item.size_exact else None,
-        md5=item.md5,
-        sha256=item.sha256,
-    )
+    task = item.fetch_task()
     attempts_left = 2  # a corrupt archive is downloaded once more from zero
     action = "verified archive present"
     while True:
@@ -375,7 +472,17 @@ def _process_one(
             return Outcome(name, False, "interrupted before extraction", interrupted=True)
         record = read_download_record(req.out, item.file.basename)
         try:
-            result = extract_archive(item.path, req.out, name=name, md5=record.md5 if record else None)
+            result = extract_archive(
+                item.path,
+                req.out,
+                name=name,
+                md5=record.md5 if record else None,
+                max_ratio=req.extract_ratio_limit(item.file),
+            )
+        except UnsafeArchiveError as exc:
+            # refused for what it holds: the same bytes again would be refused again
+            item.path.unlink(missing_ok=True)
+            return Outcome(name, False, f"{type(exc).__name__}: {exc}")
         except ArchiveError as exc:
             attempts_left -= 1
             item.path.unlink(missing_ok=True)

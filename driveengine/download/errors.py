@@ -58,5 +58,19 @@ class ArchiveError(DriveEngineError):
         self.archive = str(archive)
         self.member = member
         self.reason = reason
-        where = f" (member {member!r})" if member is not None else ""
+        where = f" (member {shorten(member)!r})" if member is not None else ""
         super().__init__(f"{self.archive}{where}: {reason}")
+
+
+def shorten(text: str, limit: int = 120) -> str:
+    """``text``, its middle replaced by ``...`` when longer than ``limit`` characters (for one-line messages)."""
+    if len(text) <= limit:
+        return text
+    keep = (limit - 3) // 2
+    return f"{text[:keep]}...{text[-keep:]}"
+
+
+class UnsafeArchiveError(ArchiveError):
+    """An archive was refused for what it holds (a link, a path leaving the output folder, a reserved
+    ``.driveengine/`` name, a device file) or for expanding past the extraction limit (a decompression
+    bomb). Unlike a corrupt archive, downloading it again cannot help."""

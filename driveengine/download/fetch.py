@@ -10,7 +10,16 @@ One file at a time (:func:`fetch_file`) or many in parallel threads (:func:`fetc
 - the file is renamed to its final name only after its size and checksums are verified; a mismatch
   is downloaded once more from zero, then reported;
 - ``stop`` (a :class:`threading.Event`, set on Ctrl-C) ends a download between two buffers, leaving a
-  resumable ``.part``.
+  resumable ``.part``;
+- a server that trickles is cut off: an attempt that receives less than ``min_speed_bps`` on average
+  over ``speed_window_s`` fails as "too slow" (retried, and counted as a failure without progress),
+  and a file that is not complete ``deadline_s`` after its download started fails, keeping its
+  ``.part`` (each read blocks at most ``timeout_s``, so the deadline is met within one timeout);
+- sizes: ``FetchTask.size`` is the size an independent source (the release manifest) expects, exact or
+  within ``size_tolerance``, and is verified ("size"); the ``Content-Length`` a server announces only
+  shows that the transfer is complete ("length"), it verifies nothing;
+- ``FetchTask.authorization`` (e.g. the Hugging Face token) is sent to the task's URL only, never on
+  to the host a redirect leads to (the CDN's URLs are pre-signed).
 
 Network reads and disk writes + hashing run on two threads per file (``hashlib`` and file writes
 release the GIL), so hashing costs little throughput. The standard library's ``urllib`` is used: it
@@ -22,6 +31,7 @@ from __future__ import annotations
 
 import email.utils
 import http.client
+import math
 import os
 import queue
 import random
@@ -39,6 +49,7 @@ from typing import TypeVar
 
 from driveengine import __version__
 from driveengine.download.checksums import StreamHasher
+from driveengine.download.errors import DownloadError
 
 #: HTTP statuses worth retrying (besides every 5xx).
 RETRY_STATUSES = frozenset({408, 425, 429})
@@ -60,7 +71,11 @@ class FetchOptions:
         backoff_s: first retry delay, seconds; doubled per consecutive failure (with jitter).
         max_backoff_s: cap of the exponential delay, seconds.
         max_retry_after_s: cap of a server's ``Retry-After``, seconds.
-        timeout_s: socket timeout (connect and each read), seconds.
+        timeout_s: socket timeout (connect, each read, size probes), seconds.
+        min_speed_bps: an attempt that receives fewer bytes per second than this, on average over
+            ``speed_window_s``, fails as too slow (0: no minimum).
+        speed_window_s: the window of the minimum-speed check, seconds.
+        deadline_s: most seconds one file may take, retries and waits included (0: no deadline).
         buffer_bytes: size of one read buffer.
         buffers: buffers in flight between the network thread and the write/hash thread.
     """
@@ -71,8 +86,29 @@ class FetchOptions:
     max_backoff_s: float = 60.0
     max_retry_after_s: float = 300.0
     timeout_s: float = 60.0
+    min_speed_bps: float = 1024.0
+    speed_window_s: float = 60.0
+    deadline_s: float = 86400.0
     buffer_bytes: int = 1 << 20
     buffers: int = 8
+
+    def __post_init__(self) -> None:
+        """Every number finite and in range (``nan`` would silently disable a limit)."""
+        at_least_zero = {
+            "--backoff": self.backoff_s,
+            "max_backoff_s": self.max_backoff_s,
+            "max_retry_after_s": self.max_retry_after_s,
+            "--min-speed": self.min_speed_bps,
+            "--deadline": self.deadline_s,
+        }
+        for name, value in at_least_zero.items():
+            if not (math.isfinite(value) and value >= 0):
+                raise DownloadError(f"{name} {value}: must be a finite number >= 0")
+        for name, value in {"--timeout": self.timeout_s, "--speed-window": self.speed_window_s}.items():
+            if not (math.isfinite(value) and value > 0):
+                raise DownloadError(f"{name} {value}: must be a finite number > 0")
+        if self.jobs < 1 or self.retries < 0 or self.buffer_bytes < 1 or self.buffers < 1:
+            raise DownloadError(f"invalid download options: {self}")
 
 
 @dataclass
@@ -83,8 +119,10 @@ class FetchTask:
         url: source URL (``http://``, ``https://`` or ``file://``).
         dest: final local path; bytes go to ``dest`` + ``.part`` until verified.
         name: short name for messages (the release path).
-        size: exact expected size in bytes, or ``None``.
+        size: expected size in bytes from an independent source (the release manifest), or ``None``.
+        size_tolerance: relative tolerance of ``size`` (0: exact; 0.05: a rounded figure within 5 %).
         md5 / sha256: expected digests (lowercase hex), or ``None``.
+        authorization: value of an ``Authorization`` header for ``url`` (not sent on after a redirect).
     """
 
     url: str
@@ -93,6 +131,18 @@ class FetchTask:
     size: int | None = None
     md5: str | None = None
     sha256: str | None = None
+    size_tolerance: float = 0.0
+    authorization: str | None = field(default=None, repr=False)
+
+    def size_matches(self, nbytes: int) -> bool:
+        """``nbytes`` is the expected size (within the tolerance); true when no size is expected."""
+        if self.size is None:
+            return True
+        return abs(nbytes - self.size) <= self.size_tolerance * self.size
+
+    def largest_size(self) -> int | None:
+        """The most bytes the file may have (``None``: unknown)."""
+        return None if self.size is None else int(self.size * (1 + self.size_tolerance))
 
     @property
     def part(self) -> Path:
@@ -111,7 +161,8 @@ class FetchResult:
         error: why it failed, in words (``None`` when ok).
         attempts: HTTP requests made.
         resumed_from: bytes already in ``.part`` when this run started.
-        verified: which checks passed, e.g. ``["size", "md5"]``.
+        verified: which checks passed, e.g. ``["size", "md5"]`` (``"length"``: only the server's
+            ``Content-Length`` matched, which verifies nothing).
         interrupted: stopped by the user; ``.part`` kept for resuming.
     """
 
@@ -137,8 +188,16 @@ class _Retryable(Exception):
         self.retry_after = retry_after
 
 
+class _Unreachable(_Retryable):
+    """No HTTP answer at all: the host cannot be resolved or connected to, or it did not answer in time."""
+
+
+class _TooSlow(_Retryable):
+    """The transfer ran below the minimum speed: retried, but never counted as progress."""
+
+
 class _Fatal(Exception):
-    """A failure retrying cannot fix (404, 403, a local write error)."""
+    """A failure retrying cannot fix (404, 403, a local write error, the deadline)."""
 
 
 class _RangeNotSatisfiable(Exception):
@@ -188,7 +247,12 @@ class _HttpResponse(_Response):
             self.total = self.length
 
     def readinto(self, buf: memoryview) -> int:
-        return self._resp.readinto(buf)
+        # read1: return what has arrived, so that the speed and deadline checks run between reads
+        # (readinto would block until the whole buffer is full, whatever the trickle)
+        data = self._resp.read1(len(buf))
+        n = len(data)
+        buf[:n] = data
+        return n
 
     def close(self) -> None:
         self._resp.close()
@@ -231,8 +295,25 @@ def _retry_after_seconds(value: str | None) -> float | None:
     return max(0.0, when.timestamp() - time.time())
 
 
-def _open(url: str, offset: int, opts: FetchOptions, end: int | None = None) -> _Response:
-    """Open ``url`` for reading from byte ``offset`` (``end``: last byte wanted, inclusive)."""
+def _connection_problem(exc: BaseException, opts: FetchOptions) -> str:
+    """``exc`` (a connection-level failure) in words."""
+    reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
+    if isinstance(reason, TimeoutError):
+        return f"no answer within {opts.timeout_s:g} s (--timeout)"
+    return f"cannot connect: {reason}"
+
+
+def _open(
+    url: str,
+    offset: int,
+    opts: FetchOptions,
+    end: int | None = None,
+    authorization: str | None = None,
+) -> _Response:
+    """Open ``url`` for reading from byte ``offset`` (``end``: last byte wanted, inclusive).
+
+    ``authorization`` goes to ``url`` only: an unredirected header, dropped when the server redirects.
+    """
     parsed = urllib.parse.urlsplit(url)
     if parsed.scheme == "file":
         return _FileResponse(urllib.request.url2pathname(parsed.path), offset)
@@ -240,6 +321,8 @@ def _open(url: str, offset: int, opts: FetchOptions, end: int | None = None) -> 
     if offset or end is not None:
         headers["Range"] = f"bytes={offset}-{'' if end is None else end}"
     request = urllib.request.Request(url, headers=headers)
+    if authorization:
+        request.add_unredirected_header("Authorization", authorization)
     try:
         resp = urllib.request.urlopen(request, timeout=opts.timeout_s)
     except urllib.error.HTTPError as exc:
@@ -252,28 +335,54 @@ def _open(url: str, offset: int, opts: FetchOptions, end: int | None = None) -> 
         exc.close()
         if code >= 500 or code in RETRY_STATUSES:
             raise _Retryable(f"HTTP {code} {exc.reason}", retry_after) from None
-        hint = " (dead link? try another --mirror or --base-url)" if code in (403, 404, 410) else ""
+        hint = ""
+        if code in (401, 403):
+            hint = " (gated or private? for the Hugging Face mirror set HF_TOKEN; or try another --mirror)"
+        elif code in (404, 410):
+            hint = " (dead link? try another --mirror or --base-url)"
         raise _Fatal(f"HTTP {code} {exc.reason} for {url}{hint}") from None
-    except urllib.error.URLError as exc:
-        raise _Retryable(f"cannot connect: {exc.reason}") from None
-    except (OSError, http.client.HTTPException) as exc:
+    except (urllib.error.URLError, OSError) as exc:
+        raise _Unreachable(_connection_problem(exc, opts)) from None
+    except http.client.HTTPException as exc:
         raise _Retryable(f"connection error: {exc!r}") from None
     return _HttpResponse(resp, offset)
 
 
-def probe_size(url: str, opts: FetchOptions | None = None) -> int | None:
-    """Size in bytes of the file at ``url`` without downloading it (``Range: bytes=0-0``), or ``None``."""
-    opts = opts or FetchOptions(timeout_s=20.0)
+@dataclass
+class Probe:
+    """What a size probe found: ``size`` in bytes (``None``: unknown) and, when unknown, why.
+
+    ``unreachable``: no HTTP answer at all (cannot resolve or connect, or no answer within the timeout).
+    """
+
+    size: int | None
+    problem: str | None = None
+    unreachable: bool = False
+
+
+def probe(url: str, opts: FetchOptions | None = None, authorization: str | None = None) -> Probe:
+    """Ask the size of the file at ``url`` without downloading it (``Range: bytes=0-0``, one request,
+    ``opts.timeout_s``)."""
+    opts = opts or FetchOptions()
     try:
-        resp = _open(url, 0, opts, end=0)
-    except (_Retryable, _Fatal, _Restart):
-        return None
+        resp = _open(url, 0, opts, end=0, authorization=authorization)
+    except _Unreachable as exc:
+        return Probe(None, str(exc), unreachable=True)
+    except (_Retryable, _Fatal, _Restart) as exc:
+        return Probe(None, str(exc))
     except _RangeNotSatisfiable as exc:
-        return exc.total
+        return Probe(exc.total, None if exc.total is not None else "the server did not tell its size")
     try:
-        return resp.total
+        if resp.total is None:
+            return Probe(None, "the server did not tell its size")
+        return Probe(resp.total)
     finally:
         resp.close()
+
+
+def probe_size(url: str, opts: FetchOptions | None = None, authorization: str | None = None) -> int | None:
+    """Size in bytes of the file at ``url`` (see :func:`probe`), or ``None``."""
+    return probe(url, opts, authorization).size
 
 
 # -- the write/hash thread -------------------------------------------------------------------------
@@ -333,6 +442,58 @@ class _Sink:
             raise _Fatal(f"cannot write {self._file.name}: {self._error}")
 
 
+# -- pace: minimum speed and deadline -------------------------------------------------------------------
+
+
+class _Pace:
+    """The minimum-speed window and the per-file deadline of one download (monotonic clock)."""
+
+    def __init__(self, opts: FetchOptions) -> None:
+        self.opts = opts
+        now = time.monotonic()
+        self.deadline = now + opts.deadline_s if opts.deadline_s > 0 else None
+        self.window_start = now
+        self.window_bytes = 0
+
+    def time_left(self) -> float | None:
+        """Seconds until the deadline (``None``: no deadline)."""
+        return None if self.deadline is None else self.deadline - time.monotonic()
+
+    def check_deadline(self, nbytes: int) -> None:
+        """Raise :class:`_Fatal` once the deadline has passed (``nbytes``: bytes of the file so far)."""
+        left = self.time_left()
+        if left is not None and left <= 0:
+            raise _Fatal(
+                f"not complete within the deadline of {self.opts.deadline_s:g} s (--deadline; "
+                f"{nbytes:,} bytes so far); the .part file is kept: run the same command again to resume"
+            )
+
+    def start_attempt(self) -> None:
+        """A new request: the speed window starts now."""
+        self.window_start = time.monotonic()
+        self.window_bytes = 0
+
+    def received(self, n: int, nbytes: int) -> None:
+        """``n`` new bytes (``nbytes`` in all): raises on a passed deadline or a too slow window."""
+        self.check_deadline(nbytes)
+        self.window_bytes += n
+        if self.opts.min_speed_bps <= 0:
+            return
+        now = time.monotonic()
+        elapsed = now - self.window_start
+        if elapsed < self.opts.speed_window_s:
+            return
+        rate = self.window_bytes / elapsed
+        if rate < self.opts.min_speed_bps:
+            raise _TooSlow(
+                f"too slow: {self.window_bytes:,} bytes in the last {elapsed:.1f} s ({rate:,.1f} B/s), "
+                f"below the minimum of {self.opts.min_speed_bps:,.0f} B/s (--min-speed, over "
+                f"--speed-window {self.opts.speed_window_s:g} s)"
+            )
+        self.window_start = now
+        self.window_bytes = 0
+
+
 # -- one file ---------------------------------------------------------------------------------------
 
 
@@ -373,13 +534,15 @@ def fetch_file(
     progress = progress or (lambda n: None)
     line = line or (lambda s: None)
     stop = stop or threading.Event()
+    pace = _Pace(opts)
     task.dest.parent.mkdir(parents=True, exist_ok=True)
     result = FetchResult(task=task, ok=False)
     hasher = StreamHasher(sha256=task.sha256 is not None)
     part = task.part
 
     offset = part.stat().st_size if part.exists() else 0
-    if offset and task.size is not None and offset > task.size:
+    largest = task.largest_size()
+    if offset and largest is not None and offset > largest:
         line(f"[restart] {task.name}: .part is larger than the expected {task.size:,} bytes")
         part.unlink()
         offset = 0
@@ -392,7 +555,7 @@ def fetch_file(
     redownloaded = False
     while True:
         try:
-            offset = _transfer(task, part, hasher, offset, opts, result, progress, line, stop)
+            offset = _transfer(task, part, hasher, offset, opts, pace, result, progress, line, stop)
         except Interrupted:
             result.interrupted = True
             result.size = hasher.nbytes
@@ -424,9 +587,9 @@ def fetch_file(
     result.size = hasher.nbytes
     result.md5 = hasher.md5
     result.sha256 = hasher.sha256
-    checks = "+".join(result.verified) or "nothing"
+    checks = "+".join(c for c in result.verified if c != "length") or "nothing"
     if task.md5 is None and task.sha256 is None:
-        checks += f" (no published checksum; MD5 {result.md5} recorded)"
+        checks += f" (no published checksum{'' if task.size is not None else ' or size'}; MD5 {result.md5} recorded)"
     line(f"[done]    {task.name}: {result.size:,} bytes, verified {checks}")
     return result
 
@@ -435,13 +598,18 @@ def _verify(task: FetchTask, hasher: StreamHasher, result: FetchResult) -> str |
     """``None`` when the downloaded bytes match what is expected, else the reason."""
     checks: list[str] = []
     if task.size is not None:
-        if hasher.nbytes != task.size:
+        if not task.size_matches(hasher.nbytes):
+            if task.size_tolerance:
+                return (
+                    f"size {hasher.nbytes:,} bytes, expected about {task.size:,} "
+                    f"(within {task.size_tolerance:.0%}): truncated or not the release's file"
+                )
             return f"size {hasher.nbytes:,} bytes, expected {task.size:,}"
         checks.append("size")
-    elif result.size:  # the size the server announced
+    elif result.size:  # the length the server announced: shows the transfer is complete, verifies nothing
         if hasher.nbytes != result.size:
             return f"size {hasher.nbytes:,} bytes, server announced {result.size:,}"
-        checks.append("size")
+        checks.append("length")
     if task.md5 is not None:
         if hasher.md5 != task.md5:
             return f"MD5 mismatch: expected {task.md5}, got {hasher.md5}"
@@ -460,6 +628,7 @@ def _transfer(
     hasher: StreamHasher,
     offset: int,
     opts: FetchOptions,
+    pace: _Pace,
     result: FetchResult,
     progress: ProgressFn,
     line: LineFn,
@@ -483,20 +652,22 @@ def _transfer(
     while True:
         if stop.is_set():
             raise Interrupted
-        if task.size is not None and offset == task.size:
+        if task.size is not None and task.size_tolerance == 0 and offset == task.size:
             result.size = task.size
             return offset  # complete already (e.g. interrupted right before the rename)
+        pace.check_deadline(offset)
         before = offset
         retry_after: float | None = None
         try:
             result.attempts += 1
-            resp = _open(task.url, offset, opts)
+            pace.start_attempt()
+            resp = _open(task.url, offset, opts, authorization=task.authorization)
             try:
                 if offset and (resp.status == 200 or resp.start != offset):
                     offset = restart_from_zero("the server ignored the Range request", offset)
                 if resp.total is not None:
                     result.size = resp.total
-                offset = _stream(resp, part, hasher, offset, opts, progress, stop)
+                offset = _stream(resp, part, hasher, offset, opts, pace, progress, stop)
             finally:
                 resp.close()
             if result.size and offset < result.size:
@@ -514,11 +685,17 @@ def _transfer(
         except (_Retryable, http.client.HTTPException, OSError) as exc:
             offset = hasher.nbytes
             retry_after = exc.retry_after if isinstance(exc, _Retryable) else None
-            failures = 0 if offset > before else failures + 1
+            # a too slow attempt counts as a failure even though some bytes arrived
+            failures = 0 if offset > before and not isinstance(exc, _TooSlow) else failures + 1
             reason = str(exc) if isinstance(exc, _Retryable) else f"connection error: {exc!r}"
             if failures > opts.retries:
-                raise _Fatal(f"{reason}; gave up after {opts.retries} retries without progress") from None
+                raise _Fatal(
+                    f"{reason}; gave up after {opts.retries} retries (too slow or without progress)"
+                ) from None
             wait_s = _delay(max(failures, 1), retry_after, opts)
+            left = pace.time_left()
+            if left is not None:
+                wait_s = max(0.0, min(wait_s, left))
             line(
                 f"[retry]   {task.name}: {reason}; retry {max(failures, 1)}/{opts.retries} "
                 f"from {offset:,} bytes in {wait_s:.1f} s"
@@ -535,10 +712,13 @@ def _stream(
     hasher: StreamHasher,
     offset: int,
     opts: FetchOptions,
+    pace: _Pace,
     progress: ProgressFn,
     stop: threading.Event,
 ) -> int:
-    """Append the body of ``resp`` to ``part`` (hashing it); returns the new size of ``part``."""
+    """Append the body of ``resp`` to ``part`` (hashing it); returns the new size of ``part``.
+
+    ``pace`` is checked after every read (minimum speed, deadline)."""
     sink = _Sink(part, append=offset > 0, hasher=hasher, opts=opts)
     remaining = resp.length
     try:
@@ -557,8 +737,10 @@ def _stream(
                 break
             sink.put(buf, n)
             progress(n)
+            offset += n
             if remaining is not None:
                 remaining -= n
+            pace.received(n, offset)
     finally:
         sink.close(fsync=remaining == 0 or remaining is None)
     if remaining:

@@ -4,19 +4,33 @@ The manifest is data (``release.json`` next to this module) so that a changed re
 JSON file, not new code. A release file is named by its path inside the release exactly as on the
 Hugging Face mirror (``openscene-v1.1/openscene_metadata_mini.tgz``); its URL is a mirror's prefix (or
 ``--base-url``) followed by that path.
+
+Mirrors may name environment variables in the manifest's ``mirror_env`` entry: for the Hugging Face
+mirror ``HF_ENDPOINT`` replaces ``https://huggingface.co`` in its URL (a proxy or a self-hosted
+endpoint) and ``HF_TOKEN`` is sent as ``Authorization: Bearer <token>`` to that mirror only (never with
+``--base-url``, another mirror, or to the host a redirect leads to).
+
+Sizes: ``size`` with ``size_exact`` is verified exactly; a rounded figure (``size_exact`` false) is
+verified within ``size_tolerance`` (per modality, else the manifest's, else 10 %).
 """
 
 from __future__ import annotations
 
 import json
+import math
+import os
 import re
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 from driveengine.download.errors import ReleaseError
+
+#: Relative tolerance of a rounded manifest size (``size_exact`` false) when a download is verified.
+DEFAULT_SIZE_TOLERANCE = 0.1
 
 
 @dataclass(frozen=True)
@@ -32,7 +46,9 @@ class ReleaseFile:
         size_exact: whether ``size`` is exact (usable to verify the file) or only a rounded figure.
         md5: expected MD5 (lowercase hex) when published.
         sha256: expected SHA-256 (lowercase hex) when given.
-        extract_ratio: estimated extracted bytes / archive bytes (disk-space estimate only).
+        extract_ratio: estimated extracted bytes / archive bytes (disk-space estimate, and the base of
+            the download stage's default decompression-bomb limit).
+        size_tolerance: relative tolerance of an inexact ``size`` when verifying a download.
     """
 
     name: str
@@ -44,6 +60,7 @@ class ReleaseFile:
     md5: str | None = None
     sha256: str | None = None
     extract_ratio: float = 1.1
+    size_tolerance: float = DEFAULT_SIZE_TOLERANCE
 
     @property
     def basename(self) -> str:
@@ -161,9 +178,15 @@ def select_files(
         common = {
             "split": split,
             "modality": modality,
-            "size": spec.get("size"),
+            "size": _number(spec.get("size"), f"{split}.{modality}.size", integer=True),
             "size_exact": bool(spec.get("size_exact", False)),
-            "extract_ratio": float(spec.get("extract_ratio", 1.1)),
+            "extract_ratio": _number(
+                spec.get("extract_ratio", 1.1), f"{split}.{modality}.extract_ratio", positive=True
+            ),
+            "size_tolerance": _number(
+                spec.get("size_tolerance", manifest.get("size_tolerance", DEFAULT_SIZE_TOLERANCE)),
+                f"{split}.{modality}.size_tolerance",
+            ),
         }
         if "shards" not in spec:
             name = spec["path"]
@@ -186,6 +209,25 @@ def select_files(
     return files
 
 
+def _number(value: Any, where: str, integer: bool = False, positive: bool = False) -> Any:
+    """A manifest number checked: ``None`` stays ``None``; else finite, >= 0 (> 0 when ``positive``),
+    an integer when ``integer``.
+
+    Raises:
+        ReleaseError: naming the entry.
+    """
+    if value is None:
+        return None
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (value > 0 if positive else value >= 0) and (not integer or float(value).is_integer())
+    if not ok:
+        kind = "an integer" if integer else "a number"
+        raise ReleaseError(
+            f"release manifest: {where} = {value!r} is not {kind} {'> 0' if positive else '>= 0'}"
+        )
+    return int(value) if integer else float(value)
+
+
 def _lookup(checksums: dict[str, str], name: str) -> str | None:
     value = checksums.get(name) or checksums.get(PurePosixPath(name).name)
     return value.lower() if value else None
@@ -196,16 +238,42 @@ def mirror_names(manifest: dict[str, Any] | None = None) -> list[str]:
     return list((manifest or load_manifest())["mirrors"])
 
 
-def resolve_base_url(
-    split: str, mirror: str | None = None, base_url: str | None = None, manifest: dict[str, Any] | None = None
-) -> str:
-    """The URL prefix the release paths are appended to, always ending with ``/``.
+@dataclass(frozen=True)
+class MirrorSource:
+    """Where the release files are fetched from.
 
-    ``base_url`` (any ``http://``, ``https://`` or ``file://`` prefix, or a plain local folder) wins over
-    ``mirror``; without either, the split's first mirror (the release default when it serves the split).
+    Attributes:
+        base_url: URL prefix the release paths are appended to (ends with ``/``).
+        mirror: the mirror's name, ``None`` for ``--base-url``.
+        authorization: ``Authorization`` header value for requests under ``base_url`` (the Hugging
+            Face token), else ``None``.
+    """
+
+    base_url: str
+    mirror: str | None = None
+    authorization: str | None = field(default=None, repr=False)
+
+    @property
+    def label(self) -> str:
+        """The source in words, for messages: ``mirror huggingface (https://...)`` or the base URL."""
+        return f"mirror {self.mirror} ({self.base_url})" if self.mirror else self.base_url
+
+
+def resolve_source(
+    split: str,
+    mirror: str | None = None,
+    base_url: str | None = None,
+    manifest: dict[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> MirrorSource:
+    """Where to fetch ``split`` from: ``base_url`` (any ``http://``, ``https://`` or ``file://`` prefix,
+    or a plain local folder) wins over ``mirror``; without either, the split's first mirror (the
+    release default when it serves the split). The mirror's ``mirror_env`` variables (``HF_ENDPOINT``,
+    ``HF_TOKEN``) are read from ``environ`` (default: the process environment).
 
     Raises:
-        ReleaseError: unknown mirror, a mirror that does not serve the split, or an unsupported URL.
+        ReleaseError: unknown mirror, a mirror that does not serve the split, an unsupported URL, or a
+            malformed endpoint/token variable.
     """
     manifest = manifest or load_manifest()
     if base_url:
@@ -214,7 +282,50 @@ def resolve_base_url(
         scheme = base_url.split("://", 1)[0].lower()
         if scheme not in ("http", "https", "file"):
             raise ReleaseError(f"--base-url {base_url!r}: only http://, https:// and file:// are supported")
-        return base_url if base_url.endswith("/") else base_url + "/"
+        return MirrorSource(base_url if base_url.endswith("/") else base_url + "/")
+    name = _mirror_for(split, mirror, manifest)
+    url = manifest["mirrors"][name]
+    url = url if url.endswith("/") else url + "/"
+    env = manifest.get("mirror_env", {}).get(name)
+    if not env:
+        return MirrorSource(url, name)
+    environ = os.environ if environ is None else environ
+    endpoint = environ.get(env["endpoint_variable"], "").strip()
+    if endpoint:
+        url = _with_endpoint(url, env["default_endpoint"], endpoint, env["endpoint_variable"])
+    token = environ.get(env["token_variable"], "").strip()
+    if token and any(c in token for c in "\r\n\x00"):
+        raise ReleaseError(
+            f"{env['token_variable']}: the token holds a line break or NUL; set it to the token alone"
+        )
+    return MirrorSource(url, name, f"Bearer {token}" if token else None)
+
+
+def _with_endpoint(url: str, default_endpoint: str, endpoint: str, variable: str) -> str:
+    """``url`` with its ``default_endpoint`` prefix replaced by ``endpoint`` (from ``variable``)."""
+    if not re.match(r"^https?://[^/\s]+", endpoint, re.IGNORECASE):
+        raise ReleaseError(
+            f"{variable}={endpoint!r}: not an http:// or https:// URL (e.g. https://hf-mirror.com)"
+        )
+    if not url.startswith(default_endpoint):
+        raise ReleaseError(f"release manifest: mirror URL {url} does not start with {default_endpoint}")
+    return endpoint.rstrip("/") + url[len(default_endpoint) :]
+
+
+def resolve_base_url(
+    split: str, mirror: str | None = None, base_url: str | None = None, manifest: dict[str, Any] | None = None
+) -> str:
+    """The URL prefix the release paths are appended to, always ending with ``/`` (see
+    :func:`resolve_source`, of which this is the ``base_url``).
+
+    Raises:
+        ReleaseError: unknown mirror, a mirror that does not serve the split, or an unsupported URL.
+    """
+    return resolve_source(split, mirror, base_url, manifest).base_url
+
+
+def _mirror_for(split: str, mirror: str | None, manifest: dict[str, Any]) -> str:
+    """The mirror to use for ``split``: ``mirror`` when it serves it, else the default one."""
     entry = _split_entry(split, manifest)
     serving = entry.get("mirrors") or list(manifest["mirrors"])
     if mirror is None:
@@ -225,8 +336,7 @@ def resolve_base_url(
         raise ReleaseError(
             f"mirror {mirror!r} does not serve split {split!r}; it is on: {', '.join(serving)}"
         )
-    url = manifest["mirrors"][mirror]
-    return url if url.endswith("/") else url + "/"
+    return mirror
 
 
 def url_for(base_url: str, file: ReleaseFile) -> str:

@@ -7,7 +7,13 @@ per-sweep variable-length data (boxes, traffic lights, scenario tags) is stored 
 
 Frames and units: timestamps in microseconds; positions in metres in the global (UTM) frame unless
 the field says ``ego``; quaternions ``[w, x, y, z]``; velocities m/s; yaw radians about +z.
-Tokens are 16-character lowercase hex strings.
+Tokens are lowercase hex strings: 16 characters for nuPlan's 8-byte tokens, twice the byte length for the
+tokens of other nuPlan-schema databases (4, 16, ... bytes); OpenScene metadata tokens are kept as the file
+gives them.
+
+Values are as the source stores them: the readers refuse corrupt calibration, but ego poses pass through
+unchecked (a NULL in the database reads as NaN, an infinity stays, a zero quaternion stays zero; the
+boxes of such OpenScene frames come out non-finite too). The frame stage drops those sweeps and counts them.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ from dataclasses import dataclass, field, fields
 
 import numpy as np
 
-from driveengine.geometry import make_transform
+from driveengine.geometry import make_transform, valid_poses
 from driveengine.schemas.classes import CAMERA_CHANNELS, CATEGORIES
 
 
@@ -48,7 +54,7 @@ class LogData:
     sweep_lidar_path: np.ndarray  #: (N,) str, relative to the sensor root: "<log>/MergedPointCloud/<tok>.pcd"
     sweep_scene: np.ndarray  #: (N,) int32 index into ``scene_*``, -1 if none
 
-    # -- ego state at each sweep -----------------------------------------------------------------
+    # -- ego state at each sweep (as stored: may be non-finite, see the module doc) ----------------
     ego_translation: np.ndarray  #: (N, 3) float64, global position of the rear axle, m
     ego_rotation: np.ndarray  #: (N, 4) float64, global orientation [w, x, y, z]
     ego_velocity: np.ndarray  #: (N, 3) float64, ego frame, m/s
@@ -115,13 +121,22 @@ class LogData:
         """Slice of the ``tag_*`` arrays that belongs to sweep ``sweep``."""
         return slice(int(self.tag_offsets[sweep]), int(self.tag_offsets[sweep + 1]))
 
+    def valid_ego_poses(self) -> np.ndarray:
+        """(N,) bool per sweep: the ego pose makes a transform (finite translation, finite quaternion of
+        non-zero norm; see :func:`~driveengine.geometry.valid_poses`). Readers pass poses through
+        unchecked; collect drops key frames without one and labels never aggregate their sweeps."""
+        return valid_poses(self.ego_translation, self.ego_rotation)
+
     def global_from_ego(self) -> np.ndarray:
-        """(N, 4, 4) float64 ``global_from_ego`` transform of every sweep."""
-        return make_transform(self.ego_rotation, self.ego_translation)
+        """(N, 4, 4) float64 ``global_from_ego`` transform of every sweep; NaN where the ego pose is
+        non-finite or its quaternion is zero (quietly: no numpy warning)."""
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return make_transform(self.ego_rotation, self.ego_translation)
 
     def ego_from_camera(self) -> np.ndarray:
         """(C, 4, 4) float64 ``ego_from_camera`` transforms (NaN for absent channels)."""
-        return make_transform(self.camera_rotation, self.camera_translation)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return make_transform(self.camera_rotation, self.camera_translation)
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first field whose shape disagrees with the others."""

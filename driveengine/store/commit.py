@@ -10,7 +10,8 @@ Protocol (DESIGN §3), for one log:
    :func:`~driveengine.store.manifest.save_manifest`. The manifest entry is the commit point.
 
 A crash at any step leaves either temporaries (removed by :func:`clean_stale_temporaries` at the next
-start, under the lock) or renamed files without a manifest entry (redone by the next run).
+start, under the lock; the manifest's own ``.manifest.json.<hex>.tmp`` included) or renamed files
+without a manifest entry (redone by the next run).
 """
 
 from __future__ import annotations
@@ -22,11 +23,12 @@ import os
 import shutil
 import socket
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from driveengine.errors import DriveEngineError
-from driveengine.store.manifest import fsync_dir
+from driveengine.store.manifest import ATOMIC_TMP_RE, fsync_dir
 
 LOCK_NAME = ".collect.lock"
 TMP_MARK = ".tmp-"
@@ -60,8 +62,8 @@ def temporary_path(final: Path) -> Path:
 
 
 def is_temporary(name: str) -> bool:
-    """Whether a file name is one of :func:`temporary_path`'s."""
-    return name.startswith(".") and TMP_MARK in name
+    """Whether a file name is one of :func:`temporary_path`'s or an atomic write's (``.<name>.<hex>.tmp``)."""
+    return name.startswith(".") and (TMP_MARK in name or ATOMIC_TMP_RE.fullmatch(name) is not None)
 
 
 class CollectLock:
@@ -179,19 +181,23 @@ def _replace(tmp: Path, final: Path) -> None:
         os.replace(tmp, final)
 
 
-def commit_log_files(split_dir: str | os.PathLike[str], files: dict[str, Path]) -> dict[str, str]:
+def commit_log_files(
+    split_dir: str | os.PathLike[str], files: dict[str, Path], may_commit: Callable[[], bool] | None = None
+) -> dict[str, str]:
     """fsync, checksum and rename a log's temporaries into place (steps 2 of the protocol).
 
     Args:
         split_dir: the split folder.
         files: final path relative to ``split_dir`` (e.g. ``"meta/<log>.parquet"``) -> its temporary
             (a file, or a folder such as a Zarr store).
+        may_commit: asked right before the renames; False (the collect process that owns the run is
+            gone) leaves the temporaries and raises instead.
 
     Returns:
         Final relative path -> ``"sha256:<hex>"`` (a folder's is :func:`sha256_tree`).
 
     Raises:
-        CommitError: a temporary is missing.
+        CommitError: a temporary is missing, or ``may_commit`` said no.
     """
     split_dir = Path(split_dir)
     checksums: dict[str, str] = {}
@@ -204,6 +210,10 @@ def commit_log_files(split_dir: str | os.PathLike[str], files: dict[str, Path]) 
         else:
             _fsync_file(tmp)
             checksums[rel] = sha256_file(tmp)
+    if may_commit is not None and not may_commit():
+        raise CommitError(
+            f"{split_dir}: {', '.join(sorted(files))} not committed, the collect process is gone"
+        )
     for rel, tmp in sorted(files.items()):
         final = split_dir / rel
         _replace(tmp, final)

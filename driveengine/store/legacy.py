@@ -14,12 +14,15 @@ written for OpenScene reads them unchanged:
 
 ``extra_keys`` adds keys per frame token, e.g. the labels export's ``occ_gt_final_path`` and
 ``flow_gt_final_path``.
+
+The files are written by :func:`driveengine.store.pickles.write_pickle` (protocol 4, numpy globals under
+the names numpy 1.21-2.x all load), so NAVSIM (numpy 1.23.4) and OpenScene (numpy 1.22.4) read them
+with plain ``pickle.load``.
 """
 
 from __future__ import annotations
 
 import os
-import pickle
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -29,10 +32,8 @@ import numpy as np
 from driveengine.errors import DriveEngineError
 from driveengine.schemas.classes import CAMERA_CHANNELS
 from driveengine.store.frames import read_shard
-from driveengine.store.manifest import atomic_write_bytes, load_manifest
-
-#: Pickle protocol of exported files (OpenScene used HIGHEST_PROTOCOL; 4 reads on Python >= 3.4).
-PICKLE_PROTOCOL = 4
+from driveengine.store.manifest import load_manifest
+from driveengine.store.pickles import write_pickle
 
 
 class ExportError(DriveEngineError):
@@ -114,7 +115,7 @@ def export_openscene_metadata(
         logs: restrict to these logs (default: all committed logs).
 
     Returns:
-        The written files, sorted. Each is written atomically.
+        The written files, sorted. Each is written atomically, loadable under numpy 1.21-2.x.
     """
     split_dir, out_dir = Path(split_dir), Path(out_dir)
     manifest = load_manifest(split_dir)
@@ -127,7 +128,7 @@ def export_openscene_metadata(
         rows = read_shard(split_dir / manifest.logs[name]["meta"]).to_pylist()
         frames = rows_to_openscene(rows, extra_keys)
         path = out_dir / f"{name}.pkl"
-        atomic_write_bytes(path, pickle.dumps(frames, protocol=PICKLE_PROTOCOL))
+        write_pickle(path, frames)
         written.append(path)
     return written
 

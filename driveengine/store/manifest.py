@@ -23,26 +23,98 @@ Shape of the JSON file::
         }
       }
     }
+
+**A manifest is input too.** :meth:`Manifest.from_json` checks the type of every field readers use
+(a wrong one is a :class:`ManifestError` naming the file and the field, e.g. ``logs["x"].frames``) and
+confines every path it names (``meta``, ``occ``, the keys of ``checksums``) to the split folder:
+relative, POSIX, no ``..`` part; log names are plain file names. A manifest that points at
+``../../etc/passwd`` is refused before anything opens it.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from pathlib import Path, PurePosixPath
+from typing import Any, NoReturn
 
 from driveengine import __version__
 from driveengine.errors import DriveEngineError
 from driveengine.schemas import CLASS_NAMES, FORMAT_NAME, FORMAT_VERSION, GRID
 
 MANIFEST_NAME = "manifest.json"
+#: Names of :func:`atomic_write_bytes`' temporaries: ``.<name>.<12 hex>.tmp``.
+ATOMIC_TMP_RE = re.compile(r"\..+\.[0-9a-f]{12}\.tmp")
 
 
 class ManifestError(DriveEngineError):
-    """A manifest is missing, unreadable, or of a format this version cannot read."""
+    """A manifest is missing, unreadable, malformed, or of a format this version cannot read."""
+
+
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _bad(path: str | os.PathLike[str], where: str, expected: str, value: object) -> NoReturn:
+    raise ManifestError(
+        f"{path}: {where} must be {expected}, got {_short(value)}; the manifest is damaged or was not "
+        "written by DriveEngine (collect the split again)"
+    )
+
+
+def _confined(path: str | os.PathLike[str], where: str, value: object) -> str:
+    """``value`` if it is a path inside the split folder (relative, POSIX, no ``..``), else ManifestError."""
+    if not isinstance(value, str):
+        _bad(path, where, "a path relative to the split folder", value)
+    parts = PurePosixPath(value).parts
+    if (
+        not parts
+        or value.startswith("/")
+        or ".." in parts
+        or "\\" in value
+        or "\0" in value
+        or parts == (".",)
+    ):
+        _bad(path, where, "a path inside the split folder (relative, no '..')", value)
+    return value
+
+
+def _check_entry(path: str | os.PathLike[str], name: object, entry: object) -> None:
+    """Check one ``logs`` entry: types of the fields readers use, paths confined to the split folder."""
+    if not isinstance(name, str) or not name or name in (".", "..") or any(c in name for c in "/\\\0"):
+        _bad(path, "a log name", "a plain file name (no '/', no '..')", name)
+    where = f"logs[{name!r}]"
+    if not isinstance(entry, dict):
+        _bad(path, where, "an object", entry)
+    frames = entry.get("frames")
+    if not isinstance(frames, int) or isinstance(frames, bool) or frames < 0:
+        _bad(path, f"{where}.frames", "a non-negative integer", frames)
+    _confined(path, f"{where}.meta", entry.get("meta"))
+    if entry.get("occ") is not None:
+        _confined(path, f"{where}.occ", entry["occ"])
+    checksums = entry.get("checksums", {})
+    if not isinstance(checksums, dict):
+        _bad(path, f"{where}.checksums", "an object", checksums)
+    for rel, digest in checksums.items():
+        _confined(path, f"{where}.checksums key", rel)
+        if not isinstance(digest, str):
+            _bad(path, f"{where}.checksums[{rel!r}]", "a string", digest)
+    for key in ("source", "dropped", "labels"):
+        if entry.get(key) is not None and not isinstance(entry[key], dict):
+            _bad(path, f"{where}.{key}", "an object", entry[key])
+    for key, value in (entry.get("source") or {}).items():
+        if value is not None and not isinstance(value, str):
+            _bad(path, f"{where}.source.{key}", "a string", value)
+    for reason, count in (entry.get("dropped") or {}).items():
+        if not isinstance(count, int) or isinstance(count, bool):
+            _bad(path, f"{where}.dropped[{reason!r}]", "an integer", count)
+    for key in ("config_hash", "sensor_root"):
+        if entry.get(key) is not None and not isinstance(entry[key], str):
+            _bad(path, f"{where}.{key}", "a string", entry[key])
 
 
 @dataclass
@@ -71,20 +143,38 @@ class Manifest:
 
     @classmethod
     def from_json(cls, data: dict[str, Any], path: str | os.PathLike[str] = MANIFEST_NAME) -> Manifest:
+        """The manifest held by ``data`` (parsed JSON read from ``path``), validated (see the module doc).
+
+        Raises:
+            ManifestError: not a DriveEngine manifest, a newer format, a field of the wrong type, or a
+                path that leaves the split folder; the message names ``path`` and the field.
+        """
         if not isinstance(data, dict) or data.get("format") != FORMAT_NAME:
             raise ManifestError(f'{path}: not a DriveEngine manifest (no "format": "{FORMAT_NAME}")')
         version = data.get("format_version")
-        if not isinstance(version, int) or version > FORMAT_VERSION:
+        if not isinstance(version, int) or isinstance(version, bool) or version > FORMAT_VERSION:
             raise ManifestError(
                 f"{path}: format version {version!r}, this DriveEngine ({__version__}) reads up to "
                 f"{FORMAT_VERSION}; upgrade DriveEngine or re-collect the split"
             )
+        for key, kind, expected in (
+            ("split", str, "a string"),
+            ("tool_version", str, "a string"),
+            ("grid", dict, "an object"),
+            ("classes", dict, "an object"),
+            ("logs", dict, "an object (log name -> entry)"),
+        ):
+            if key in data and not isinstance(data[key], kind):
+                _bad(path, key, expected, data[key])
+        logs = data.get("logs", {})
+        for name, entry in logs.items():
+            _check_entry(path, name, entry)
         known = {"format", "format_version", "split", "tool_version", "grid", "classes", "logs"}
         return cls(
-            split=str(data.get("split", "")),
-            logs=dict(data.get("logs", {})),
+            split=data.get("split", ""),
+            logs=dict(logs),
             format_version=version,
-            tool_version=str(data.get("tool_version", "")),
+            tool_version=data.get("tool_version", ""),
             grid=dict(data.get("grid", GRID.to_dict())),
             classes=dict(data.get("classes", {})),
             extra={k: v for k, v in data.items() if k not in known},

@@ -8,7 +8,7 @@ Writing::
         w.set_stats({...})                      # optional, JSON
 
 The writer buffers one shard (``shard_frames`` frames) and writes it whole, so memory stays bounded
-for logs of any length. ``close()`` (or leaving the ``with``) writes the last, partial shard and checks
+for logs of any length; every chunk is written, fill values included, so every shard file exists. ``close()`` (or leaving the ``with``) writes the last, partial shard and checks
 that exactly ``num_frames`` frames were appended; on an exception inside the ``with`` nothing more is
 written (the caller discards the temporary path).
 
@@ -19,12 +19,21 @@ Reading::
     block = occ.read(0, 16)                     # dict name -> (n, ...) numpy arrays
 
 ``path`` may be a local path or an fsspec URL (``s3://...``; pass ``storage_options``).
+
+Damage is an error, never fill values: zarr reads a missing shard file as the fill value (FREE,
+zero flow, unobserved), which for a deleted file would be silently wrong labels. The writer leaves no
+shard out (every frame is appended, and empty chunks are written), so :meth:`OccLog.frame` and
+:meth:`OccLog.read` first check that the shard files of the frames they read exist, and report a
+missing shard or one that does not decode as :class:`OccDataError` naming the log and the file.
+Malformed metadata (a ``zarr.json`` that is not JSON or holds wrong types) is an
+:class:`OccFormatError` naming that ``zarr.json``.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+import posixpath
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -59,6 +68,35 @@ class OccFormatError(DriveEngineError):
         super().__init__(message)
 
 
+class OccDataError(OccFormatError):
+    """A shard of an ``occ/<log>.zarr`` array is missing or does not decode: ``log <log>: <file>: <reason> (<hint>)``."""
+
+    def __init__(self, log: str, path: PathLike, reason: str, hint: str | None = None) -> None:
+        super().__init__(path, reason, hint)
+        self.log = log
+        self.args = (f"log {log}: {self.args[0]}",)
+
+
+#: What zarr raises while parsing malformed metadata or decoding damaged bytes (no common base class).
+ZARR_ERRORS: tuple[type[Exception], ...] = (ValueError, TypeError, KeyError, AttributeError, IndexError)
+
+#: Advice printed with damaged labels.
+DAMAGED_HINT = (
+    "re-collect the log with `driveengine collect ... --overwrite`; `driveengine verify` lists damaged files"
+)
+
+
+def _child(path: PathLike, *parts: str) -> str:
+    """``path/part/...`` for local paths and URLs alike."""
+    text = os.fspath(path)
+    return posixpath.join(text.rstrip("/"), *parts) if "://" in text else os.path.join(text, *parts)
+
+
+def log_name_of(path: PathLike) -> str:
+    """The log name of ``.../occ/<log>.zarr``."""
+    return posixpath.basename(os.fspath(path).replace("\\", "/").rstrip("/")).removesuffix(".zarr")
+
+
 class OccFrame(NamedTuple):
     """Labels of one frame, dense, indexed ``[x, y, z]`` on the group's grid."""
 
@@ -88,13 +126,15 @@ class OccWriter:
         num_frames: int,
         specs: dict[str, OccArraySpec],
         shard_frames: int,
+        arrays: dict[str, zarr.Array],
     ) -> None:
         self._group = group
         self.path = path
         self.num_frames = num_frames
         self.shard_frames = shard_frames
         self._specs = specs
-        self._arrays = {name: group[name] for name in ARRAY_NAMES}
+        # the arrays as created: their write_empty_chunks config is not stored, a group lookup drops it
+        self._arrays = arrays
         self._buffers: dict[str, np.ndarray] | None = None
         self._shard_start = 0  # first frame of the buffered shard
         self._filled = 0  # frames in the buffer
@@ -202,9 +242,10 @@ def create_occ(
     group.attrs.update(occ_group_attributes(num_frames, generator, grid, ts))
     codec = make_compressor(compressor, compression_level)
     shard_frames = max(1, min(shard_frames, num_frames)) if num_frames else shard_frames
+    arrays: dict[str, zarr.Array] = {}
     for name in ARRAY_NAMES:
         spec = specs[name]
-        group.create_array(
+        arrays[name] = group.create_array(
             name,
             shape=spec.shape(num_frames),
             dtype=spec.dtype,
@@ -214,11 +255,13 @@ def create_occ(
             fill_value=spec.fill_value,
             dimension_names=spec.dimension_names,
             attributes={"description": spec.description},
-            # zarr 3.1 checks every chunk for "all fill value" before writing it, which costs several
-            # times the compression itself on 640k-voxel frames; label frames are never empty anyway.
+            # Every chunk is written, even one equal to the fill value (all free, zero flow, unobserved):
+            # so every shard file exists and a missing one is damage, never "all fill" (readers rely on
+            # it), and zarr 3.1 skips its "all fill value" check, which costs several times the
+            # compression itself on 640k-voxel frames.
             config={"write_empty_chunks": True},
         )
-    return OccWriter(group, path, num_frames, specs, shard_frames)
+    return OccWriter(group, path, num_frames, specs, shard_frames, arrays)
 
 
 @dataclass
@@ -236,50 +279,168 @@ class OccLog:
     group: zarr.Group
     grid: VoxelGrid
     attrs: dict
+    _present: dict[str, set[int]] = field(default_factory=dict, repr=False)  # shards known to exist
+    _arrays: dict[str, zarr.Array] = field(default_factory=dict, repr=False)
+
+    def array(self, name: str) -> zarr.Array:
+        """The Zarr array ``name`` (opened once: each group lookup re-reads its metadata)."""
+        if name not in self._arrays:
+            self._arrays[name] = self.group[name]  # type: ignore[assignment]
+        return self._arrays[name]
+
+    @property
+    def log_name(self) -> str:
+        """The log name (the group's file name without ``.zarr``)."""
+        return log_name_of(self.path)
 
     @property
     def num_frames(self) -> int:
         """T, the number of frames."""
-        return int(self.group["semantics"].shape[0])
+        return int(self.array("semantics").shape[0])
 
     @property
     def semantics(self) -> zarr.Array:
-        return self.group["semantics"]  # type: ignore[return-value]
+        """The raw Zarr array (no shard checks: prefer :meth:`frame` / :meth:`read`)."""
+        return self.array("semantics")
 
     @property
     def flow(self) -> zarr.Array:
-        return self.group["flow"]  # type: ignore[return-value]
+        """The raw Zarr array (no shard checks: prefer :meth:`frame` / :meth:`read`)."""
+        return self.array("flow")
 
     @property
     def mask_lidar(self) -> zarr.Array:
-        return self.group["mask_lidar"]  # type: ignore[return-value]
+        """The raw Zarr array (no shard checks: prefer :meth:`frame` / :meth:`read`)."""
+        return self.array("mask_lidar")
 
     def frame(self, i: int) -> OccFrame:
-        """Dense labels of frame ``i`` (0 <= i < T)."""
+        """Dense labels of frame ``i`` (0 <= i < T).
+
+        Raises:
+            OccDataError: a shard file holding the frame is missing or does not decode.
+        """
         if not 0 <= i < self.num_frames:
             raise IndexError(f"{self.path}: frame {i} out of range (T = {self.num_frames})")
-        return OccFrame(self.semantics[i], self.flow[i], self.mask_lidar[i])
+        return OccFrame(*(self._read(name, i, i + 1)[0] for name in ARRAY_NAMES))
 
     def read(self, start: int = 0, stop: int | None = None) -> dict[str, np.ndarray]:
-        """Frames ``start:stop`` of every array, ``{name: (n, ...) ndarray}``; read shard-aligned for speed."""
+        """Frames ``start:stop`` of every array, ``{name: (n, ...) ndarray}``; read shard-aligned for speed.
+
+        Raises:
+            OccDataError: a shard file holding the frames is missing or does not decode.
+        """
         stop = self.num_frames if stop is None else stop
-        return {name: self.group[name][start:stop] for name in ARRAY_NAMES}  # type: ignore[index]
+        return {name: self._read(name, start, stop) for name in ARRAY_NAMES}
+
+    def shard_file(self, name: str, shard: int) -> str:
+        """Path (or URL) of shard ``shard`` of array ``name`` (frames ``shard * S`` to ``(shard + 1) * S - 1``)."""
+        array = self.array(name)
+        key = array.metadata.encode_chunk_key((shard, *([0] * (array.ndim - 1))))
+        return _child(self.path, name, *key.split("/"))
+
+    def _frames_per_shard(self, name: str) -> int:
+        shards = self.array(name).shards
+        return int(shards[0]) if shards else 1
+
+    def _shards(self, name: str, start: int, stop: int) -> range:
+        per_shard = self._frames_per_shard(name)
+        return range(start // per_shard, (max(stop, start + 1) - 1) // per_shard + 1)
+
+    def check_shards(self, name: str, start: int, stop: int) -> None:
+        """Check that the shard files holding frames ``start:stop`` of ``name`` exist and are at least as
+        long as their chunk index (each shard checked once).
+
+        Raises:
+            OccDataError: a shard file is missing or shorter than its index (zarr would read either as
+                fill values).
+        """
+        if stop <= start:
+            return
+        present = self._present.setdefault(name, set())
+        array = self.array(name)
+        per_shard = self._frames_per_shard(name)
+        store_path = self.group.store_path
+        prefix = f"{store_path.path}/{name}" if store_path.path else name
+        for shard in self._shards(name, start, stop):
+            if shard in present:
+                continue
+            key = array.metadata.encode_chunk_key((shard, *([0] * (array.ndim - 1))))
+            first, last = shard * per_shard, min((shard + 1) * per_shard, self.num_frames) - 1
+            try:
+                size = zarr.core.sync.sync(store_path.store.getsize(f"{prefix}/{key}"))
+            except FileNotFoundError:
+                size = None
+            except OSError as exc:
+                raise OccDataError(
+                    self.log_name,
+                    self.shard_file(name, shard),
+                    f"cannot read the shard file ({exc})",
+                    DAMAGED_HINT,
+                ) from None
+            if size is None or size < 16 * per_shard:  # (offset, nbytes) uint64 per frame chunk
+                what = "is missing" if size is None else f"is truncated ({size} bytes)"
+                raise OccDataError(
+                    self.log_name,
+                    self.shard_file(name, shard),
+                    f"the shard file of {name} frames {first}..{last} {what} (zarr would read fill values "
+                    "instead of the labels)",
+                    DAMAGED_HINT,
+                )
+            present.add(shard)
+
+    def _read(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Frames ``start:stop`` of array ``name``, checked (see :meth:`check_shards`)."""
+        self.check_shards(name, start, stop)
+        try:
+            return self.array(name)[start:stop]  # type: ignore[return-value]
+        except ZARR_ERRORS as exc:
+            files = ", ".join(self.shard_file(name, s) for s in self._shards(name, start, stop))
+            raise OccDataError(
+                self.log_name,
+                files,
+                f"{name} frames {start}..{stop - 1} do not decode ({type(exc).__name__}: {exc}); "
+                "the shard is truncated or corrupt",
+                DAMAGED_HINT,
+            ) from None
+
+
+def _check_grid(value: Any) -> VoxelGrid:
+    """The group attribute ``grid`` as a :class:`VoxelGrid`; ValueError when malformed."""
+    if not isinstance(value, dict):
+        raise ValueError(f"expected an object, got {type(value).__name__}")
+    try:
+        lo = [float(v) for v in value["range_min_m"]]
+        hi = [float(v) for v in value["range_max_m"]]
+        size = float(value["voxel_size_m"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"{type(exc).__name__}: {exc}") from None
+    if len(lo) != 3 or len(hi) != 3 or not np.isfinite([*lo, *hi, size]).all() or size <= 0:
+        raise ValueError(f"range_min_m/range_max_m need 3 finite numbers and voxel_size_m > 0, got {value}")
+    if any(b <= a for a, b in zip(lo, hi, strict=True)):
+        raise ValueError(f"range_max_m must exceed range_min_m, got {value}")
+    return VoxelGrid(tuple(lo), tuple(hi), size)  # type: ignore[arg-type]
 
 
 def open_occ(path: PathLike, storage_options: dict | None = None) -> OccLog:
     """Open and validate an ``occ/<log>.zarr`` group written by :func:`create_occ`.
 
     Raises:
-        OccFormatError: missing group, another format, a newer format version, or arrays whose
+        OccFormatError: missing group, another format, a newer format version, malformed metadata (a
+            ``zarr.json`` that is not JSON or holds wrong types: the file is named), or arrays whose
             dtype / frame shape disagree with ``schemas/occ.py``.
     """
     store = str(path) if isinstance(path, os.PathLike) else path
     if isinstance(path, os.PathLike) and not Path(path).exists():
         raise OccFormatError(path, "no such Zarr group", "run `driveengine collect` to write the labels")
+    meta = _child(path, "zarr.json")
     try:
         group = zarr.open_group(store, mode="r", zarr_format=3, storage_options=storage_options)
-    except (FileNotFoundError, zarr.errors.GroupNotFoundError, ValueError) as exc:
-        raise OccFormatError(path, f"not a Zarr v3 group ({exc})", "re-run `driveengine collect`") from exc
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError) as exc:
+        raise OccFormatError(path, f"not a Zarr v3 group ({exc})", "re-run `driveengine collect`") from None
+    except ZARR_ERRORS as exc:
+        raise OccFormatError(
+            meta, f"malformed group metadata ({type(exc).__name__}: {exc})", DAMAGED_HINT
+        ) from None
     attrs = dict(group.attrs)
     if attrs.get("format") != OCC_FORMAT:
         raise OccFormatError(
@@ -292,13 +453,25 @@ def open_occ(path: PathLike, storage_options: dict | None = None) -> OccLog:
             f"format version {version!r}, this DriveEngine reads up to {FORMAT_VERSION}",
             "upgrade driveengine",
         )
-    grid = VoxelGrid.from_dict(attrs["grid"])
+    try:
+        grid = _check_grid(attrs.get("grid"))
+    except ValueError as exc:
+        raise OccFormatError(meta, f"malformed group attribute grid ({exc})", DAMAGED_HINT) from None
     specs = occ_array_specs(grid)
     frames = None
     for name in ARRAY_NAMES:
-        if name not in group:
+        try:
+            arr = group.get(name)
+        except ZARR_ERRORS as exc:
+            raise OccFormatError(
+                _child(path, name, "zarr.json"),
+                f"malformed metadata of array {name!r} ({type(exc).__name__}: {exc})",
+                DAMAGED_HINT,
+            ) from None
+        if arr is None:
             raise OccFormatError(path, f"array {name!r} is missing", "re-run `driveengine collect`")
-        arr = group[name]
+        if not isinstance(arr, zarr.Array):
+            raise OccFormatError(_child(path, name, "zarr.json"), f"{name!r} is a group, expected an array")
         spec = specs[name]
         if arr.dtype != spec.dtype or tuple(arr.shape[1:]) != spec.frame_shape:
             raise OccFormatError(

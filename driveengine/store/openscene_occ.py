@@ -2,8 +2,15 @@
 
 The files (reference §4), one pair per key frame::
 
-    <root>/<split>/<scene_name>/occ_gt/{frame_idx:04d}_occ_final.npy    (N, 2) integer [flat_index, class_id]
-    <root>/<split>/<scene_name>/occ_gt/{frame_idx:04d}_flow_final.npy   (N, 2) float   (vx, vy), m/s
+    <root>/<split>/<scene_name>/occ_gt/{frame_idx:03d}_occ_final.npy    (N, 2) integer [flat_index, class_id]
+    <root>/<split>/<scene_name>/occ_gt/{frame_idx:03d}_flow_final.npy   (N, 2) float   (vx, vy), m/s
+
+* The names have **three** digits (``000_occ_final.npy``), as OpenScene's generator writes them
+  (``'%03d'``) and the v1.0 metadata's ``occ_gt_final_path`` names them
+  (``dataset/openscene-v1.0/occupancy/mini/log-0001-scene-0001/occ_gt/000_occ_final.npy``). The
+  four-digit listing on OpenScene's dataset_stats page (repeated by earlier versions of our reference
+  notes) is wrong. The export writes ``{frame_idx:03d}``; the import accepts any zero padding
+  (``0``, ``000``, ``0000``, ...) and OpenScene's own ``occ_gt_final_path`` values.
 
 * Only occupied voxels are listed; every other voxel is free (class 16 in dense grids).
 * ``flat_index = x + 200*y + 40000*z`` on the grid :data:`~driveengine.schemas.grid.GRID` (ego frame of
@@ -186,8 +193,16 @@ def dense_to_sparse(
 
 
 def label_file_names(frame_idx: int) -> tuple[str, str]:
-    """File names ``{frame_idx:04d}_occ_final.npy`` and ``{frame_idx:04d}_flow_final.npy``."""
-    return f"{int(frame_idx):04d}{OCC_SUFFIX}", f"{int(frame_idx):04d}{FLOW_SUFFIX}"
+    """OpenScene's file names ``{frame_idx:03d}_occ_final.npy`` and ``{frame_idx:03d}_flow_final.npy``."""
+    return f"{int(frame_idx):03d}{OCC_SUFFIX}", f"{int(frame_idx):03d}{FLOW_SUFFIX}"
+
+
+def frame_number(name: str, suffix: str = OCC_SUFFIX) -> int | None:
+    """The frame_idx of a label file name with any zero padding (``"007_occ_final.npy"`` -> 7), else None."""
+    if not name.endswith(suffix):
+        return None
+    stem = name[: -len(suffix)]
+    return int(stem) if stem.isascii() and stem.isdigit() else None
 
 
 def _load_npy(path: Path) -> np.ndarray:
@@ -281,32 +296,87 @@ class LabelFiles:
     flow: Path | None
 
 
+class _PaddedNames:
+    """Finds a frame's label file in a folder whatever the zero padding of its number (folders listed once)."""
+
+    def __init__(self) -> None:
+        self._folders: dict[Path, dict[tuple[str, int], list[str]]] = {}
+
+    def _listing(self, folder: Path) -> dict[tuple[str, int], list[str]]:
+        if folder not in self._folders:
+            names: dict[tuple[str, int], list[str]] = {}
+            try:
+                entries = sorted(os.listdir(folder))
+            except OSError:  # missing folder: every file in it is reported missing later
+                entries = []
+            for name in entries:
+                for suffix in (OCC_SUFFIX, FLOW_SUFFIX):
+                    number = frame_number(name, suffix)
+                    if number is not None:
+                        names.setdefault((suffix, number), []).append(name)
+            self._folders[folder] = names
+        return self._folders[folder]
+
+    def find(self, path: Path, suffix: str) -> Path:
+        """``path`` if it exists, else the one file of its folder with the same frame number and
+        ``suffix`` in another zero padding, else ``path`` (reported missing by the checks).
+
+        Raises:
+            OpenSceneLabelError: several paddings of the same frame exist (e.g. ``07_`` and ``007_``).
+        """
+        if path.is_file():
+            return path
+        number = frame_number(path.name, suffix)
+        if number is None:
+            return path
+        found = self._listing(path.parent).get((suffix, number), [])
+        if len(found) > 1:
+            raise OpenSceneLabelError(
+                f"{path.parent}: frame {number} has several label files ({', '.join(found)}); "
+                "keep one per frame"
+            )
+        return path.parent / found[0] if found else path
+
+
 def _resolve(root: Path, relative: str, split: str) -> Path:
-    """A metadata path made absolute: as is, under ``root``, or its ``<split>/...`` tail under ``root``."""
+    """A metadata path made absolute: as is, or the longest tail of it that exists under ``root``.
+
+    OpenScene's metadata writes ``dataset/openscene-v1.0/occupancy/<split>/<scene>/occ_gt/000_occ_final.npy``;
+    ``root`` may be any folder of that chain (``occupancy/``, the common case, ``occupancy/<split>/``
+    or the folder holding ``dataset/``), so the path is tried under ``root`` whole and then without
+    its leading parts, down to ``<scene>/occ_gt/<file>``. A missing file is named in the first of
+    those folders that exists (so the checks report it where it belongs), else under the ``<split>/...``
+    tail of the path when it holds ``split``, else as the path under ``root``.
+    """
     p = Path(relative)
     if p.is_absolute():
         return p
-    candidates = [root / p]
     parts = p.parts
-    if split in parts:  # e.g. "dataset/openscene-v1.0/occupancy/mini/log-.../occ_gt/0000_occ_final.npy"
-        candidates.append(root.joinpath(*parts[parts.index(split) :]))
-    for c in candidates:
-        if c.exists():
-            return c
-    return candidates[-1]
+    tails = [root.joinpath(*parts[k:]) for k in range(max(len(parts) - 2, 1))]  # >= <scene>/occ_gt/<file>
+    for candidate in tails:
+        if candidate.exists():
+            return candidate
+    for candidate in tails:
+        if candidate.parent.is_dir() and candidate.parent != root:
+            return candidate
+    if split in parts:
+        return root.joinpath(*parts[len(parts) - 1 - parts[::-1].index(split) :])
+    return root / p
 
 
 def locate_label_files(rows: Iterable[Mapping[str, Any]], root: StrPath, split: str) -> list[LabelFiles]:
     """The label files of each frame row, in row order.
 
     A row with a non-empty ``occ_gt_final_path`` (and ``flow_gt_final_path``) key (OpenScene metadata)
-    uses those paths: absolute, relative to ``root``, or relative to ``root`` from the ``<split>``
-    component on. Other rows use the v1.0 layout
-    ``<root>/<split>/<scene>/occ_gt/{frame_idx:04d}_{occ,flow}_final.npy`` where ``<scene>`` is the row's
+    uses those paths: absolute, or relative to ``root`` as OpenScene writes them
+    (``dataset/openscene-v1.0/occupancy/<split>/<scene>/occ_gt/000_occ_final.npy``: the longest tail of
+    the path that exists under ``root``, see :func:`_resolve`). Other rows use the v1.0 layout
+    ``<root>/<split>/<scene>/occ_gt/{frame_idx:03d}_{occ,flow}_final.npy`` where ``<scene>`` is the row's
     ``scene_name`` or, when no such folder exists and ``scene_name`` is DriveEngine's
     ``<log_name>-<source scene name>``, the source scene name (for OpenScene input that is OpenScene's
-    own ``log-XXXX-scene-YYYY``). Nothing is guessed beyond that: files that do not exist are reported
-    as missing by :func:`check_label_files`.
+    own ``log-XXXX-scene-YYYY``). In both cases a file that is absent under its exact name is looked for
+    with another zero padding of the same frame number (``0_``, ``00_``, ``0000_``, ...). Nothing is
+    guessed beyond that: files that do not exist are reported as missing by :func:`check_label_files`.
 
     Caveat: the layout is keyed by ``frame_idx``, and DriveEngine renumbers ``frame_idx`` without the
     gaps OpenScene left where it dropped frames; where a source had such gaps, give the rows
@@ -315,20 +385,24 @@ def locate_label_files(rows: Iterable[Mapping[str, Any]], root: StrPath, split: 
     Args:
         rows: frame rows (dicts with ``scene_name``, ``frame_idx`` and optionally ``log_name`` and the
             path keys).
-        root: the folder holding ``<split>/`` of OpenScene's occupancy release.
+        root: the folder holding ``<split>/`` of OpenScene's occupancy release (``--openscene-occupancy``).
         split: the split name (``mini``, ``trainval``, ...).
+
+    Raises:
+        OpenSceneLabelError: a folder holds the same frame under several zero paddings.
     """
     root = Path(root)
+    padded = _PaddedNames()
     out: list[LabelFiles] = []
     for row in rows:
         occ_rel = row.get(OCC_PATH_KEY)
         if occ_rel:
             flow_rel = row.get(FLOW_PATH_KEY)
-            occ = _resolve(root, str(occ_rel), split)
+            occ = padded.find(_resolve(root, str(occ_rel), split), OCC_SUFFIX)
             flow = (
                 _resolve(root, str(flow_rel), split)
                 if flow_rel
-                else occ.with_name(occ.name.replace(OCC_SUFFIX, FLOW_SUFFIX))
+                else occ.with_name(occ.name[: -len(OCC_SUFFIX)] + FLOW_SUFFIX)
             )
         else:
             occ_name, flow_name = label_file_names(int(row["frame_idx"]))
@@ -337,8 +411,9 @@ def locate_label_files(rows: Iterable[Mapping[str, Any]], root: StrPath, split: 
             if not folder.is_dir() and log and scene.startswith(f"{log}-"):
                 source_scene = root / split / scene[len(log) + 1 :]
                 folder = source_scene if source_scene.is_dir() else folder
-            occ, flow = folder / "occ_gt" / occ_name, folder / "occ_gt" / flow_name
-        out.append(LabelFiles(occ, flow))
+            occ = padded.find(folder / "occ_gt" / occ_name, OCC_SUFFIX)
+            flow = folder / "occ_gt" / flow_name
+        out.append(LabelFiles(occ, padded.find(flow, FLOW_SUFFIX)))
     return out
 
 
@@ -445,7 +520,7 @@ def export_openscene_occupancy(
 ) -> dict[str, dict[str, str]]:
     """Export a collected split's labels as OpenScene v1.0 files.
 
-    Writes ``<out_dir>/<split>/<scene_name>/occ_gt/{frame_idx:04d}_occ_final.npy`` (int64 rows
+    Writes ``<out_dir>/<split>/<scene_name>/occ_gt/{frame_idx:03d}_occ_final.npy`` (int64 rows
     ``[flat_index, class_id]``, sorted) and ``..._flow_final.npy`` (float32 ``(vx, vy)`` m/s, ego frame)
     for every frame of every log in the manifest that has labels.
 

@@ -9,10 +9,13 @@ Per optimiser step: ``grad_accum`` micro-batches (gradients synchronised on the 
 gradient clipping, a linear-warmup cosine learning-rate schedule, bf16 autocast on CUDA, optionally a
 ``torch.compile``-d model. Every ``eval_every`` steps the model is evaluated with
 :class:`~driveengine.train.metrics.OccupancyMetrics` (confusion matrices summed over ranks); every
-``ckpt_every`` steps a checkpoint holds the model, optimiser, scheduler, step, epoch, loader state
-and class weights, so ``resume`` continues the same step count, sample order and loss curve (bitwise on
-CPU with ``deterministic``). Metrics go to ``<run_dir>/<name>/metrics.csv`` (one row per logged train
-step and per evaluation), the config to ``config.json`` next to it.
+``ckpt_every`` steps a checkpoint (:class:`Checkpoint`: tensors and plain types only) holds the model,
+optimiser, scheduler, step, epoch, loader state, class weights and RNG state, so ``resume`` continues the
+same step count, sample order and loss curve (bitwise on CPU with ``deterministic``). Checkpoints are read
+with ``torch.load(weights_only=True)`` (a checkpoint cannot run code) and checked against the run before
+anything is loaded: a wrong one is one :class:`PretrainError` line. Metrics go to
+``<run_dir>/<name>/metrics.csv`` (one row per logged train step and per evaluation; an undefined metric is
+an empty cell), the config to ``config.json`` next to it.
 
 What depends on the modality (``lidar``: points -> BEV encoder-decoder; ``camera``: 8 images -> ResNet +
 FPN + lift) is one task object (:func:`pretraining_task`): stream fields, model, forward inputs, the
@@ -27,8 +30,10 @@ import csv
 import json
 import math
 import os
+import re
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +52,8 @@ from driveengine.train.model_lidar import LidarPretraining
 #: Columns of ``metrics.csv``; a row fills the ones of its phase ("train" or "eval").
 CSV_COLUMNS: tuple[str, ...] = (
     "step", "epoch", "phase", "loss", "loss_sem", "loss_flow", "lr", "samples_per_s",
-    "miou", "miou_present", "completion_iou", "foreground_iou", "epe", "epe_stationary", "epe_moving", "frames",
+    "miou", "miou_present", "completion_iou", "foreground_iou", "near_miou", "far_miou",
+    "epe", "epe_stationary", "epe_moving", "frames",
 )  # fmt: skip
 
 #: ``--modality`` values.
@@ -56,6 +62,340 @@ MODALITIES: tuple[str, ...] = ("lidar", "camera")
 
 class PretrainError(DriveEngineError):
     """A pre-training run cannot start or continue (bad data, checkpoint, device)."""
+
+
+# -- checkpoints ------------------------------------------------------------------------------------
+
+#: Layout version of the checkpoints :func:`pretrain` writes (files without the key have layout 1).
+CHECKPOINT_FORMAT = 1
+#: What to do about a checkpoint that cannot be used, appended to every such error.
+_CHECKPOINT_HINT = (
+    "resume only from a ckpt_*.pt or last.pt that `driveengine pretrain` wrote, or start without --resume"
+)
+#: Tensors AdamW keeps per parameter (each of the parameter's shape), besides its scalar ``step``.
+_ADAMW_STATE = frozenset({"exp_avg", "exp_avg_sq", "max_exp_avg_sq"})
+
+
+def read_checkpoint(path: Path) -> object:
+    """The content of a checkpoint file, read with ``torch.load(weights_only=True)``: no code runs.
+
+    torch's weights-only unpickler builds tensors and plain containers only; a pickle that asks for any
+    other callable or class (a ``__reduce__`` calling ``os.system``, ``open``, ...) is refused before
+    anything is called.
+
+    Raises:
+        PretrainError: one line naming the file: not a torch file, truncated, or refused as unsafe.
+    """
+    import pickle
+    import warnings
+
+    try:
+        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": the error below says enough
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        text = str(exc)
+        wanted = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+        opcode = re.search(r"Unsupported operand (\d+)", text)
+        if wanted:
+            reason = (
+                f"refused checkpoint: loading it would call or build {wanted.group(1)[:120]}, which a checkpoint of "
+                "tensors and plain data never does (nothing from the file was run)"
+            )
+        elif opcode:
+            reason = (
+                f"unreadable checkpoint: not a torch file of tensors and plain data (pickle opcode "
+                f"{opcode.group(1)} is not allowed)"
+            )
+        else:
+            detail = next((ln.strip() for ln in text.splitlines() if "WeightsUnpickler error" in ln), "")
+            reason = f"unreadable checkpoint: refused by torch's weights-only loader ({detail or 'unsafe'})"
+    except Exception as exc:  # torch raises many types for a bad file (RuntimeError, EOFError, ...)
+        first = (str(exc).strip().splitlines() or ["empty or truncated file"])[0][:300]
+        reason = f"unreadable checkpoint ({type(exc).__name__}: {first})"
+    raise PretrainError(f"{path}: {reason}; {_CHECKPOINT_HINT}")
+
+
+def _plain(value: object, where: str) -> object:
+    """``value`` with tuples as lists, checked to hold only JSON types (for the checkpoint's ``config``)."""
+    if value is None or isinstance(value, bool | int | str):
+        return value
+    if isinstance(value, float):
+        return value
+    if isinstance(value, list | tuple):
+        return [_plain(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if isinstance(value, dict) and all(isinstance(k, str) for k in value):
+        return {k: _plain(v, f"{where}.{k}") for k, v in value.items()}
+    raise PretrainError(
+        f"cannot write a checkpoint: {where} is a {type(value).__name__}; checkpoints hold only tensors, "
+        "dicts, lists, str, int, float, bool and None (pass plain values in the config)"
+    )
+
+
+def _mismatch(saved: object, fresh: object, where: str) -> str | None:
+    """The first way ``saved`` differs in structure or type from ``fresh`` (a state made here), or None.
+
+    Dicts must have the same keys, lists and tuples the same length, tensors the same shape and dtype,
+    numbers be finite numbers, bools bools, strings strings; a ``None`` in ``fresh`` admits None or a bool.
+    """
+    if isinstance(fresh, dict):
+        if not isinstance(saved, dict):
+            return f"{where} is a {type(saved).__name__}, expected a dict"
+        missing = [k for k in fresh if k not in saved]
+        extra = [k for k in saved if k not in fresh]
+        if missing or extra:
+            parts = [
+                f"missing keys {_short(missing[:5])}" if missing else "",
+                f"unexpected keys {_short(extra[:5])}" if extra else "",
+            ]
+            return f"{where} has " + " and ".join(p for p in parts if p)
+        for k in fresh:
+            problem = _mismatch(saved[k], fresh[k], f"{where}[{k!r}]")
+            if problem:
+                return problem
+        return None
+    if isinstance(fresh, list | tuple):
+        if not isinstance(saved, list | tuple) or len(saved) != len(fresh):
+            return f"{where} is {_describe(saved)}, expected a list of {len(fresh)}"
+        for i, (a, b) in enumerate(zip(saved, fresh, strict=True)):
+            problem = _mismatch(a, b, f"{where}[{i}]")
+            if problem:
+                return problem
+        return None
+    if isinstance(fresh, torch.Tensor):
+        if not isinstance(saved, torch.Tensor):
+            return f"{where} is {_describe(saved)}, expected a tensor"
+        if saved.shape != fresh.shape or saved.dtype != fresh.dtype:
+            return f"{where} is {_describe(saved)}, expected {_describe(fresh)}"
+        return None
+    if fresh is None:
+        ok = saved is None or isinstance(saved, bool)
+    elif isinstance(fresh, bool):
+        ok = isinstance(saved, bool)
+    elif isinstance(fresh, int | float):
+        ok = isinstance(saved, int | float) and not isinstance(saved, bool) and math.isfinite(saved)
+    elif isinstance(fresh, str):
+        ok = isinstance(saved, str)
+    else:
+        ok = type(saved) is type(fresh)
+    return None if ok else f"{where} is {_describe(saved)}, expected {_describe(fresh)}"
+
+
+def _short(value: object, limit: int = 200) -> str:
+    """``repr(value)`` cut to ``limit`` characters (keys and values of a hostile file can be long)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _describe(value: object) -> str:
+    """A short description of a checkpoint value for messages."""
+    if isinstance(value, torch.Tensor):
+        return f"a {str(value.dtype).removeprefix('torch.')} tensor of shape {tuple(value.shape)}"
+    if isinstance(value, list | tuple):
+        return f"a {type(value).__name__} of {len(value)}"
+    if isinstance(value, bool | int | float | str):
+        text = repr(value)
+        return f"{type(value).__name__} {text[:40]}"
+    return f"a {type(value).__name__}"
+
+
+@dataclass
+class Checkpoint:
+    """A pre-training checkpoint: only tensors and plain types, so it loads with ``weights_only=True``.
+
+    On disk it is a dict with these keys plus ``format`` (:data:`CHECKPOINT_FORMAT`); ``export-backbone``
+    reads ``model``, ``step`` and ``config`` from it.
+
+    Attributes:
+        model: the model's ``state_dict`` (parameter name -> tensor).
+        optimizer: AdamW's ``state_dict`` (torch's layout: ``state`` {param index: {"step", "exp_avg",
+            "exp_avg_sq"} tensors} and ``param_groups`` [dict of numbers, bools, None, ``betas``, ``params``]).
+        scheduler: LambdaLR's ``state_dict`` (numbers, bools, lists; ``lr_lambdas`` [None]).
+        step: optimiser steps done; epoch: data epoch; micro_in_epoch: micro-batches of it consumed.
+        data: :meth:`FrameStream.state_dict` (ints and bools).
+        class_weights: the 17 loss weights (float64 values as Python floats: restored exactly).
+        rng: :func:`torch.get_rng_state` (a uint8 tensor).
+        config: :meth:`PretrainConfig.to_dict` with JSON types (tuples as lists), for information.
+    """
+
+    model: dict[str, torch.Tensor]
+    optimizer: dict[str, Any]
+    scheduler: dict[str, Any]
+    step: int
+    epoch: int
+    micro_in_epoch: int
+    data: dict[str, Any]
+    class_weights: list[float]
+    rng: torch.Tensor
+    config: dict[str, Any]
+
+    def to_state(self) -> dict[str, Any]:
+        """The dict that ``torch.save`` writes (the config made plain; see :func:`_plain`)."""
+        state: dict[str, Any] = {"format": CHECKPOINT_FORMAT}
+        for f in fields(self):
+            state[f.name] = getattr(self, f.name)
+        state["config"] = _plain(self.config, "config")
+        state["data"] = _plain(self.data, "data")
+        return state
+
+    @classmethod
+    def from_state(cls, state: object, path: Path) -> Checkpoint:
+        """Check the structure of what :func:`read_checkpoint` returned and wrap it.
+
+        Only what does not depend on the run is checked here (keys, types, counts, the RNG state);
+        :meth:`restore` checks the rest against the run's model, optimiser, scheduler and loader.
+
+        Raises:
+            PretrainError: one line naming the file, the first thing that is wrong and what to do.
+        """
+
+        def fail(what: str) -> PretrainError:
+            return PretrainError(f"{path}: not a usable pretrain checkpoint: {what}; {_CHECKPOINT_HINT}")
+
+        if not isinstance(state, dict):
+            raise fail(f"it holds {_describe(state)}, not a dict")
+        if state and all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise fail(
+                "it is a bare state_dict of tensors (e.g. a backbone.pth), without optimiser and loader state"
+            )
+        version = state.get("format", CHECKPOINT_FORMAT)
+        if not isinstance(version, int) or isinstance(version, bool) or version != CHECKPOINT_FORMAT:
+            raise fail(
+                f"format {_short(version)} is not {CHECKPOINT_FORMAT} (written by another DriveEngine version)"
+            )
+        names = [f.name for f in fields(cls)]
+        missing = [k for k in names if k not in state]
+        unknown = [k for k in state if k not in names and k != "format"]
+        if missing or unknown:
+            raise fail(
+                f"missing keys {missing}" + (f", unexpected keys {_short(unknown[:5])}" if unknown else "")
+            )
+        for key in ("step", "epoch", "micro_in_epoch"):
+            value = state[key]
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise fail(f"{key!r} is {_describe(value)}, expected a non-negative int")
+        model = state["model"]
+        if not (isinstance(model, dict) and all(isinstance(v, torch.Tensor) for v in model.values())):
+            raise fail(f"'model' is {_describe(model)}, expected a state_dict (names -> tensors)")
+        if not all(isinstance(k, str) for k in model):
+            raise fail("'model' has keys that are not strings")
+        optimizer = state["optimizer"]
+        if not (
+            isinstance(optimizer, dict)
+            and isinstance(optimizer.get("state"), dict)
+            and isinstance(optimizer.get("param_groups"), list)
+        ):
+            raise fail("'optimizer' is not an optimiser state_dict (a dict with 'state' and 'param_groups')")
+        for key in ("scheduler", "data", "config"):
+            if not isinstance(state[key], dict):
+                raise fail(f"{key!r} is {_describe(state[key])}, expected a dict")
+        weights = state["class_weights"]
+        if not (isinstance(weights, list) and len(weights) == FREE + 1):
+            raise fail(f"'class_weights' is {_describe(weights)}, expected a list of {FREE + 1} numbers")
+        bad = [
+            w for w in weights
+            if not (isinstance(w, int | float) and not isinstance(w, bool) and math.isfinite(w) and w >= 0)
+        ]  # fmt: skip
+        if bad:
+            raise fail(f"'class_weights' holds {bad[0]!r}, expected finite non-negative numbers")
+        fresh_rng = torch.get_rng_state()
+        problem = _mismatch(state["rng"], fresh_rng, "'rng'")
+        if problem:
+            raise fail(problem)
+        return cls(**{k: state[k] for k in names})
+
+    def restore(
+        self,
+        path: Path,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: torch.optim.lr_scheduler.LRScheduler,
+        stream: FrameStream,
+    ) -> None:
+        """Load the checkpoint into the run's model, optimiser, scheduler, loader and RNG.
+
+        Everything is checked against the run's own objects before anything is loaded.
+
+        Raises:
+            PretrainError: the checkpoint belongs to another model or run layout (one line).
+            StreamError: the loader state belongs to another seed, batch size or dataset.
+        """
+
+        def fail(what: str, hint: str = _CHECKPOINT_HINT) -> PretrainError:
+            return PretrainError(f"{path}: cannot resume from this checkpoint: {what}; {hint}")
+
+        config = self.config
+        layout = ", ".join(
+            f"{k}={config[k]!r}"
+            for k in ("modality", "depth", "width", "stem_stride", "output_stride")
+            if k in config
+        )
+        same_options = f"resume with the options of the run that wrote it ({layout or 'see its config.json'})"
+        expected = model.state_dict()
+        missing = [k for k in expected if k not in self.model]
+        unexpected = [k for k in self.model if k not in expected]
+        shapes = [
+            f"{k} {tuple(self.model[k].shape)} vs {tuple(v.shape)}"
+            for k, v in expected.items()
+            if k in self.model and self.model[k].shape != v.shape
+        ]
+        if missing or unexpected or shapes:
+            parts = [
+                f"{len(missing)} missing weights (e.g. {missing[:2]})" if missing else "",
+                f"{len(unexpected)} unexpected weights (e.g. {_short(unexpected[:2])})" if unexpected else "",
+                f"{len(shapes)} shapes differ (e.g. {shapes[:2]})" if shapes else "",
+            ]
+            raise fail("its model differs from this run's: " + ", ".join(p for p in parts if p), same_options)
+        problem = self._optimizer_mismatch(optimizer)
+        if problem:
+            raise fail(problem, same_options)
+        problem = _mismatch(self.scheduler, scheduler.state_dict(), "'scheduler'")
+        if problem:
+            raise fail(problem)
+        problem = _mismatch(self.data, stream.state_dict(), "'data'")
+        if problem:
+            raise fail(problem)
+        stream.load_state_dict(self.data)  # StreamError when seed, batch size or dataset differ
+        try:  # checked above; what is left is torch's own verdict (e.g. an invalid generator state)
+            torch.set_rng_state(self.rng)
+            model.load_state_dict(self.model)
+            optimizer.load_state_dict(self.optimizer)
+            scheduler.load_state_dict(self.scheduler)
+        except (RuntimeError, ValueError, TypeError, KeyError, IndexError) as exc:
+            first = (str(exc).strip().splitlines() or [""])[0][:300]
+            raise fail(f"torch refused it ({type(exc).__name__}: {first})") from None
+
+    def _optimizer_mismatch(self, optimizer: torch.optim.Optimizer) -> str | None:
+        """How the saved AdamW state does not fit ``optimizer`` (same groups, parameters, shapes), or None."""
+        fresh = optimizer.state_dict()
+        saved_groups = self.optimizer["param_groups"]
+        problem = _mismatch(saved_groups, fresh["param_groups"], "'optimizer' param_groups")
+        if problem:
+            return problem
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        ids = [i for group in saved_groups for i in group["params"]]
+        if ids != list(range(len(params))):
+            return "'optimizer' param_groups do not list this model's parameters in order"
+        for key, entry in self.optimizer["state"].items():
+            if not isinstance(key, int) or isinstance(key, bool) or not 0 <= key < len(params):
+                return f"'optimizer' state has an entry {key!r} for no parameter"
+            if not isinstance(entry, dict) or not isinstance(entry.get("step"), torch.Tensor):
+                return f"'optimizer' state[{key}] is not AdamW's (a dict with a 'step' tensor)"
+            if entry["step"].numel() != 1:
+                return f"'optimizer' state[{key}]['step'] is {_describe(entry['step'])}, expected one number"
+            for name, value in entry.items():
+                if name == "step":
+                    continue
+                if name not in _ADAMW_STATE:
+                    return f"'optimizer' state[{key}] has an unexpected entry {name!r}"
+                want = params[key]
+                if (
+                    not isinstance(value, torch.Tensor)
+                    or value.shape != want.shape
+                    or not value.is_floating_point()
+                ):
+                    return f"'optimizer' state[{key}][{name!r}] is {_describe(value)}, expected {_describe(want.detach())}"
+        return None
 
 
 # -- set-up -----------------------------------------------------------------------------------------
@@ -158,6 +498,11 @@ class CsvLog:
             csv.DictWriter(f, fieldnames=CSV_COLUMNS, extrasaction="ignore").writerow(row)
 
 
+def _csv_number(value: float | int | None) -> str:
+    """A metric as a ``metrics.csv`` cell: 6 significant digits, empty when undefined (None)."""
+    return "" if value is None else f"{value:.6g}"
+
+
 def _atomic_save(obj: Any, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     torch.save(obj, tmp)
@@ -206,7 +551,7 @@ def evaluate(
     finally:
         model.train(was_training)
     if torch.distributed.is_initialized():
-        for name in ("confusion", "epe_sum", "epe_count"):
+        for name in OccupancyMetrics.SUMMED:
             t = torch.from_numpy(np.ascontiguousarray(getattr(metrics, name))).to(torch.float64)
             torch.distributed.all_reduce(t)
             setattr(metrics, name, t.numpy().astype(getattr(metrics, name).dtype))
@@ -281,17 +626,14 @@ def pretrain(config: PretrainConfig) -> dict[str, Any]:
         resume_path = Path(config.resume)
         if not resume_path.exists():
             raise PretrainError(f"{resume_path}: no such checkpoint")
-    ckpt: dict[str, Any] | None = None
+    ckpt: Checkpoint | None = None
     if resume_path is not None:
-        try:
-            ckpt = torch.load(resume_path, map_location="cpu", weights_only=False)
-        except Exception as exc:  # torch raises many types for a bad file
-            raise PretrainError(f"{resume_path}: unreadable checkpoint ({exc})") from None
+        ckpt = Checkpoint.from_state(read_checkpoint(resume_path), resume_path)
 
     torch.manual_seed(config.seed)
     model = task.build_model(grid).to(device)
     if ckpt is not None:
-        class_weights = np.asarray(ckpt["class_weights"])
+        class_weights = np.asarray(ckpt.class_weights, dtype=np.float64)
     elif config.class_weight_frames:
         weight_stream = FrameStream(
             root, split, fields=("semantics", "mask_lidar"), shuffle=True, seed=config.seed, rank=0,
@@ -305,13 +647,9 @@ def pretrain(config: PretrainConfig) -> dict[str, Any]:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
 
     step, epoch, micro_in_epoch = 0, 0, 0
-    if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        step, epoch, micro_in_epoch = int(ckpt["step"]), int(ckpt["epoch"]), int(ckpt["micro_in_epoch"])
-        stream.load_state_dict(ckpt["data"])
-        torch.set_rng_state(ckpt["rng"])
+    if ckpt is not None and resume_path is not None:
+        ckpt.restore(resume_path, model, optimizer, scheduler, stream)
+        step, epoch, micro_in_epoch = ckpt.step, ckpt.epoch, ckpt.micro_in_epoch
 
     train_model: nn.Module = model
     if world > 1:
@@ -327,18 +665,18 @@ def pretrain(config: PretrainConfig) -> dict[str, Any]:
         csv_log = CsvLog(run / "metrics.csv", step if ckpt is not None else None)
 
     def save_checkpoint() -> Path | None:
-        state = {
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "step": step,
-            "epoch": epoch,
-            "micro_in_epoch": micro_in_epoch,
-            "data": stream.state_dict(num_samples=micro_in_epoch * config.batch_size * world),
-            "class_weights": class_weights.tolist(),
-            "rng": torch.get_rng_state(),
-            "config": config.to_dict(),
-        }
+        state = Checkpoint(
+            model=model.state_dict(),
+            optimizer=optimizer.state_dict(),
+            scheduler=scheduler.state_dict(),
+            step=step,
+            epoch=epoch,
+            micro_in_epoch=micro_in_epoch,
+            data=stream.state_dict(num_samples=micro_in_epoch * config.batch_size * world),
+            class_weights=[float(w) for w in class_weights],
+            rng=torch.get_rng_state(),
+            config=config.to_dict(),
+        ).to_state()
         path = None
         if is_main:
             path = run / f"ckpt_{step:07d}.pt"
@@ -417,7 +755,7 @@ def pretrain(config: PretrainConfig) -> dict[str, Any]:
             if csv_log:
                 csv_log.write(
                     {"step": step, "epoch": epoch, "phase": "eval",
-                     **{k: f"{last_eval[k]:.6g}" for k in CSV_COLUMNS if k in last_eval}}
+                     **{k: _csv_number(last_eval[k]) for k in CSV_COLUMNS if k in last_eval}}
                 )  # fmt: skip
         if step == config.max_steps or (config.ckpt_every and step % config.ckpt_every == 0):
             last_ckpt = save_checkpoint() or last_ckpt

@@ -18,9 +18,10 @@ matplotlib is the ``viz`` extra (``pip install driveengine[viz]``).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import textwrap
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -191,11 +192,32 @@ class RenderedFrame:
         return np.asarray(self.figure.canvas.buffer_rgba())[..., :3].copy()
 
     def save(self, path: StrPath) -> Path:
-        """Write the picture (format from the suffix, e.g. ``.png``) at its exact pixel size."""
+        """Write the picture (format from the suffix, e.g. ``.png``) at its exact pixel size.
+
+        Raises:
+            VizError: the file or its folder cannot be written (the path and the reason are named).
+        """
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.figure.savefig(path, dpi=self.figure.dpi)
+        with _writing(path):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                self.figure.savefig(path, dpi=self.figure.dpi)
+            except ValueError as exc:  # matplotlib: "Format 'xyz' is not supported ..."
+                raise VizError(f"{path}: cannot write the picture: {exc}; use .png, .jpg or .svg") from None
         return path
+
+
+@contextlib.contextmanager
+def _writing(path: Path) -> Iterator[None]:
+    """Turn an OSError while writing ``path`` into one clear :class:`VizError` naming it and the reason."""
+    try:
+        yield
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        where = f" ({exc.filename})" if exc.filename and str(exc.filename) != str(path) else ""
+        raise VizError(
+            f"{path}: cannot write the picture: {reason}{where}; choose a writable --out path"
+        ) from None
 
 
 def render_frame(
@@ -477,7 +499,8 @@ def show_video(
         raise VizError(f"log {log}: no frames to render")
     out = Path(out)
     if out.suffix.lower() != ".gif":
-        out.mkdir(parents=True, exist_ok=True)
+        with _writing(out):
+            out.mkdir(parents=True, exist_ok=True)
         for i in indices:
             _render_row(log_frames, i, log, camera, GRID, size_px).save(out / f"frame_{i:04d}.png")
         return out
@@ -486,8 +509,9 @@ def show_video(
         Image.fromarray(_render_row(log_frames, i, log, camera, GRID, size_px).to_rgb()).quantize(colors=128)
         for i in indices
     ]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    images[0].save(out, save_all=True, append_images=images[1:], duration=frame_ms, loop=0)
+    with _writing(out):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        images[0].save(out, save_all=True, append_images=images[1:], duration=frame_ms, loop=0)
     return out
 
 
