@@ -1,11 +1,11 @@
 """Camera pre-training model on CPU at test size: cost of the lift and decoder over the backbone alone.
 
-* Step: forward + backward of :class:`~driveengine.train.model_camera.CameraOccupancyNet` (backbone,
+* Step: forward + backward of :class:`~driveengine.models.camera.CameraOccupancyNet` (backbone,
   FPN, lift, BEV decoder, loss) vs forward + backward of its ResNet backbone alone on the same images,
   in the same run. Time ratio and peak memory ratio (peak resident memory of a fresh process per
   measurement, so one measurement's peak does not hide the other's) show the overhead of everything
   that is not the backbone.
-* Lift: :func:`~driveengine.train.model_camera.lift_features` (one ``grid_sample`` per camera over all
+* Lift: :func:`~driveengine.models.camera.lift_features` (one ``grid_sample`` per camera over all
   voxels) vs one ``grid_sample`` over all cameras at once (``B*N x C x P`` intermediate), time and
   peak memory.
 * Backbones (issue 17): forward + backward of the whole camera model with a tiny VoVNet-99 (V-99-eSE)
@@ -53,7 +53,7 @@ def backbone_parameters(name: str, width: int) -> int:
     """Trainable parameters of a registered backbone at ``width`` (built on the meta device)."""
     import torch
 
-    from driveengine.train.backbones import get_backbone
+    from driveengine.models.backbones import get_backbone
 
     with torch.device("meta"):
         return sum(p.numel() for p in get_backbone(name).build(width, 3).parameters())
@@ -77,9 +77,9 @@ def _step_fn(
     from driveengine.schemas import VoxelGrid
     from driveengine.schemas.classes import FREE
 
+    from driveengine.models.camera import CameraOccupancyNet
     from driveengine.synth.world import make_cameras
     from driveengine.train.loss import OccupancyLoss
-    from driveengine.train.model_camera import CameraOccupancyNet
 
     torch.manual_seed(0)
     grid = VoxelGrid() if full else VoxelGrid(*GRID_ARGS)
@@ -121,8 +121,8 @@ def _measure(kind: str, queue: mp.Queue) -> None:
     from driveengine.schemas.classes import FREE
 
     from benchmarks.harness import best_time, peak_rss_mib
+    from driveengine.models.camera import CameraOccupancyNet, invert_rigid, lift_features
     from driveengine.train.loss import OccupancyLoss
-    from driveengine.train.model_camera import CameraOccupancyNet, invert_rigid, lift_features
 
     torch.set_num_threads(1)
     grid = VoxelGrid(*GRID_ARGS)
@@ -156,7 +156,7 @@ def _measure(kind: str, queue: mp.Queue) -> None:
             if kind == "lift":
                 lifted, _ = lift_features(feats, centres, cam_from_ego, k, (IMAGE_W, IMAGE_H))
             else:  # all cameras in one grid_sample, then a masked mean over cameras
-                from driveengine.train.model_camera import project_to_pixels
+                from driveengine.models.camera import project_to_pixels
 
                 uv, vis = project_to_pixels(centres, cam_from_ego, k, (IMAGE_W, IMAGE_H))
                 g = (uv * torch.tensor([2.0 / IMAGE_W, 2.0 / IMAGE_H], dtype=uv.dtype) - 1).float()
@@ -225,7 +225,7 @@ def backbones() -> None:
     report("forward+backward+AdamW: VoVNet-99 vs ResNet-101", vov_s * 1e3, res_s * 1e3, "ms")
     report("peak memory growth: VoVNet-99 vs ResNet-101", vov_mib, res_mib, "MiB")
 
-    from driveengine.train.backbones import get_backbone
+    from driveengine.models.backbones import get_backbone
 
     section("full-width backbones: parameters (no classifier) vs published")
     for name in ("resnet18", "resnet34", "resnet50", "resnet101", "vovnet99"):

@@ -29,7 +29,7 @@ SECONDS = 12.0  # log length: 25 key frames at 2 Hz
 
 
 def _setup(rays: int) -> tuple:
-    from driveengine.sources.nuplan_db import read_nuplan_log
+    from driveengine.sources.nuplan.reader import read_nuplan_log
     from driveengine.synth import synthesize
     from driveengine.synth.sensors import lidar_sweep
 
@@ -47,10 +47,10 @@ def main() -> None:
     numba.set_num_threads(1)
     from driveengine.schemas import GRID
 
-    from driveengine.collect import voxel_ops as vo
-    from driveengine.collect.labels import LabelConfig, LabelGenerator, write_log_labels
+    from driveengine.formats.openscene_labels import dense_to_sparse
+    from driveengine.labels import voxel_ops as vo
+    from driveengine.labels.generator import LabelConfig, LabelGenerator, write_log_labels
     from driveengine.store.occ import create_occ, open_occ
-    from driveengine.store.openscene_occ import dense_to_sparse
     from driveengine.synth.sensors import FULL_SWEEP_RAYS
 
     lo, vs, shape = vo.grid_params(GRID)
@@ -95,8 +95,8 @@ def main() -> None:
 
     # -- points in boxes ---------------------------------------------------------------------------------
     b = log.boxes(k0)
-    from driveengine.collect.labels import relative_transform
     from driveengine.geometry import make_transform, yaw_to_quaternion
+    from driveengine.labels.generator import relative_transform
 
     g_box = make_transform(yaw_to_quaternion(log.box_yaw[b]), log.box_center[b])
     box_from_ego = relative_transform(g_box, log.global_from_ego()[k0])

@@ -141,8 +141,8 @@ def openscene_load(pickles: list[Path], order: list[tuple[int, int]]) -> int:
 
 def raw_chunk_table(root: Path, order: list[tuple[int, int]]) -> list[tuple[str, int, int, tuple, np.dtype]]:
     """(shard file, offset, nbytes, frame shape, dtype) of every chunk the loader reads, in order."""
-    from driveengine.data.shards import FrameArrayReader
     from driveengine.store.occ import open_occ
+    from driveengine.store.shards import FrameArrayReader
 
     table = []
     readers = {}

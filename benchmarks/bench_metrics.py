@@ -2,7 +2,7 @@
 
 Baseline: the straightforward SSCMetrics update, three boolean reductions per class and per region
 (near/far) over a frame, as written in many occupancy code bases, and its flow EPE (float32 norms, two
-speed regions). Ours: :meth:`driveengine.train.metrics.OccupancyMetrics.update` (one bincount over region,
+speed regions). Ours: :meth:`driveengine.evaluation.metrics.OccupancyMetrics.update` (one bincount over region,
 gt, pred; the same float32 flow sums in OpenScene's voxel order).
 Also the OpenScene sparse <-> dense conversion of one frame.
 """
@@ -14,8 +14,8 @@ from driveengine.schemas.classes import FREE
 from driveengine.schemas.grid import GRID
 
 from benchmarks.harness import best_time, report, section
-from driveengine.store.openscene_occ import dense_to_sparse, sparse_to_dense
-from driveengine.train.metrics import OccupancyMetrics
+from driveengine.evaluation.metrics import OccupancyMetrics
+from driveengine.formats.openscene_labels import dense_to_sparse, sparse_to_dense
 
 
 def _frame(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:

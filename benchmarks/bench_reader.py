@@ -110,7 +110,7 @@ def openscene_metadata(frames: int = 2400, boxes: int = 60, seed: int = 0) -> by
 
 
 def bench_openscene_metadata() -> None:
-    from driveengine.sources.openscene import OPENSCENE_GLOBALS
+    from driveengine.sources.openscene.reader import OPENSCENE_GLOBALS
     from driveengine.sources.safe_pickle import restricted_loads
 
     section("OpenScene metadata: bounded restricted unpickler vs plain pickle.loads")
@@ -130,7 +130,7 @@ def bench_openscene_metadata() -> None:
 
 
 def main() -> None:
-    from driveengine.sources.nuplan_db import _read, read_nuplan_log
+    from driveengine.sources.nuplan.reader import _read, read_nuplan_log
 
     section("nuPlan log reader (full-size database-only log)")
     path = cached_log()

@@ -461,13 +461,13 @@ def export(
     ),
 ) -> None:
     """Export a collected split in OpenScene's formats (per-log metadata .pkl, occupancy .npy)."""
-    from driveengine.store.legacy import export_split
+    from driveengine.export.openscene import export_split
 
     for line in export_split(split_dir, out, fmt, occupancy=occupancy):
         typer.echo(line)
 
 
-# -- evaluate, show (driveengine.evaluate, driveengine.viz) --------------------------------------
+# -- evaluate, show (driveengine.evaluation.evaluate, driveengine.viz) --------------------------------------
 
 
 @app.command()
@@ -489,9 +489,9 @@ def evaluate(
     """OpenScene's SSCMetrics numbers (mIoU, completion/foreground/near/far IoU, flow EPE) of PRED vs GT."""
     import json
 
-    from driveengine.evaluate import evaluate as run_evaluate
-    from driveengine.evaluate import to_json_ready
-    from driveengine.train.metrics import format_metrics_table
+    from driveengine.evaluation.evaluate import evaluate as run_evaluate
+    from driveengine.evaluation.evaluate import to_json_ready
+    from driveengine.evaluation.metrics import format_metrics_table
 
     result = run_evaluate(pred, gt, mask_lidar=mask_lidar, workers=workers, progress=not json_out)
     if json_out:  # undefined values are null: strict JSON has no NaN
@@ -641,7 +641,7 @@ def pretrain(
     no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar."),
 ) -> None:
     """Occupancy/flow pre-training from LiDAR or 8 cameras (ResNet, VoVNet-99); DDP under torchrun; resumable."""
-    from driveengine.train.backbones import camera_backbone_option
+    from driveengine.models.backbones import camera_backbone_option
     from driveengine.train.config import PretrainConfig
     from driveengine.train.loop import pretrain as run_pretrain
 
@@ -668,7 +668,7 @@ def pretrain(
         f"pretrain: {summary['step']} steps on {summary['device']} x{summary['world_size']}, last loss {last:.4f}"
     )
     if summary["eval"]:
-        from driveengine.train.metrics import summary_line
+        from driveengine.evaluation.metrics import summary_line
 
         typer.echo(f"eval: {summary_line(summary['eval'])}")
     typer.echo(f"run folder {summary['run_dir']} (metrics.csv, config.json, checkpoints)")
@@ -688,7 +688,7 @@ def export_backbone(
 ) -> None:
     """Save the camera model's backbone alone, named as downstream code names it (backbone.pth + backbone.json
     with the config lines that load it)."""
-    from driveengine.train.backbone_export import export_backbone as run_export
+    from driveengine.models.export import export_backbone as run_export
 
     exported = run_export(checkpoint, out, key_prefix)
     typer.echo(f"wrote {exported.path} ({exported.info.format}) and {exported.meta_path}")

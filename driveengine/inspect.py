@@ -44,7 +44,7 @@ def inspect_path(path: str | PathLike[str]) -> dict[str, Any]:
 
 
 def _summarise_log(path: Path) -> dict[str, Any]:
-    from driveengine.sources.nuplan_db import read_nuplan_log
+    from driveengine.sources.nuplan.reader import read_nuplan_log
 
     data = read_nuplan_log(path)
     n = data.num_sweeps

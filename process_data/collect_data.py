@@ -4,7 +4,7 @@ Reads ``<meta-dir>/*.pkl`` (untrusted pickles: loaded with DriveEngine's restric
 admits only builtins and numpy arrays), keeps the logs of ``--split`` if given, and writes the frames
 sorted by (log name, timestamp), so the output is deterministic. As OpenScene's script does for the
 mini split, ``--val-out`` sends the last ``--val-fraction`` of the (sorted) logs to a second file.
-The outputs are written by :func:`driveengine.store.pickles.write_pickle`: numpy 1.21-2.x load them
+The outputs are written by :func:`driveengine.formats.pickles.write_pickle`: numpy 1.21-2.x load them
 with plain ``pickle.load``.
 
 Example::
@@ -22,7 +22,7 @@ from pathlib import Path
 
 def merge(files: list[Path]) -> list[dict]:
     """Frames of ``files`` (restricted unpickling), sorted by (log name, timestamp, token)."""
-    from driveengine.sources.openscene import load_openscene_pickle
+    from driveengine.sources.openscene.reader import load_openscene_pickle
 
     frames = [f for path in files for f in load_openscene_pickle(path)]
     return sorted(frames, key=lambda f: (str(f["log_name"]), int(f["timestamp"]), str(f["token"])))
@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     from driveengine.splits import load_split
 
     from driveengine.errors import DriveEngineError
-    from driveengine.store.pickles import write_pickle
+    from driveengine.formats.pickles import write_pickle
 
     try:
         files = sorted(args.meta_dir.glob("*.pkl"))

@@ -3,7 +3,7 @@
 Takes OpenScene's ``create_openscene_metadata.py`` flags and writes ``<out-dir>/<log>.pkl`` with
 OpenScene's key set and value types, via DriveEngine: the logs are collected (resumably, in parallel,
 without labels) into ``<out-dir>/.driveengine/<split>/`` and exported with
-:func:`driveengine.store.legacy.export_openscene_metadata`. The documented differences from the
+:func:`driveengine.export.openscene.export_openscene_metadata`. The documented differences from the
 original files (wrapped yaw, scene-local prev/next, gap-free frame_idx, deterministic scene names,
 ``driving_command`` from the ego's future path instead of the map) are listed in
 :mod:`driveengine.schemas.frame`. No nuplan-devkit and no maps are needed.
@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from driveengine.collect.runner import CollectConfig, collect
     from driveengine.errors import DriveEngineError
-    from driveengine.store.legacy import export_openscene_metadata
+    from driveengine.export.openscene import export_openscene_metadata
 
     args = parse_args(argv)
     root = args.nuplan_root_path or args.nuplan_db_path.parent.parent

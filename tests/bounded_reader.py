@@ -22,8 +22,8 @@ EXTRA_ADDRESS_SPACE = 1 << 30
 
 _CHILD = r"""
 import json, resource, sys
-from driveengine.sources.nuplan_db import read_nuplan_log
-from driveengine.sources.openscene import read_openscene_log
+from driveengine.sources.nuplan.reader import read_nuplan_log
+from driveengine.sources.openscene.reader import read_openscene_log
 from driveengine.sources.safe_pickle import restricted_loads
 restricted_loads(b"\x80\x04K\x01.", {}, "warm-up")
 used = int(open("/proc/self/statm").read().split()[0]) * resource.getpagesize()

@@ -216,7 +216,7 @@ def make_release(base: Path, logs: int = 2, split: str = "mini") -> dict[str, ob
     import pickle
 
     from driveengine.collect.runner import CollectConfig, collect
-    from driveengine.store.legacy import export_openscene_metadata
+    from driveengine.export.openscene import export_openscene_metadata
     from driveengine.synth import synthesize
 
     world_dir = base / "world"

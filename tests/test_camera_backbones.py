@@ -29,17 +29,22 @@ from driveengine.schemas import VoxelGrid
 from typer.testing import CliRunner
 
 from driveengine.cli import app
-from driveengine.train.backbone_export import (
+from driveengine.models.backbones import (
+    backbone_names,
+    get_backbone,
+    identify_backbone,
+    resolve_backbone_name,
+)
+from driveengine.models.camera import CameraOccupancyNet
+from driveengine.models.export import (
     BackboneError,
     downstream_config,
     export_backbone,
     load_backbone_weights,
     save_backbone,
 )
-from driveengine.train.backbones import backbone_names, get_backbone, identify_backbone, resolve_backbone_name
-from driveengine.train.model_camera import CameraOccupancyNet
-from driveengine.train.resnet import ResNet
-from driveengine.train.vovnet import InputTooSmallError, OSABlock, VoVNet
+from driveengine.models.resnet import ResNet
+from driveengine.models.vovnet import InputTooSmallError, OSABlock, VoVNet
 
 DATA = Path(__file__).parent / "data"
 GRID = VoxelGrid((-8.0, -8.0, -2.0), (8.0, 8.0, 2.0), 1.0)

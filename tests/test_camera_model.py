@@ -14,24 +14,24 @@ from typer.testing import CliRunner
 
 from driveengine.cli import app
 from driveengine.geometry import invert_transform, make_transform, transform_points, yaw_to_quaternion
-from driveengine.synth import world_for_log
-from driveengine.synth.sensors import pixel_rays, render_camera
-from driveengine.synth.world import make_cameras
-from driveengine.train.backbone_export import (
-    BackboneError,
-    export_backbone,
-    infer_resnet_config,
-    load_backbone_weights,
-)
-from driveengine.train.loss import OccupancyLoss
-from driveengine.train.model_camera import (
+from driveengine.models.camera import (
     CameraOccupancyNet,
     invert_rigid,
     lift_features,
     lift_grid_for,
     project_to_pixels,
 )
-from driveengine.train.resnet import ResNet
+from driveengine.models.export import (
+    BackboneError,
+    export_backbone,
+    infer_resnet_config,
+    load_backbone_weights,
+)
+from driveengine.models.resnet import ResNet
+from driveengine.synth import world_for_log
+from driveengine.synth.sensors import pixel_rays, render_camera
+from driveengine.synth.world import make_cameras
+from driveengine.train.loss import OccupancyLoss
 
 W, H = 20, 12
 GRID = VoxelGrid((-8.0, -8.0, -2.0), (8.0, 8.0, 2.0), 1.0)
@@ -323,7 +323,7 @@ def test_a_vovnet99_camera_model_learns_too():
 
 
 def test_export_refuses_a_checkpoint_without_a_camera_model(tmp_path):
-    from driveengine.train.model_lidar import LidarOccupancyNet
+    from driveengine.models.lidar import LidarOccupancyNet
 
     lidar = LidarOccupancyNet(GRID, depth=18, width=8, decoder_channels=8)
     ckpt = tmp_path / "lidar.pt"

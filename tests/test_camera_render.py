@@ -23,11 +23,11 @@ from driveengine.schemas.classes import BACKGROUND, CAMERA_CHANNELS
 from typer.testing import CliRunner
 
 from driveengine.cli import app
+from driveengine.models.camera import invert_rigid, lift_features, project_to_pixels
+from driveengine.models.resnet import ResNet
 from driveengine.synth import world_for_log
 from driveengine.synth.sensors import CLASS_COLOURS, GROUND_COLOUR, SKY_COLOUR, render_camera
 from driveengine.synth.world import CAMERA_MOUNTS, Boxes
-from driveengine.train.model_camera import invert_rigid, lift_features, project_to_pixels
-from driveengine.train.resnet import ResNet
 
 IMAGE_SIZE = (96, 54)
 #: One class per camera (CAMERA_CHANNELS order): every class of the palette, background included.
@@ -190,7 +190,7 @@ def test_history_frames_from_the_stream_feed_the_temporal_model(collected) -> No
     from driveengine.schemas import GRID
 
     from driveengine.data import FrameStream
-    from driveengine.train.model_camera import CameraOccupancyNet
+    from driveengine.models.camera import CameraOccupancyNet
 
     stream = FrameStream(
         collected,

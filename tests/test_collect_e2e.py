@@ -28,10 +28,10 @@ from test_collect_frames import placeholder_blob
 from driveengine.collect.frames import check_finite
 from driveengine.collect.runner import CollectConfig, collect
 from driveengine.errors import DriveEngineError
+from driveengine.export.openscene import export_openscene_metadata
 from driveengine.geometry import invert_transform, rotate_vectors, transform_points
 from driveengine.store.commit import CollectLock, CollectLockedError, is_temporary, sha256_tree
 from driveengine.store.frames import read_log_frames, read_split_frames
-from driveengine.store.legacy import export_openscene_metadata
 from driveengine.store.manifest import load_manifest
 from driveengine.synth import synthesize
 from driveengine.synth.world import BOX_RANGE_M

@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 
 from driveengine.cli import app
 from driveengine.collect.runner import CollectConfig, collect
-from driveengine.sources.openscene import load_openscene_pickle
+from driveengine.sources.openscene.reader import load_openscene_pickle
 from driveengine.stats import compute_stats, format_stats
 from driveengine.store.frames import read_split_frames
 from driveengine.store.manifest import load_manifest
@@ -104,7 +104,7 @@ def test_process_data_scripts(collected, tmp_path: Path) -> None:
     assert [f.stem for f in files] == sorted(log.log_name for log in logs)
     # The same frames as `driveengine export` of the collected split.
     export = tmp_path / "export"
-    from driveengine.store.legacy import export_openscene_metadata
+    from driveengine.export.openscene import export_openscene_metadata
 
     for a, b in zip(files, export_openscene_metadata(split_dir, export), strict=True):
         fa, fb = load_openscene_pickle(a), load_openscene_pickle(b)
@@ -188,7 +188,7 @@ def _written_pickles(collected, tmp_path: Path) -> list[Path]:
 def test_written_pickles_name_only_modules_numpy_1_and_2_share(collected, tmp_path: Path) -> None:
     import pickletools
 
-    from driveengine.store.pickles import pickle_module_names
+    from driveengine.formats.pickles import pickle_module_names
 
     # the check can fail: a plain numpy-2 pickle names numpy._core
     plain = pickle.dumps({"a": np.zeros(3), "b": np.float64(1.0)}, protocol=4)
@@ -205,11 +205,11 @@ def test_written_pickles_name_only_modules_numpy_1_and_2_share(collected, tmp_pa
 
 
 def test_only_the_portable_writer_writes_pickles() -> None:
-    """Every pickle the package and process_data/ write goes through driveengine.store.pickles."""
+    """Every pickle the package and process_data/ write goes through driveengine.formats.pickles."""
     import re
 
     allowed = {
-        "driveengine/store/pickles.py",
+        "driveengine/formats/pickles.py",
         # nuPlan-devkit calibration blobs of the synthetic world: lists of floats, never numpy objects
         "driveengine/synth/nuplan_db.py",
     }
@@ -314,7 +314,7 @@ def test_numpy_scalars_and_types_load_under_old_numpy(tmp_path: Path, tmp_path_f
     """Scalars (OpenScene pickles hold some, and collect_data.py re-writes them), numpy.bool_, object arrays."""
     import os
 
-    from driveengine.store.pickles import PickleWriteError, dumps
+    from driveengine.formats.pickles import PickleWriteError, dumps
 
     target = _old_numpy(tmp_path_factory)
     value = {

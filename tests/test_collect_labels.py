@@ -13,8 +13,8 @@ from test_collect_e2e import _touch_blobs
 
 from driveengine.collect.runner import CollectConfig, collect
 from driveengine.errors import DriveEngineError
+from driveengine.export.openscene import export_split
 from driveengine.store.commit import is_temporary, sha256_file, sha256_tree
-from driveengine.store.legacy import export_split
 from driveengine.store.manifest import load_manifest
 from driveengine.synth import synthesize
 from driveengine.synth.blobs import write_sweep

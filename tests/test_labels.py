@@ -16,14 +16,14 @@ from driveengine.schemas import FREE, GRID
 from driveengine.schemas.classes import BACKGROUND, CATEGORIES
 from driveengine.schemas.occ import OCC_ARRAYS
 
-from driveengine.collect.labels import (
+from driveengine.geometry import invert_transform, make_transform, transform_points, yaw_to_quaternion
+from driveengine.labels.generator import (
     LabelConfig,
     LabelError,
     LabelGenerator,
     label_sweep_set,
     write_log_labels,
 )
-from driveengine.geometry import invert_transform, make_transform, transform_points, yaw_to_quaternion
 from driveengine.sources.logdata import LogData
 from driveengine.store.occ import open_occ
 

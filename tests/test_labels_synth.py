@@ -41,10 +41,10 @@ import pytest
 from driveengine.schemas import VoxelGrid
 from driveengine.schemas.classes import BACKGROUND, FREE
 
-from driveengine.collect.labels import LabelConfig, LabelGenerator, write_log_labels
+from driveengine.labels.generator import LabelConfig, LabelGenerator, write_log_labels
 
 pytest.importorskip("driveengine.synth.sensors")
-from driveengine.sources.nuplan_db import read_nuplan_log
+from driveengine.sources.nuplan.reader import read_nuplan_log
 from driveengine.synth import synthesize
 from driveengine.synth.sensors import lidar_sweep
 

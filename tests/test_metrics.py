@@ -17,7 +17,7 @@ import pytest
 from driveengine.schemas.classes import FREE
 from driveengine.schemas.grid import VoxelGrid
 
-from driveengine.train.metrics import OccupancyMetrics, distance_xy_m, format_metrics_table, summary_line
+from driveengine.evaluation.metrics import OccupancyMetrics, distance_xy_m, format_metrics_table, summary_line
 
 #: A small grid (20 x 20 x 4) so that both near (< 2.5 m here) and far voxels exist and tests are fast.
 SMALL = VoxelGrid((-5.0, -5.0, -1.0), (5.0, 5.0, 1.0), 0.5)
@@ -482,7 +482,7 @@ def two_splits(tmp_path):
 
 @pytest.mark.parametrize("mask_lidar", [None, False])
 def test_evaluate_collected_splits_equals_accumulator(two_splits, mask_lidar):
-    from driveengine.evaluate import evaluate
+    from driveengine.evaluation.evaluate import evaluate
 
     pred, gt, pred_logs, gt_logs = two_splits
     got = evaluate(pred, gt, mask_lidar=mask_lidar, workers=3)  # threads: frames added in order
@@ -513,8 +513,8 @@ def test_evaluate_collected_splits_equals_accumulator(two_splits, mask_lidar):
 
 
 def test_evaluate_against_openscene_files(two_splits, tmp_path):
-    from driveengine.evaluate import EvaluationError, evaluate
-    from driveengine.store.openscene_occ import export_openscene_occupancy
+    from driveengine.evaluation.evaluate import EvaluationError, evaluate
+    from driveengine.formats.openscene_labels import export_openscene_occupancy
 
     pred, gt, _, _ = two_splits
     export_openscene_occupancy(gt, tmp_path / "gt_npy")
@@ -538,7 +538,7 @@ def test_evaluate_mismatched_inputs_fail_clearly(two_splits, tmp_path, monkeypat
     import json
 
     from driveengine import cli
-    from driveengine.evaluate import EvaluationError, evaluate
+    from driveengine.evaluation.evaluate import EvaluationError, evaluate
     from driveengine.store.manifest import load_manifest, save_manifest
 
     pred, gt, _, _ = two_splits
@@ -614,7 +614,7 @@ def test_frames_are_scored_in_order_with_a_bounded_number_in_flight():
     import time
     from concurrent.futures import ThreadPoolExecutor
 
-    from driveengine.evaluate import _ordered_map
+    from driveengine.evaluation.evaluate import _ordered_map
 
     started = []
     lock = threading.Lock()

@@ -21,7 +21,7 @@ from driveengine.schemas.classes import CAMERA_CHANNELS, CATEGORIES
 
 from driveengine.errors import SourceError, UnsafePickleError
 from driveengine.sources import safe_pickle
-from driveengine.sources.nuplan_db import IMAGE_WINDOW_US, match_images, read_nuplan_log
+from driveengine.sources.nuplan.reader import IMAGE_WINDOW_US, match_images, read_nuplan_log
 
 SCHEMA = """
 CREATE TABLE log (token BLOB PRIMARY KEY, vehicle_name TEXT, date TEXT, timestamp INTEGER, logfile TEXT,
@@ -791,7 +791,7 @@ def test_queries_run_under_a_progress_budget(tmp_path: Path, monkeypatch: pytest
     """The second line of defence: a query past the budget (here made tiny) is aborted, clearly."""
     path = tmp_path / "log.db"
     make_log(path, n_sweeps=40)
-    from driveengine.sources import nuplan_db
+    from driveengine.sources.nuplan import reader as nuplan_db
 
     assert read_nuplan_log(path).num_sweeps == 40  # the real budget leaves a normal log alone
     monkeypatch.setattr(nuplan_db, "PROGRESS_STEPS_FLOOR", 2_000)
@@ -808,7 +808,7 @@ def test_a_ctrl_c_during_a_query_stops_the_caller(tmp_path: Path, monkeypatch: p
     was, not as a failed log (collect would go on with the next log)."""
     path = tmp_path / "log.db"
     make_log(path, n_sweeps=40)
-    from driveengine.sources import nuplan_db
+    from driveengine.sources.nuplan import reader as nuplan_db
 
     def ctrl_c(self: object) -> int:
         raise KeyboardInterrupt
@@ -823,7 +823,7 @@ def test_the_general_token_path_reads_a_nuplan_log_exactly_as_the_fast_path(tmp_
     """White box: the two key schemes (uint64 views, ranked encodings) agree field by field."""
     from dataclasses import fields
 
-    from driveengine.sources import nuplan_db
+    from driveengine.sources.nuplan import reader as nuplan_db
 
     path = tmp_path / "log.db"
     make_log(path, n_sweeps=30, seed=9)

@@ -11,9 +11,7 @@ import pytest
 from driveengine.schemas.classes import FREE
 from driveengine.schemas.grid import GRID, VoxelGrid
 
-from driveengine.store.manifest import Manifest, save_manifest
-from driveengine.store.occ import create_occ, open_occ
-from driveengine.store.openscene_occ import (
+from driveengine.formats.openscene_labels import (
     FLOW_PATH_KEY,
     OCC_PATH_KEY,
     LabelFiles,
@@ -30,6 +28,8 @@ from driveengine.store.openscene_occ import (
     read_label_file,
     sparse_to_dense,
 )
+from driveengine.store.manifest import Manifest, save_manifest
+from driveengine.store.occ import create_occ, open_occ
 
 SMALL = VoxelGrid((-4.0, -4.0, -1.0), (4.0, 4.0, 1.0), 0.5)  # 16 x 16 x 4
 

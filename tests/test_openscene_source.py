@@ -13,9 +13,9 @@ from test_collect_frames import make_log
 
 from driveengine.collect.frames import FrameOptions, build_frame_table, select_frames
 from driveengine.errors import SourceError, UnsafePickleError
+from driveengine.export.openscene import rows_to_openscene
 from driveengine.geometry import quaternion_to_matrix
-from driveengine.sources.openscene import read_openscene_log
-from driveengine.store.legacy import rows_to_openscene
+from driveengine.sources.openscene.reader import read_openscene_log
 
 
 class _RunsAShellCommand:

@@ -14,12 +14,12 @@ from driveengine.schemas.classes import FREE
 from stream_fixtures import SMALL_GRID, build_split
 
 from driveengine.data import FrameStream
+from driveengine.evaluation.metrics import OccupancyMetrics
+from driveengine.models.lidar import LidarOccupancyNet, bev_features
+from driveengine.models.resnet import ResNet
 from driveengine.train.config import PretrainConfig
 from driveengine.train.loop import pretrain
 from driveengine.train.loss import IGNORE_INDEX, OccupancyLoss, class_weights_from_counts
-from driveengine.train.metrics import OccupancyMetrics
-from driveengine.train.model_lidar import LidarOccupancyNet, bev_features
-from driveengine.train.resnet import ResNet
 
 
 @pytest.fixture(autouse=True)

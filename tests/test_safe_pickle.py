@@ -19,7 +19,7 @@ from bounded_reader import read_in_child
 
 from driveengine.errors import SourceError, UnsafePickleError
 from driveengine.sources import safe_pickle
-from driveengine.sources.openscene import OPENSCENE_GLOBALS, REQUIRED_KEYS
+from driveengine.sources.openscene.reader import OPENSCENE_GLOBALS, REQUIRED_KEYS
 
 # -- opcode spelling ----------------------------------------------------------------------------------
 

@@ -347,8 +347,8 @@ def test_end_to_end_on_synth_and_collect_output(tmp_path):
 def test_fast_reader_handles_empty_chunks_and_missing_shards(tmp_path):
     from stream_fixtures import SMALL_GRID
 
-    from driveengine.data.shards import FrameArrayReader
     from driveengine.store.occ import create_occ, open_occ
+    from driveengine.store.shards import FrameArrayReader
 
     shape = SMALL_GRID.shape
     sem = np.full((10, *shape), FREE, np.uint8)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from driveengine.schemas import FREE, GRID, VoxelGrid
 
-from driveengine.collect import voxel_ops as vo
+from driveengine.labels import voxel_ops as vo
 
 LO, VS, SHAPE = vo.grid_params(GRID)
 NV = GRID.num_voxels

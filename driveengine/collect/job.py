@@ -46,7 +46,7 @@ class LogTask:
             manifest entry's ``source.blob_root``, where ``driveengine show`` finds the images).
         split_dir: ``<out>/<split>``.
         options: frame settings.
-        labels: build occupancy/flow labels (``driveengine.collect.labels``).
+        labels: build occupancy/flow labels (``driveengine.labels.generator``).
         label_config: the labels' ``LabelConfig`` (None without labels).
         split_ref: name or path of the split whose ``tokens`` restrict key frames (loaded in the worker,
             so a 100k-token list is not shipped with every task), or None.
@@ -103,11 +103,11 @@ class LogResult:
 def read_log(source: str, path: str | Path) -> LogData:
     """Read one input log with the reader of ``source`` (``nuplan`` .db or ``openscene`` .pkl)."""
     if source == "nuplan":
-        from driveengine.sources.nuplan_db import read_nuplan_log
+        from driveengine.sources.nuplan.reader import read_nuplan_log
 
         return read_nuplan_log(path)
     if source == "openscene":
-        from driveengine.sources.openscene import read_openscene_log
+        from driveengine.sources.openscene.reader import read_openscene_log
 
         return read_openscene_log(path)
     raise DriveEngineError(f"unknown source {source!r}; use nuplan or openscene")
@@ -123,7 +123,7 @@ def _split_tokens(task: LogTask) -> frozenset[str] | None:
 
 def _labels_module() -> Any:
     try:
-        from driveengine.collect import labels
+        from driveengine.labels import generator as labels
     except ImportError as exc:
         raise DriveEngineError(
             f"occupancy labels are not available in this installation ({exc}); collect with --no-labels"
@@ -137,8 +137,8 @@ def _import_openscene_labels(task: LogTask, log: LogData, key_sweeps: Any, zarr_
     Each row is matched to its frame dict in the source pickle by token, whose ``occ_gt_final_path``
     (or, without it, OpenScene's own scene name and frame_idx) locates the files.
     """
-    from driveengine.sources.openscene import load_openscene_pickle
-    from driveengine.store.openscene_occ import import_openscene_labels, locate_label_files
+    from driveengine.formats.openscene_labels import import_openscene_labels, locate_label_files
+    from driveengine.sources.openscene.reader import load_openscene_pickle
 
     if task.source != "openscene":
         raise DriveEngineError(

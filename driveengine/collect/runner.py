@@ -93,7 +93,7 @@ class CollectConfig:
         labels: build occupancy/flow labels.
         label_window_s, label_sweep_step, label_box_margin_m, label_visibility: label generator settings
             (``window_s``, ``sweep_step``, ``box_margin_m``, ``visibility`` of
-            :class:`~driveengine.collect.labels.LabelConfig`; None keeps its default). They enter the
+            :class:`~driveengine.labels.generator.LabelConfig`; None keeps its default). They enter the
             config hash: changing one redoes the logs, keeping them skips the logs already done.
         openscene_occupancy: import OpenScene v1.0 occupancy labels from this folder instead.
         overwrite: redo logs even when their manifest entry matches.
@@ -214,7 +214,7 @@ def _label_config(config: CollectConfig) -> Any:
     if not config.labels or config.openscene_occupancy is not None:
         return None
     try:
-        from driveengine.collect.labels import LabelConfig
+        from driveengine.labels.generator import LabelConfig
     except ImportError as exc:
         raise CollectError(
             f"occupancy labels are not available in this installation ({exc}); collect with --no-labels"

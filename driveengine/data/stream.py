@@ -195,8 +195,8 @@ class _LogReader:
         """Decode frames ``start:stop`` of array ``field`` into ``out`` ((stop - start, ...), preallocated)."""
         from zarr.core.buffer.cpu import NDBuffer
 
-        from driveengine.data.shards import ShardMissingError, ShardReadError
         from driveengine.store.occ import OccDataError
+        from driveengine.store.shards import ShardMissingError, ShardReadError
 
         fast = self._frame_reader(field)
         if fast is not None:
@@ -230,9 +230,9 @@ class _LogReader:
             ) from None
 
     def _frame_reader(self, field: str) -> Any:
-        """The fast whole-frame reader of ``field`` (:mod:`driveengine.data.shards`), None to use zarr."""
+        """The fast whole-frame reader of ``field`` (:mod:`driveengine.store.shards`), None to use zarr."""
         if field not in self._fast:
-            from driveengine.data.shards import FrameArrayReader
+            from driveengine.store.shards import FrameArrayReader
 
             reader = None
             if self.stream.fast_reads:
@@ -367,7 +367,7 @@ class FrameStream(IterableDataset):
         image_size: (width, height) in pixels of the resized camera images.
         point_sweeps: previous key frames of the scene merged into ``points``.
         logs: restrict to these logs (default: every log of the manifest).
-        fast_reads: read whole frames of the label shards directly (:mod:`driveengine.data.shards`)
+        fast_reads: read whole frames of the label shards directly (:mod:`driveengine.store.shards`)
             instead of through ``zarr`` (same bytes, less overhead); off for debugging.
         max_open_logs: logs whose opened label groups and metadata columns a worker keeps (least
             recently used dropped); with a full shuffle over many logs, ``block_size`` keeps a worker's

@@ -1,7 +1,7 @@
 """``driveengine verify``: is everything the metadata references present and readable?
 
 Reads every ``openscene-v1.1/meta_datas/<split>/*.pkl`` (untrusted: loaded with
-:func:`driveengine.sources.openscene.load_openscene_pickle`, a restricted unpickler admitting numpy and
+:func:`driveengine.sources.openscene.reader.load_openscene_pickle`, a restricted unpickler admitting numpy and
 builtins only), collects each frame's ``lidar_path`` and ``cams[*].data_path`` (relative to
 ``openscene-v1.1/sensor_blobs/<split>/``), and checks each referenced blob:
 
@@ -33,7 +33,7 @@ from driveengine.download.checksums import md5_file as _md5_of
 from driveengine.download.release import format_shards, load_manifest, select_files
 from driveengine.download.state import archive_index, read_download_record
 from driveengine.errors import DriveEngineError
-from driveengine.sources.openscene import load_openscene_pickle
+from driveengine.sources.openscene.reader import load_openscene_pickle
 
 RELEASE_DIR = "openscene-v1.1"
 _SHARD_IN_NAME = re.compile(r"_(\d+)\.(?:tgz|tar\.gz|tar)$")

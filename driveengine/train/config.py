@@ -23,7 +23,7 @@ class PretrainConfig:
     Model:
         modality: "lidar" (points -> BEV encoder-decoder) or "camera" (8 images -> backbone + FPN + lift;
             the product is the image backbone, saved as ``backbone.pth``).
-        backbone: camera runs: a registered backbone (:mod:`driveengine.train.backbones`: ``resnet18``,
+        backbone: camera runs: a registered backbone (:mod:`driveengine.models.backbones`: ``resnet18``,
             ``resnet34``, ``resnet50``, ``resnet101``, ``vovnet99``); None = ``resnet<depth>`` (configs
             written before the option existed).
         image_size: camera runs: (width, height) the images are resized to (None = the camera default);

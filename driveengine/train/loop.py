@@ -8,7 +8,7 @@ every global batch through :class:`~driveengine.data.FrameStream`).
 Per optimiser step: ``grad_accum`` micro-batches (gradients synchronised on the last one only), AdamW,
 gradient clipping, a linear-warmup cosine learning-rate schedule, bf16 autocast on CUDA, optionally a
 ``torch.compile``-d model. Every ``eval_every`` steps the model is evaluated with
-:class:`~driveengine.train.metrics.OccupancyMetrics` (confusion matrices summed over ranks); every
+:class:`~driveengine.evaluation.metrics.OccupancyMetrics` (confusion matrices summed over ranks); every
 ``ckpt_every`` steps a checkpoint (:class:`Checkpoint`: tensors and plain types only) holds the model,
 optimiser, scheduler, step, epoch, loader state, class weights and RNG state, so ``resume`` continues the
 same step count, sample order and loss curve (bitwise on CPU with ``deterministic``). Checkpoints are read
@@ -43,11 +43,11 @@ from torch import nn
 
 from driveengine.data import FrameStream
 from driveengine.errors import DriveEngineError
+from driveengine.models.lidar import LidarPretraining
 from driveengine.schemas import VoxelGrid
 from driveengine.schemas.classes import FREE
 from driveengine.train.config import PretrainConfig
 from driveengine.train.loss import OccupancyLoss, class_weights_from_counts
-from driveengine.train.model_lidar import LidarPretraining
 
 #: Columns of ``metrics.csv``; a row fills the ones of its phase ("train" or "eval").
 CSV_COLUMNS: tuple[str, ...] = (
@@ -463,7 +463,7 @@ def pretraining_task(config: PretrainConfig) -> Any:
     if config.modality == "lidar":
         return LidarPretraining.from_config(config)
     if config.modality == "camera":
-        from driveengine.train.model_camera import CameraPretraining
+        from driveengine.models.camera import CameraPretraining
 
         return CameraPretraining.from_config(config)
     raise PretrainError(f"unknown modality {config.modality!r}: use one of {', '.join(MODALITIES)}")
@@ -530,7 +530,7 @@ def evaluate(
             voxels that count (LiDAR-observed; for cameras also camera-visible).
     """
     task = task or LidarPretraining()
-    from driveengine.train.metrics import OccupancyMetrics
+    from driveengine.evaluation.metrics import OccupancyMetrics
 
     metrics = OccupancyMetrics(grid=grid)
     was_training = model.training

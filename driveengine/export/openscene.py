@@ -15,7 +15,7 @@ written for OpenScene reads them unchanged:
 ``extra_keys`` adds keys per frame token, e.g. the labels export's ``occ_gt_final_path`` and
 ``flow_gt_final_path``.
 
-The files are written by :func:`driveengine.store.pickles.write_pickle` (protocol 4, numpy globals under
+The files are written by :func:`driveengine.formats.pickles.write_pickle` (protocol 4, numpy globals under
 the names numpy 1.21-2.x all load), so NAVSIM (numpy 1.23.4) and OpenScene (numpy 1.22.4) read them
 with plain ``pickle.load``.
 """
@@ -30,10 +30,10 @@ from typing import Any
 import numpy as np
 
 from driveengine.errors import DriveEngineError
+from driveengine.formats.pickles import write_pickle
 from driveengine.schemas.classes import CAMERA_CHANNELS
 from driveengine.store.frames import read_shard
 from driveengine.store.manifest import load_manifest
-from driveengine.store.pickles import write_pickle
 
 
 class ExportError(DriveEngineError):
@@ -154,7 +154,7 @@ def export_split(
     extra: dict[str, dict[str, Any]] | None = None
     if occupancy and any(entry.get("occ") for entry in manifest.logs.values()):
         # Hook for the labels export: sparse *_occ_final.npy / *_flow_final.npy per frame.
-        from driveengine.store.openscene_occ import export_openscene_occupancy
+        from driveengine.formats.openscene_labels import export_openscene_occupancy
 
         extra = export_openscene_occupancy(split_dir, out / "occupancy", relative_to=out)
         yield f"occupancy: {len(extra)} frames -> {out / 'occupancy'}"

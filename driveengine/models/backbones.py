@@ -24,8 +24,8 @@ import torch
 from torch import nn
 
 from driveengine.errors import DriveEngineError
-from driveengine.train.resnet import DEPTHS, ResNet
-from driveengine.train.vovnet import V99_ESE, VoVNet
+from driveengine.models.resnet import DEPTHS, ResNet
+from driveengine.models.vovnet import V99_ESE, VoVNet
 
 #: Width of the published networks (channels of the first convolution).
 PUBLISHED_WIDTH = 64

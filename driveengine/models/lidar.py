@@ -7,7 +7,7 @@ height bins, 1 if a point falls in that voxel; the mean intensity of the cell's 
 ``intensity_scale``); and ``log1p`` of the number of points in the cell. Points outside the grid's
 half-open range are dropped.
 
-Network (:class:`LidarOccupancyNet`): a :class:`~driveengine.train.resnet.ResNet` encoder over the
+Network (:class:`LidarOccupancyNet`): a :class:`~driveengine.models.resnet.ResNet` encoder over the
 BEV image (H = nx along x, W = ny along y), a feature-pyramid decoder (lateral 1x1 convolutions,
 top-down upsampling and addition) to the resolution of ``layer1``, upsampled to the full grid and
 concatenated with the BEV input, and a head that predicts ``17 * nz`` class logits (ids 0..15 and
@@ -27,9 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from driveengine.models.resnet import ResNet
 from driveengine.schemas import VoxelGrid
 from driveengine.schemas.classes import FREE
-from driveengine.train.resnet import ResNet
 
 #: Class ids predicted per voxel: 0..15 and FREE.
 NUM_OUTPUT_CLASSES = FREE + 1
@@ -180,7 +180,7 @@ class LidarOccupancyNet(nn.Module):
 class LidarPretraining:
     """Everything :func:`driveengine.train.loop.pretrain` does specifically for LiDAR pre-training.
 
-    The same interface as :class:`driveengine.train.model_camera.CameraPretraining`: stream fields and
+    The same interface as :class:`driveengine.models.camera.CameraPretraining`: stream fields and
     options, the model, the forward arguments of a batch, the voxels that count, and the product saved
     with each checkpoint (none here: the whole model is the product).
     """

@@ -12,7 +12,7 @@ log), otherwise by ``(scene_name, frame_idx)``. Any frame present on one side on
 message gives counts and examples), as are invalid sparse files and grids that differ: a partial
 evaluation is never reported as a full one.
 
-Metrics are :class:`~driveengine.train.metrics.OccupancyMetrics`: OpenScene's ``SSCMetrics`` numbers bit
+Metrics are :class:`~driveengine.evaluation.metrics.OccupancyMetrics`: OpenScene's ``SSCMetrics`` numbers bit
 for bit (frame statistics are added in ground-truth frame order whatever the number of threads), plus our
 own present-class and near/far figures. With ``mask_lidar`` the ground truth's ``mask_lidar`` array
 restricts every metric to voxels observed by LiDAR (default: on when the ground truth is a collected
@@ -34,9 +34,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from driveengine.errors import DriveEngineError
-from driveengine.schemas.grid import GRID, VoxelGrid
-from driveengine.store.manifest import MANIFEST_NAME, load_manifest
-from driveengine.store.openscene_occ import (
+from driveengine.formats.openscene_labels import (
     FLOW_SUFFIX,
     OCC_SUFFIX,
     LabelFiles,
@@ -44,9 +42,11 @@ from driveengine.store.openscene_occ import (
     read_frame_keys,
     read_label_file,
 )
+from driveengine.schemas.grid import GRID, VoxelGrid
+from driveengine.store.manifest import MANIFEST_NAME, load_manifest
 
 if TYPE_CHECKING:
-    from driveengine.train.metrics import FrameStats
+    from driveengine.evaluation.metrics import FrameStats
 
 StrPath = str | os.PathLike[str]
 
@@ -285,7 +285,7 @@ def evaluate(
     """
     from tqdm import tqdm
 
-    from driveengine.train.metrics import OccupancyMetrics
+    from driveengine.evaluation.metrics import OccupancyMetrics
 
     pred_src = open_label_source(pred, grid)
     gt_src = open_label_source(gt, grid)

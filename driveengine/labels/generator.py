@@ -32,7 +32,7 @@ following the baseline of reference §5. For every key frame ``t`` (a row of ``m
    is what evaluation should be restricted to; ``"window"`` uses every sweep of the window, each from
    its own sensor position moved into ``ego_t`` (OpenScene-style aggregated rays: a larger mask, about
    as many times slower as there are sweeps). With ``ray_dedup`` one ray per distinct end voxel is cast,
-   to the voxel's centre (see :func:`~driveengine.collect.voxel_ops.cast_rays_dedup`).
+   to the voxel's centre (see :func:`~driveengine.labels.voxel_ops.cast_rays_dedup`).
 
 Each sweep is read, cleaned (non-finite points dropped and counted) and split into static/object
 points once, and reused by every frame whose window holds it (a sliding window over the log). Frames
@@ -40,7 +40,7 @@ are written one shard at a time, so memory is bounded by the window of prepared 
 per point: 1.4 MB for a 117k-point nuPlan sweep, so ~60 MB at 2 Hz and ~560 MB at 20 Hz for +-10 s)
 plus one shard (``shard_frames`` x 3.8 MB) plus about 12 MB of per-frame workspaces.
 
-Kernels are serial (see :mod:`~driveengine.collect.voxel_ops`); ``collect`` runs one log per process.
+Kernels are serial (see :mod:`~driveengine.labels.voxel_ops`); ``collect`` runs one log per process.
 """
 
 from __future__ import annotations
@@ -53,9 +53,9 @@ from typing import Any, Literal, NamedTuple
 
 import numpy as np
 
-from driveengine.collect import voxel_ops as vo
 from driveengine.errors import DriveEngineError
 from driveengine.geometry import make_transform, yaw_to_quaternion
+from driveengine.labels import voxel_ops as vo
 from driveengine.schemas import FORMAT_VERSION, GRID, VoxelGrid
 from driveengine.schemas.classes import CATEGORY_TO_CLASS, FREE
 from driveengine.schemas.occ import COMPRESSION_LEVEL, COMPRESSOR, SHARD_FRAMES
@@ -121,7 +121,7 @@ class LabelConfig:
         """JSON-ready form, with the generator's name and versions (part of the config hash)."""
         d = asdict(self)
         d["grid"] = self.grid.to_dict()
-        return {"generator": "driveengine.collect.labels", "generator_version": GENERATOR_VERSION,
+        return {"generator": "driveengine.labels.generator", "generator_version": GENERATOR_VERSION,
                 "format_version": FORMAT_VERSION, **d}  # fmt: skip
 
 

@@ -1,7 +1,7 @@
 """The product of camera pre-training: the image backbone's weights alone, named as downstream code names them.
 
 ``backbone.pth`` is a plain ``torch.save``-d ``state_dict`` (``dict[str, Tensor]``) whose keys are those of
-the network downstream code instantiates for the backbone (:mod:`driveengine.train.backbones`):
+the network downstream code instantiates for the backbone (:mod:`driveengine.models.backbones`):
 
 * ResNets: torchvision's / mmdet's ``ResNet`` names (``conv1.weight``, ``bn1.running_mean``,
   ``layer1.0.conv1.weight``, ..., ``layer4.1.downsample.0.weight``), without ``fc.*``;
@@ -15,7 +15,7 @@ file (``img_backbone=dict(..., init_cfg=dict(type='Pretrained', checkpoint=...))
 With ``key_prefix='img_backbone.'`` the keys carry the detector's prefix, for an mmdet ``load_from``.
 
 Also here: reading weights the user already has into a backbone (:func:`load_backbone_weights`), used
-by :class:`~driveengine.train.model_camera.CameraOccupancyNet` to start from ImageNet (or DD3D) weights.
+by :class:`~driveengine.models.camera.CameraOccupancyNet` to start from ImageNet (or DD3D) weights.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from driveengine.train.backbones import (
+from driveengine.models.backbones import (
     PUBLISHED_WIDTH,
     BackboneError,
     BackboneSpec,
@@ -265,7 +265,7 @@ def save_backbone(
 ) -> ExportedBackbone:
     """Write the backbone of a camera model to ``path`` and ``<stem>.json`` beside it.
 
-    The backbone is identified from its weights (:func:`~driveengine.train.backbones.identify_backbone`:
+    The backbone is identified from its weights (:func:`~driveengine.models.backbones.identify_backbone`:
     exactly the keys and shapes of a registered backbone). Both files are written atomically (temporary
     name, then rename), so a reader never sees half a file.
 

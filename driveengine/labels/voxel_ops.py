@@ -6,7 +6,7 @@ Conventions:
 * Kernels index voxels by their **C-order position** in the dense ``(nx, ny, nz)`` array,
   ``lin = (x * ny + y) * nz + z`` (so ``dense.reshape(-1)[lin]`` is the voxel). OpenScene's flat index
   ``x + nx*y + nx*ny*z`` belongs to the sparse file form only (one implementation:
-  :func:`driveengine.store.openscene_occ.dense_to_sparse` and ``sparse_to_dense``).
+  :func:`driveengine.formats.openscene_labels.dense_to_sparse` and ``sparse_to_dense``).
 * The grid range is half-open: a coordinate ``c`` is inside iff ``lo <= c < hi``; a point exactly at a
   maximum is outside, and points outside are dropped, never clamped into the grid.
 * Voxel sets are bitsets of uint64 words (bit ``v & 63`` of word ``v >> 6``, :func:`bitset_words`):

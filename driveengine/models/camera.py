@@ -1,12 +1,12 @@
 """Camera-to-occupancy model: eight images -> backbone + FPN -> parameter-free lift -> BEV decoder -> classes, flow.
 
 OpenScene's camera pre-training setting: an image backbone learns from nuPlan occupancy and flow labels
-so that it transfers to downstream camera tasks (:mod:`driveengine.train.backbone_export` writes it with
+so that it transfers to downstream camera tasks (:mod:`driveengine.models.export` writes it with
 the parameter names downstream code loads).
 
 Pipeline of :class:`CameraOccupancyNet`:
 
-1. **Backbone**: one of the registered camera backbones (:mod:`driveengine.train.backbones`: ResNet
+1. **Backbone**: one of the registered camera backbones (:mod:`driveengine.models.backbones`: ResNet
    18/34/50/101 with torchvision names, VoVNet-99 (V-99-eSE) with the mmdet3d plugins' names) over every
    image of the batch. Images arrive in [0, 1] RGB and are normalised inside the model the way the
    backbone's published weights expect (ResNet: RGB, torchvision's ImageNet mean/std; VoVNet-99: the same
@@ -27,7 +27,7 @@ Pipeline of :class:`CameraOccupancyNet`:
    height bins), reduced, refined by residual blocks, upsampled to the label grid's x-y resolution and
    decoded into ``17 * nz`` class logits (ids 0..15 and FREE = 16) and ``2 * nz`` flow values per cell.
 
-Outputs (the same as :class:`~driveengine.train.model_lidar.LidarOccupancyNet`, plus visibility):
+Outputs (the same as :class:`~driveengine.models.lidar.LidarOccupancyNet`, plus visibility):
 
 * ``semantics`` logits ``(B, 17, nx, ny, nz)``;
 * ``flow`` ``(B, nx, ny, nz, 2)``, (vx, vy) m/s in the ego frame of the key frame;
@@ -59,10 +59,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from driveengine.models.backbones import get_backbone, resolve_backbone_name
+from driveengine.models.lidar import OccupancyHeads
+from driveengine.models.resnet import BasicBlock
 from driveengine.schemas import VoxelGrid
-from driveengine.train.backbones import get_backbone, resolve_backbone_name
-from driveengine.train.model_lidar import OccupancyHeads
-from driveengine.train.resnet import BasicBlock
 
 #: Points closer to the image plane than this (m, along the optical axis) are not seen by the camera.
 MIN_DEPTH_M = 0.1
@@ -322,7 +322,7 @@ class CameraOccupancyNet(nn.Module):
         history: previous key frames fused (0 = current frame only).
         pretrained: a local weights file to initialise the backbone (torchvision ResNet, VoVNet-99 in the
             mmdet3d plugins' names, an exported ``backbone.pth``;
-            :func:`~driveengine.train.backbone_export.load_backbone_weights`).
+            :func:`~driveengine.models.export.load_backbone_weights`).
         min_depth_m: see :func:`project_to_pixels`.
         depth: the older way to choose a ResNet (``depth=50`` = ``backbone="resnet50"``); must agree
             with ``backbone`` when both are given.
@@ -357,7 +357,7 @@ class CameraOccupancyNet(nn.Module):
         self.backbone_name = spec.name
         self.backbone = spec.build(width, 3)
         if pretrained is not None:
-            from driveengine.train.backbone_export import load_backbone_weights
+            from driveengine.models.export import load_backbone_weights
 
             load_backbone_weights(self.backbone, pretrained)
         self.neck = FPNNeck(self.backbone.out_channels, neck_channels, feature_level)
@@ -611,7 +611,7 @@ class CameraPretraining:
     def save_backbone(model: nn.Module, run_dir: str | os.PathLike[str], step: int) -> Path:
         """Write ``<run_dir>/backbone.pth`` (+ ``backbone.json``) from the (unwrapped) camera model;
         returns the ``.pth`` path."""
-        from driveengine.train.backbone_export import save_backbone
+        from driveengine.models.export import save_backbone
 
         return save_backbone(
             model, Path(run_dir) / "backbone.pth", {"step": int(step), "run_dir": str(run_dir)}

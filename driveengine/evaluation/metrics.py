@@ -6,7 +6,7 @@ as ``NuPlanDataset.evaluate_occ_iou`` runs it: 16 class ids, near and far distan
 is the number ``SSCMetrics.get_stats`` returns, bit for bit, wherever that number is defined.
 
 Inputs are dense grids ``(..., X, Y, Z)`` of class ids indexed ``[x, y, z]``, FREE = 16 for empty voxels
-(sparse files are densified with 16 first, see :mod:`driveengine.store.openscene_occ`). Voxels whose
+(sparse files are densified with 16 first, see :mod:`driveengine.formats.openscene_labels`). Voxels whose
 ground truth is ``ignore_index`` (255, OpenScene's ignored value) are left out, as are voxels outside
 ``mask`` when one is given (e.g. ``mask_lidar``, OpenScene's ``invalid`` mask).
 
