@@ -49,7 +49,7 @@ def raw_sql_scan(db: Path) -> int:
 
 
 def _collect(root: Path, out: Path, workers: int, logs: list[str] | None = None, check_blobs: bool = False):
-    config = CollectConfig(
+    config = CollectConfig.from_options(
         source="nuplan", root=root, out=out, split="mini", labels=False, check_blobs=check_blobs,
         overwrite=True, workers=workers, logs=logs, progress=False,
     )  # fmt: skip

@@ -161,7 +161,7 @@ def main() -> None:
     start = time.perf_counter()
     with create_occ(tmp / "copy.zarr", len(frames), generator={}) as w:
         for f in frames:
-            w.append(*f)
+            w.append(semantics=f[0], flow=f[1], mask_lidar=f[2])
     t_write = time.perf_counter() - start
     fps, fps_write = len(keys) / t_e2e, len(keys) / t_write
     report("labels without writing, frames/s", fps_gen, fps_write, "frame/s", "vs Zarr writing alone",

@@ -64,7 +64,11 @@ def build(out: Path) -> dict:
     import pyarrow as pa
     import pyarrow.parquet as pq
     from driveengine.schemas import GRID
-    from driveengine.schemas.frame import FRAME_SCHEMA
+    from driveengine.schemas.frame import frame_schema
+
+    from driveengine.sources.nuplan.constants import CAMERA_CHANNELS
+
+    FRAME_SCHEMA = frame_schema(CAMERA_CHANNELS)
 
     from driveengine.store.manifest import Manifest, save_manifest
     from driveengine.store.occ import create_occ
@@ -87,7 +91,7 @@ def build(out: Path) -> dict:
         with create_occ(split_dir / "occ" / f"{name}.zarr", FRAMES_PER_LOG, generator={"kind": "bench"}) as w:
             for r in range(FRAMES_PER_LOG):
                 sem, flow, mask = _labels(rng, GRID.shape)
-                w.append(sem, flow, mask)
+                w.append(semantics=sem, flow=flow, mask_lidar=mask)
                 # OpenScene v1.0: sparse (flat index, class) rows of occupied voxels, row-aligned flow.
                 xyz = np.argwhere(sem != 16)
                 flat = GRID.flat_index(xyz)

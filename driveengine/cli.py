@@ -316,16 +316,23 @@ def collect(
     ),
     out: Path = typer.Option(..., "--out", help="Output root; the split is written to OUT/<split>/."),
     source: str = typer.Option(
-        "nuplan", "--source", help="nuplan (SQLite logs) or openscene (v1.1 metadata pickles)."
+        "nuplan",
+        "--source",
+        help="Dataset source: nuplan (SQLite logs) or openscene (v1.1 metadata pickles).",
     ),
-    nuplan_root: Path | None = typer.Option(
-        None, "--nuplan-root", help="Folder holding splits/<split>/*.db and sensor_blobs/."
+    root: Path | None = typer.Option(
+        None,
+        "--root",
+        "--nuplan-root",
+        "--openscene-root",
+        help="The source's input root: nuplan: splits/<folder>/*.db + sensor_blobs/; openscene: "
+        "meta_datas/<folder>/*.pkl + sensor_blobs/<folder>/.",
     ),
-    openscene_root: Path | None = typer.Option(
-        None, "--openscene-root", help="Folder holding meta_datas/<split>/*.pkl and sensor_blobs/<split>/."
+    blob_root: Path | None = typer.Option(
+        None, "--blob-root", help="Sensor blob folder, if not the source's default under the root."
     ),
     sensor_root: Path | None = typer.Option(
-        None, "--sensor-root", help="Sensor blob folder, if not the default under the root."
+        None, "--sensor-root", hidden=True, help="Old name of --blob-root."
     ),
     workers: int = typer.Option(1, "--workers", min=1, help="Local worker processes (one log per task)."),
     scheduler: str | None = typer.Option(
@@ -382,17 +389,13 @@ def collect(
     from driveengine.collect.runner import CollectConfig, CollectError, CollectInterrupted
     from driveengine.collect.runner import collect as run_collect
 
-    root = nuplan_root if source == "nuplan" else openscene_root if source == "openscene" else None
     if root is None:
-        raise CollectError(
-            f"--source {source} needs --{source}-root DIR"
-            if source in ("nuplan", "openscene")
-            else f"unknown --source {source!r}; use nuplan or openscene"
-        )
-    config = CollectConfig(
-        source=source, root=root, out=out, split=split, sensor_root=sensor_root, sample_interval=sample_interval,
-        is_test=is_test, filter_instance=filter_instance, check_blobs=check_blobs, labels=labels,
-        label_window_s=label_window_s, label_sweep_step=label_sweep_step, label_box_margin_m=label_box_margin_m,
+        raise CollectError(f"--source {source} needs its input root: --root DIR (or --{source}-root DIR)")
+    config = CollectConfig.from_options(
+        source=source, root=root, out=out, split=split, blob_root=blob_root or sensor_root,
+        sample_interval=sample_interval, is_test=is_test, filter_instance=filter_instance,
+        check_blobs=check_blobs, labels=labels, label_window_s=label_window_s,
+        label_sweep_step=label_sweep_step, label_box_margin_m=label_box_margin_m,
         label_visibility=label_visibility, openscene_occupancy=openscene_occupancy, overwrite=overwrite,
         logs=[x.strip() for x in logs.split(",") if x.strip()] if logs else None,
         workers=workers, scheduler=scheduler, progress=progress,
@@ -570,8 +573,11 @@ def pretrain(
     eval_split: str | None = typer.Option(
         None, "--eval-split", help="Split to evaluate on (default: --split)."
     ),
+    blob_root: str | None = typer.Option(
+        None, "--blob-root", help="Folder the sensor paths start from (default: as each log was collected)."
+    ),
     sensor_root: str | None = typer.Option(
-        None, "--sensor-root", help="Folder of the .pcd blobs (default: from the manifest)."
+        None, "--sensor-root", hidden=True, help="Old name of --blob-root."
     ),
     demo_dir: str = typer.Option(
         "demo_data", "--demo-dir", help="Where the demo data lives or is made (without --data)."
@@ -653,7 +659,7 @@ def pretrain(
     }  # fmt: skip
     chosen = {k: v for k, v in overrides.items() if v is not None}
     chosen.update(
-        data=data, split=split, eval_split=eval_split, sensor_root=sensor_root, demo_dir=demo_dir, name=name,
+        data=data, split=split, eval_split=eval_split, blob_root=blob_root or sensor_root, demo_dir=demo_dir, name=name,
         run_dir=run_dir, resume=resume, device=device, compile=compile_model, progress=not no_progress,
         modality=modality, image_size=parse_image_size(image_size) if image_size else None,
         lift_voxel_size_m=lift_voxel, camera_history=history, backbone_weights=backbone_weights,

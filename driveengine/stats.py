@@ -8,13 +8,11 @@ from __future__ import annotations
 
 import os
 from collections import Counter
-from pathlib import Path
 from typing import Any
 
 import pyarrow.compute as pc
 
-from driveengine.store.frames import read_shard
-from driveengine.store.manifest import load_manifest
+from driveengine.store.dataset import open_split
 
 #: Seconds between key frames at the default sample interval (2 Hz), used for the duration.
 KEY_FRAME_PERIOD_S = 0.5
@@ -29,20 +27,16 @@ def compute_stats(split_dir: str | os.PathLike[str]) -> dict[str, Any]:
         ``dropped`` (reason -> frames), ``duration_s`` (key-frame coverage: frames x 0.5 s) and
         ``span_s`` (sum over logs of last - first key-frame time), ``scenario_tags`` (tag -> frames).
     """
-    split_dir = Path(split_dir)
-    manifest = load_manifest(split_dir)
+    split = open_split(split_dir)
     boxes: Counter = Counter()
     tags: Counter = Counter()
     dropped: Counter = Counter()
     frames = scenes = with_anns = empty = labelled = 0
     span_us = 0
-    for name in sorted(manifest.logs):
-        entry = manifest.logs[name]
-        dropped.update(entry.get("dropped", {}))
-        labelled += bool(entry.get("occ"))
-        table = read_shard(
-            split_dir / entry["meta"], columns=["timestamp", "scene_token", "anns", "scenario_tags"]
-        )
+    for log in split.logs:
+        dropped.update(log.entry.dropped)
+        labelled += log.has_labels
+        table = log.frames(["timestamp", "scene_token", "anns", "scenario_tags"])
         frames += table.num_rows
         if table.num_rows == 0:
             empty += 1
@@ -58,9 +52,10 @@ def compute_stats(split_dir: str | os.PathLike[str]) -> dict[str, Any]:
         for item in pc.value_counts(pc.list_flatten(table.column("scenario_tags"))).to_pylist():
             tags[item["values"]] += item["counts"]
     return {
-        "split": manifest.split,
-        "split_dir": str(split_dir),
-        "logs": len(manifest.logs),
+        "split": split.name,
+        "split_dir": split.url,
+        "dataset": split.dataset_name,
+        "logs": len(split.logs),
         "logs_with_labels": labelled,
         "empty_logs": empty,
         "frames": frames,

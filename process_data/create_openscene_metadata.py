@@ -68,13 +68,13 @@ def main(argv: list[str] | None = None) -> int:
     root = args.nuplan_root_path or args.nuplan_db_path.parent.parent
     db_dir = args.nuplan_db_path or root / "splits" / args.split
     sensor = args.nuplan_sensor_path or root / "sensor_blobs"
-    config = CollectConfig(
+    config = CollectConfig.from_options(
         source="nuplan",
         root=root,
         out=args.out_dir / ".driveengine",
         split=SplitDef(name=args.split, folder=db_dir.name),
         input_dir=db_dir,
-        sensor_root=sensor,
+        blob_root=sensor,
         sample_interval=args.sample_interval,
         is_test=args.is_test,
         filter_instance=args.filter_instance,

@@ -7,8 +7,9 @@ DriveEngine:
 * matrices are nested fixed-size lists (``ego2global`` is ``fixed_size_list<fixed_size_list<double, 4>, 4>``,
   row-major: ``np.asarray(col.to_pylist())`` or ``values.flatten().to_numpy().reshape(-1, 4, 4)``);
 * vectors are fixed-size lists (``can_bus`` 18, quaternions ``[w, x, y, z]`` 4, translations 3);
-* ``cams`` is a struct with one member per camera, always in the order of
-  :data:`~driveengine.schemas.classes.CAMERA_CHANNELS`;
+* ``cams`` is a struct with one member per camera of the dataset, always in the dataset's fixed order
+  (the manifest's ``dataset.cameras``; nuPlan: ``CAM_F0, CAM_L0, CAM_R0, CAM_L1, CAM_R1, CAM_L2, CAM_R2,
+  CAM_B0``), see :func:`frame_schema`;
 * ``anns`` is a struct of per-box lists, **null** for test data (``--is-test``);
 * ``traffic_lights`` is a list of ``{lane_connector_id, is_red}`` structs.
 
@@ -17,7 +18,7 @@ the ego frame is x forward, y left, z up, origin at the rear axle; angles in rad
 
 Fixes of OpenScene's quirks (each one a deliberate difference from the original ``.pkl`` files):
 
-1. **Camera order**: ``cams`` always lists the channels in ``CAMERA_CHANNELS`` order (OpenScene's dict
+1. **Camera order**: ``cams`` always lists the channels in the dataset's fixed order (OpenScene's dict
    followed the SQL row order).
 2. **Scene names** are ``<log_name>-<scene.name>``, the same whatever the number of worker processes
    (OpenScene wrote ``log-XXXX-<scene.name>`` with ``XXXX`` depending on the thread count).
@@ -37,7 +38,8 @@ Fixes of OpenScene's quirks (each one a deliberate difference from the original 
    ``sensor2lidar_translation`` *with OpenScene's values*, which are the camera-to-**ego** extrinsics from
    nuPlan's ``camera`` table (``ego_from_camera``), despite the name.
 
-Key frames are chosen as OpenScene's ``create_openscene_metadata.py`` does: the first ``lidar_pc``
+Key frames are chosen by the source (``driveengine.sources``); for nuPlan logs as OpenScene's
+``create_openscene_metadata.py`` does: the first ``lidar_pc``
 whose 8 camera channels all have an image within +-50 ms, moved one sweep later when that sweep's
 ``CAM_F0`` image is closer in time, then every ``sample_interval``-th (default 10, i.e. 2 Hz)
 ``lidar_pc`` of the log. A key frame is dropped when its ego pose is not finite, or its ``.pcd`` or one
@@ -56,7 +58,8 @@ along the key-frame path, expressed in the current ego frame, has a lateral offs
 left, ``y < -2 m`` right, otherwise forward; ``unknown`` when the log ends before 20 m of travel.
 
 Columns DriveEngine adds: ``scenario_tags`` (nuPlan ``scenario_tag.type`` of the frame's ``lidar_pc``,
-sorted, unique), ``source`` (``nuplan`` or ``openscene``) and ``split``.
+sorted, unique), ``source`` (the source's registry name: ``nuplan``, ``openscene``, ...) and ``split``.
+Which columns mean what for a given dataset beyond this is documented by its source package.
 
 :data:`FRAME_SCHEMA_VERSION` is :data:`driveengine.schemas.FORMAT_VERSION`; it is stored in the
 Parquet schema metadata (``driveengine.format_version``) of every shard.
@@ -64,9 +67,10 @@ Parquet schema metadata (``driveengine.format_version``) of every shard.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import pyarrow as pa
 from driveengine.schemas import FORMAT_VERSION
-from driveengine.schemas.classes import CAMERA_CHANNELS
 
 #: Version of the frame-row schema: the dataset format version (bump it on any change of this schema).
 FRAME_SCHEMA_VERSION: int = FORMAT_VERSION
@@ -102,8 +106,14 @@ CAMERA_TYPE = pa.struct(
     ]
 )  # fmt: skip
 
-#: ``cams``: one member per channel, in CAMERA_CHANNELS order.
-CAMS_TYPE = pa.struct([pa.field(channel, CAMERA_TYPE, nullable=False) for channel in CAMERA_CHANNELS])
+
+def cams_type(cameras: Sequence[str]) -> pa.DataType:
+    """``cams``: a struct with one :data:`CAMERA_TYPE` member per camera channel of the dataset, in the
+    dataset's fixed order (nuPlan's 8, nuScenes' 6, ...)."""
+    if not cameras or len(set(cameras)) != len(cameras):
+        raise ValueError(f"cams needs distinct camera channel names, got {list(cameras)}")
+    return pa.struct([pa.field(channel, CAMERA_TYPE, nullable=False) for channel in cameras])
+
 
 #: One traffic light of ``traffic_lights``.
 TRAFFIC_LIGHT_TYPE = pa.struct(
@@ -124,7 +134,7 @@ ANNS_TYPE = pa.struct(
     ]
 )  # fmt: skip
 
-_FIELDS: list[tuple[str, pa.DataType, bool, str]] = [
+_FIELDS: list[tuple[str, pa.DataType | None, bool, str]] = [
     # name, type, nullable, doc
     ("token", pa.string(), False, "lidar_pc token of the key frame (16 hex)"),
     ("frame_idx", pa.int32(), False, "index of the key frame within its scene, 0.. without gaps"),
@@ -145,7 +155,7 @@ _FIELDS: list[tuple[str, pa.DataType, bool, str]] = [
     ("ego_dynamic_state", _f64_vector(4), False, "vx, vy (m/s), acc_x, acc_y (m/s^2) in the ego frame"),
     ("traffic_lights", pa.list_(TRAFFIC_LIGHT_TYPE), False, "traffic_light_status of the lidar_pc"),
     ("driving_command", pa.list_(pa.int8(), 4), False, "one-hot left, forward, right, unknown from the ego's future path (20 m ahead, +-2 m)"),
-    ("cams", CAMS_TYPE, False, "the 8 cameras in CAMERA_CHANNELS order"),
+    ("cams", None, False, "the dataset's cameras, one member per channel in the dataset's order (manifest dataset.cameras)"),
     ("sample_prev", pa.string(), True, "token of the previous key frame of the same scene; null at a scene start or after a dropped frame"),
     ("sample_next", pa.string(), True, "token of the next key frame of the same scene; null at a scene end or before a dropped frame"),
     ("ego2global", _f64_matrix(4, 4), False, "global_from_ego 4x4"),
@@ -153,18 +163,30 @@ _FIELDS: list[tuple[str, pa.DataType, bool, str]] = [
     ("lidar2global", _f64_matrix(4, 4), False, "global_from_lidar 4x4"),
     ("anns", ANNS_TYPE, True, "boxes of the key frame in the ego frame; null for test data"),
     ("scenario_tags", pa.list_(pa.string()), False, "nuPlan scenario_tag types of the lidar_pc (sorted, unique); DriveEngine addition"),
-    ("source", pa.string(), False, "input kind: nuplan or openscene; DriveEngine addition"),
+    ("source", pa.string(), False, "the source that read the input (registry name: nuplan, openscene, ...); DriveEngine addition"),
     ("split", pa.string(), False, "split name the frame was collected for; DriveEngine addition"),
 ]  # fmt: skip
 
-#: The schema of ``meta/<log>.parquet``.
-FRAME_SCHEMA: pa.Schema = pa.schema(
-    [
-        pa.field(name, dtype, nullable=nullable, metadata={"doc": doc})
-        for name, dtype, nullable, doc in _FIELDS
-    ],
-    metadata={"driveengine.format_version": str(FRAME_SCHEMA_VERSION), "driveengine.kind": "frames"},
-)
+
+def frame_schema(cameras: Sequence[str]) -> pa.Schema:
+    """The schema of ``meta/<log>.parquet`` for a dataset whose cameras are ``cameras`` (in order).
+
+    Every column is the same for every dataset; only the members of ``cams`` follow the dataset.
+    """
+    cams = cams_type(cameras)
+    return pa.schema(
+        [
+            pa.field(name, cams if name == "cams" else dtype, nullable=nullable, metadata={"doc": doc})
+            for name, dtype, nullable, doc in _FIELDS
+        ],
+        metadata={"driveengine.format_version": str(FRAME_SCHEMA_VERSION), "driveengine.kind": "frames"},
+    )
+
+
+def schema_cameras(schema: pa.Schema) -> tuple[str, ...]:
+    """The camera channels of a frame schema (the members of its ``cams`` struct, in order)."""
+    return tuple(f.name for f in schema.field("cams").type)
+
 
 #: Column docs by name (``driveengine schema`` prints them).
 FRAME_FIELD_DOCS: dict[str, str] = {name: doc for name, _, _, doc in _FIELDS}
@@ -188,17 +210,20 @@ def _marked(path: str, doc: str) -> str:
     return doc + FINITE_MARK if path in FINITE_COLUMNS else doc
 
 
-def describe_schema() -> list[tuple[str, str, str]]:
-    """``(field, Arrow type, doc)`` for every column and nested member of :data:`FRAME_SCHEMA`.
+def describe_schema(cameras: Sequence[str] = ("<CAM_*>",)) -> list[tuple[str, str, str]]:
+    """``(field, Arrow type, doc)`` for every column and nested member of the frame schema.
 
     Docs of :data:`FINITE_COLUMNS` end with :data:`FINITE_MARK`.
+
+    Args:
+        cameras: the dataset's camera channels, listed in the ``cams`` line.
     """
     out: list[tuple[str, str, str]] = []
-    for f in FRAME_SCHEMA:
+    for f in frame_schema(["<CAM_*>"]):
         kind = str(f.type) if not pa.types.is_struct(f.type) else "struct"
         out.append((f.name, kind, _marked(f.name, FRAME_FIELD_DOCS[f.name])))
         if f.name == "cams":
-            out.append(("cams.<CAM_*>", "struct", f"one per channel: {', '.join(CAMERA_CHANNELS)}"))
+            out.append(("cams.<CAM_*>", "struct", f"one per channel: {', '.join(cameras)}"))
             for member in CAMERA_TYPE:
                 doc = (member.metadata or {}).get(b"doc", b"").decode()
                 out.append(

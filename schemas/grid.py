@@ -43,9 +43,31 @@ class VoxelGrid:
         """JSON-ready form, stored in manifests and Zarr attributes."""
         return {**asdict(self), "shape": list(self.shape), "index_order": "xyz", "flat": "x + nx*y + nx*ny*z"}
 
+    def __post_init__(self) -> None:
+        lo, hi, size = self.range_min_m, self.range_max_m, self.voxel_size_m
+        if len(lo) != 3 or len(hi) != 3 or not np.isfinite([*lo, *hi, size]).all() or not size > 0:
+            raise ValueError(
+                f"range_min_m/range_max_m need 3 finite numbers and voxel_size_m > 0, got {self}"
+            )
+        if any(b <= a for a, b in zip(lo, hi, strict=True)):
+            raise ValueError(f"range_max_m must exceed range_min_m on every axis, got {self}")
+        counts = [(b - a) / size for a, b in zip(lo, hi, strict=True)]
+        if any(abs(c - round(c)) > 1e-6 for c in counts):
+            raise ValueError(f"the range must be a whole number of voxels on every axis, got {self}")
+
     @classmethod
     def from_dict(cls, d: dict) -> VoxelGrid:
-        return cls(tuple(d["range_min_m"]), tuple(d["range_max_m"]), float(d["voxel_size_m"]))
+        """Inverse of :meth:`to_dict`. Raises ``ValueError`` (or ``KeyError``/``TypeError``) on a bad one."""
+        return cls(
+            tuple(float(v) for v in d["range_min_m"]),  # type: ignore[arg-type]
+            tuple(float(v) for v in d["range_max_m"]),  # type: ignore[arg-type]
+            float(d["voxel_size_m"]),
+        )
+
+    def describe(self) -> str:
+        """One line: range, voxel size and shape, e.g. ``[-50, -50, -4, 50, 50, 4] m, 0.5 m voxels (200 x 200 x 16)``."""
+        corners = ", ".join(f"{v:g}" for v in (*self.range_min_m, *self.range_max_m))
+        return f"[{corners}] m, {self.voxel_size_m:g} m voxels ({' x '.join(map(str, self.shape))})"
 
     def voxel_centres(self) -> np.ndarray:
         """(nx, ny, nz, 3) float64 voxel centre coordinates, metres, ego frame."""

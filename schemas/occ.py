@@ -1,28 +1,36 @@
-"""Zarr v3 specs of the per-log occupancy labels, ``occ/<log>.zarr`` (DESIGN §3, format version 1).
+"""Zarr v3 specs of the per-log occupancy labels, ``occ/<log>.zarr`` (format version 2).
 
-One Zarr v3 group per log, ``T`` frames (row ``i`` of ``meta/<log>.parquet`` is index ``i`` along T):
+One Zarr v3 group per log, ``T`` frames (row ``i`` of ``meta/<log>.parquet`` is index ``i`` along T).
+The label arrays are a registry (:data:`LABEL_ARRAYS`); a group holds the required ones and any
+optional ones its producer wrote (group attribute ``arrays``):
 
 ========== ======== ======================= ===========================================================
 array      dtype    shape                   meaning
 ========== ======== ======================= ===========================================================
-semantics  uint8    (T, nx, ny, nz)         class id per voxel (:data:`~driveengine.schemas.classes.CLASS_NAMES`),
-                                            ``FREE = 16`` where nothing was seen
+semantics  uint8    (T, nx, ny, nz)         class id per voxel (the group's ``class_table``), its
+                                            ``free`` id where nothing was seen
 flow       float16  (T, nx, ny, nz, 2)      (vx, vy) m/s in the ego frame of the frame; 0 off objects
 mask_lidar bool     (T, nx, ny, nz)         True where a LiDAR ray of the frame observed the voxel
                                             (passed through it, or ended in it)
 ========== ======== ======================= ===========================================================
 
-The grid is :data:`~driveengine.schemas.grid.GRID`: ego frame of the frame (x forward, y left, z up,
-rear axle), indexed ``[x, y, z]`` (so OpenScene's flat index ``x + nx*y + nx*ny*z`` is *not* the
-C-order position in the dense array). Chunks are one frame; shards hold :data:`SHARD_FRAMES` frames
-and are written whole (shard-aligned), so a writer holds at most one shard in memory. Unwritten
-chunks read as the fill value (FREE / 0 / False).
+The grid (the group's ``grid`` attribute, a :class:`~driveengine.schemas.grid.VoxelGrid`) is in the ego
+frame of the frame (x forward, y left, z up, rear axle), indexed ``[x, y, z]`` (so OpenScene's flat
+index ``x + nx*y + nx*ny*z`` is *not* the C-order position in the dense array). Chunks are one frame;
+shards hold ``shard_frames`` frames and are written whole (shard-aligned), so a writer holds at most
+one shard in memory. Every shard is written, fill values included: a missing shard file is damage.
 
-Group attributes (all JSON): ``format`` (:data:`OCC_FORMAT`), ``format_version``
-(:data:`~driveengine.schemas.FORMAT_VERSION`), ``grid`` (``VoxelGrid.to_dict()``), ``classes``
-(``{"0": "vehicle", ...}``), ``free`` (16), ``background`` (10), ``flow`` (units and frame, in words),
-``frames`` (T), ``timestamps_us`` (T ints or null), ``generator`` (the label generator's config dict,
-or a description of the source for imported labels), ``stats`` (free-form, may be absent).
+Group attributes (all JSON): ``format`` (:data:`OCC_FORMAT`), ``format_version``, ``grid``
+(``VoxelGrid.to_dict()``), ``class_table`` (``ClassTable.to_dict()``), ``classes`` (``{"0": name, ...}``,
+as in version 1), ``free``, ``background``, ``flow`` (units and frame, in words), ``frames`` (T),
+``timestamps_us`` (T ints or null), ``arrays`` (the label arrays present), ``generator`` (how the labels
+were made: the label recipe, or a description of the source of imported labels), ``stats`` (free-form,
+may be absent). Version 1 groups lack ``class_table`` and ``arrays`` (OpenScene's table; the three
+required arrays).
+
+**Adding a label array** is one :func:`register_label_array` call here (name, dtype, per-voxel
+components, fill value, description); the writer (``driveengine.store.occ``), the readers, the loader's
+fields and the verifiers follow the registry.
 """
 
 from __future__ import annotations
@@ -30,33 +38,80 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from driveengine.schemas.classes import BACKGROUND, CLASS_NAMES, FREE
+from driveengine.schemas.classes import OPENSCENE_CLASSES, ClassTable
 from driveengine.schemas.grid import GRID, VoxelGrid
 
 #: Value of the group attribute ``format``.
 OCC_FORMAT = "driveengine-occ"
 
 #: Frames per shard (chunks are one frame). 16 frames = 10 MiB of semantics, 41 MiB of flow and
-#: 10 MiB of mask uncompressed: the most a writer holds at once.
+#: 10 MiB of mask uncompressed on OpenScene's grid: the most a writer holds at once.
 SHARD_FRAMES = 16
 
-#: Default compressor of every array: Zstandard at this level (grids are mostly FREE / 0 / False).
+#: Default compressor of every array: Zstandard at this level (grids are mostly free / 0 / False).
 COMPRESSOR = "zstd"
 COMPRESSION_LEVEL = 3
 
-#: Names of the arrays, in the order they are documented and written.
-ARRAY_NAMES: tuple[str, ...] = ("semantics", "flow", "mask_lidar")
+
+@dataclass(frozen=True)
+class LabelArray:
+    """A kind of label array (grid-independent).
+
+    Attributes:
+        name: array name inside the group (also the loader field's name).
+        dtype: numpy dtype of the elements.
+        components: per-voxel shape after ``(nx, ny, nz)`` (``()`` for a scalar, ``(2,)`` for flow).
+        fill: value of voxels never written: a number, or ``"free"`` for the class table's free id.
+        required: every group has it.
+        description: one line, stored as an array attribute.
+    """
+
+    name: str
+    dtype: np.dtype
+    components: tuple[int, ...]
+    fill: int | float | bool | str
+    required: bool
+    description: str
+
+    def fill_value(self, classes: ClassTable) -> int | float | bool:
+        """The fill value for a group of class table ``classes``."""
+        return classes.free if self.fill == "free" else self.fill  # type: ignore[return-value]
+
+
+#: The label arrays, by name, in the order they are documented and written.
+LABEL_ARRAYS: dict[str, LabelArray] = {}
+
+
+def register_label_array(array: LabelArray) -> LabelArray:
+    """Add a label array kind (see the module doc); returns it. Names are unique."""
+    if array.name in LABEL_ARRAYS:
+        raise ValueError(f"label array {array.name!r} is registered already")
+    LABEL_ARRAYS[array.name] = array
+    return array
+
+
+register_label_array(LabelArray("semantics", np.dtype(np.uint8), (), "free", True,
+                                "class id per voxel, see group attribute 'class_table'"))  # fmt: skip
+register_label_array(LabelArray("flow", np.dtype(np.float16), (2,), 0.0, True,
+                                "(vx, vy) m/s in the ego frame of the frame; 0 off objects"))  # fmt: skip
+register_label_array(LabelArray("mask_lidar", np.dtype(np.bool_), (), False, True,
+                                "True where a LiDAR ray of the frame passed through or ended in the voxel"))  # fmt: skip
+
+#: The arrays every group has, in order (format version 1 had exactly these).
+REQUIRED_ARRAYS: tuple[str, ...] = tuple(name for name, a in LABEL_ARRAYS.items() if a.required)
+#: Compatibility name of :data:`REQUIRED_ARRAYS`.
+ARRAY_NAMES = REQUIRED_ARRAYS
 
 
 @dataclass(frozen=True)
 class OccArraySpec:
-    """Specification of one label array of the group.
+    """Specification of one label array of a group, on its grid and class table.
 
     Attributes:
         name: array name inside the group.
         dtype: numpy dtype of the elements.
-        frame_shape: shape of one frame, given the grid (e.g. (200, 200, 16) or (200, 200, 16, 2)).
-        fill_value: value of voxels never written (FREE, 0.0, False).
+        frame_shape: shape of one frame (e.g. (200, 200, 16) or (200, 200, 16, 2)).
+        fill_value: value of voxels never written (free, 0.0, False).
         dimension_names: Zarr v3 dimension names, leading with "frame".
         description: one line, stored as an array attribute.
     """
@@ -81,27 +136,29 @@ class OccArraySpec:
         return (shard_frames, *self.frame_shape)
 
 
-def occ_array_specs(grid: VoxelGrid = GRID) -> dict[str, OccArraySpec]:
-    """The specs of ``semantics``, ``flow`` and ``mask_lidar`` for ``grid``, keyed by name."""
-    g = tuple(grid.shape)
+def occ_array_specs(
+    grid: VoxelGrid = GRID,
+    classes: ClassTable = OPENSCENE_CLASSES,
+    names: tuple[str, ...] | None = None,
+) -> dict[str, OccArraySpec]:
+    """The specs of the label arrays ``names`` (default: the required ones) on ``grid``, keyed by name."""
     dims = ("frame", "x", "y", "z")
-    return {
-        "semantics": OccArraySpec(
-            "semantics", np.dtype(np.uint8), g, FREE, dims,
-            f"class id per voxel, {FREE} = free; see group attribute 'classes'",
-        ),
-        "flow": OccArraySpec(
-            "flow", np.dtype(np.float16), (*g, 2), 0.0, (*dims, "component"),
-            "(vx, vy) m/s in the ego frame of the frame; 0 off objects",
-        ),
-        "mask_lidar": OccArraySpec(
-            "mask_lidar", np.dtype(np.bool_), g, False, dims,
-            "True where a LiDAR ray of the frame passed through or ended in the voxel",
-        ),
-    }  # fmt: skip
+    out = {}
+    for name in REQUIRED_ARRAYS if names is None else names:
+        a = LABEL_ARRAYS[name]
+        components = ("component",) * len(a.components)
+        out[name] = OccArraySpec(
+            name,
+            a.dtype,
+            (*grid.shape, *a.components),
+            a.fill_value(classes),
+            (*dims, *components),
+            a.description,
+        )
+    return out
 
 
-#: Specs for the grid of format version 1.
+#: Specs of the required arrays on OpenScene's grid and table (format version 1).
 OCC_ARRAYS: dict[str, OccArraySpec] = occ_array_specs(GRID)
 
 
@@ -110,6 +167,8 @@ def occ_group_attributes(
     generator: dict,
     grid: VoxelGrid = GRID,
     timestamps_us: list[int] | None = None,
+    classes: ClassTable = OPENSCENE_CLASSES,
+    arrays: tuple[str, ...] = REQUIRED_ARRAYS,
 ) -> dict:
     """The JSON attributes of an ``occ/<log>.zarr`` group (see the module docstring)."""
     from driveengine.schemas import FORMAT_VERSION  # the package imports this module's siblings
@@ -118,11 +177,13 @@ def occ_group_attributes(
         "format": OCC_FORMAT,
         "format_version": FORMAT_VERSION,
         "grid": grid.to_dict(),
-        "classes": {str(k): v for k, v in CLASS_NAMES.items()},
-        "free": FREE,
-        "background": BACKGROUND,
+        "class_table": classes.to_dict(),
+        "classes": classes.id_names(),
+        "free": classes.free,
+        "background": classes.background,
         "flow": "(vx, vy) m/s, ego frame of the frame (x forward, y left), 0 off objects",
         "frames": int(num_frames),
         "timestamps_us": None if timestamps_us is None else [int(t) for t in timestamps_us],
+        "arrays": list(arrays),
         "generator": generator,
     }

@@ -15,6 +15,7 @@ YAML keys (all optional except ``folder``, which may also be given as NAVSIM's `
     name: my_split                  # default: the file name without .yaml
     description: what it is for
     provenance: where the lists come from
+    dataset: nuplan                 # whose logs these are (default nuplan; nuscenes for its scenes)
     folder: trainval                # input folder: splits/<folder>/ (nuPlan) or meta_datas/<folder>/
     log_names: [log_a, log_b]       # or, compact: {"<date>_<vehicle>": "<seg> <seg> ..."} where
                                     #   each log name is "<date>_<vehicle>_<seg>"
@@ -48,6 +49,8 @@ class SplitDef:
 
     Attributes:
         name: the split's name (output goes to ``<out>/<name>/``).
+        dataset: the dataset whose logs the split names (a source's ``dataset``: ``nuplan`` for nuPlan
+            and OpenScene inputs, ``nuscenes``, ...).
         folder: input folder name: ``<nuplan>/splits/<folder>/`` or ``<openscene>/meta_datas/<folder>/``.
         log_names: logs to keep, or None for every log of the folder.
         tokens: key-frame (``lidar_pc``) tokens to keep, or None for every key frame.
@@ -58,6 +61,7 @@ class SplitDef:
 
     name: str
     folder: str
+    dataset: str = "nuplan"
     log_names: frozenset[str] | None = None
     tokens: frozenset[str] | None = None
     description: str = ""
@@ -117,9 +121,15 @@ def split_from_dict(data: dict[str, Any], path: str, default_name: str) -> Split
         raise SplitError(
             f"{path}: no input folder; add `folder: mini|trainval|test` (the folder under splits/ or meta_datas/)"
         )
+    dataset = data.get("dataset", "nuplan")
+    if not isinstance(dataset, str) or not dataset:
+        raise SplitError(
+            f"{path}: dataset must be a dataset name such as nuplan or nuscenes, got {dataset!r}"
+        )
     return SplitDef(
         name=str(data.get("name", default_name)),
         folder=folder,
+        dataset=dataset,
         log_names=_parse_log_names(data.get("log_names"), path),
         tokens=_parse_tokens(data.get("tokens"), path),
         description=str(data.get("description", "")),

@@ -222,7 +222,7 @@ def make_release(base: Path, logs: int = 2, split: str = "mini") -> dict[str, ob
     world_dir = base / "world"
     synth = synthesize(world_dir, logs=logs, seconds=1.0, points=300, image_size=(32, 18))
     summary = collect(
-        CollectConfig(
+        CollectConfig.from_options(
             source="nuplan", root=world_dir, out=base / "collected", split=split, labels=False, progress=False
         ),
         echo=lambda _: None,

@@ -16,12 +16,15 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from driveengine.schemas import VoxelGrid
-from driveengine.schemas.classes import CAMERA_CHANNELS, FREE
-from driveengine.schemas.frame import FRAME_SCHEMA
+from driveengine.schemas.classes import FREE
+from driveengine.schemas.frame import frame_schema
 
 from driveengine.geometry import make_transform, yaw_to_quaternion
-from driveengine.store.manifest import Manifest, save_manifest
-from driveengine.store.occ import create_occ
+from driveengine.sources.nuplan.constants import CAMERA_CHANNELS
+from driveengine.store.manifest import DatasetInfo, LogEntry, Manifest, SourceRef, save_manifest
+from driveengine.store.occ import OccStorage, create_occ
+
+FRAME_SCHEMA = frame_schema(CAMERA_CHANNELS)  # nuPlan's frame rows
 
 #: A 16 x 16 x 8 grid of 0.5 m voxels (the format's grid is 200 x 200 x 16).
 SMALL_GRID = VoxelGrid((-4.0, -4.0, -2.0), (4.0, 4.0, 2.0), 0.5)
@@ -101,8 +104,7 @@ def build_split(
     split_dir = out / split
     sensor_root = out / "sensor_blobs"
     info = SplitInfo(root=out, split=split, sensor_root=sensor_root)
-    manifest = Manifest(split=split, grid=grid.to_dict())
-    manifest.extra["sensor_root"] = str(sensor_root)
+    manifest = Manifest(split=split, dataset=DatasetInfo(name="nuplan", cameras=CAMERA_CHANNELS, grid=grid))
     for li, scenes in enumerate(scenes_per_log):
         name = f"2021.0{li + 1}.01.00.00.00_veh-{li:02d}_00000_00100"
         info.log_names.append(name)
@@ -132,6 +134,7 @@ def build_split(
             "sample_next": nxt,
             "ego2global": [m.tolist() for m in ego2global],
             "lidar_path": lidar_paths,
+            "lidar2ego": [np.eye(4).tolist()] * n,
         }
         if images:
             cams = []
@@ -150,7 +153,7 @@ def build_split(
                     }
                 )
             columns["cams"] = cams
-        schema = pa.schema([FRAME_SCHEMA.field(c) for c in columns])
+        schema = pa.schema([FRAME_SCHEMA.field(c) for c in columns], metadata=FRAME_SCHEMA.metadata)
         table = pa.table(columns, schema=schema)
         (split_dir / "meta").mkdir(parents=True, exist_ok=True)
         pq.write_table(table, split_dir / "meta" / f"{name}.parquet")
@@ -159,11 +162,11 @@ def build_split(
             n,
             generator={"kind": "test-fixture"},
             grid=grid,
-            shard_frames=shard_frames,
+            storage=OccStorage(shard_frames=shard_frames),
             timestamps_us=timestamps,
         ) as writer:
             for r in range(n):
-                writer.append(sem[r], flow[r], mask[r])
+                writer.append(semantics=sem[r], flow=flow[r], mask_lidar=mask[r])
         for r, tok in enumerate(tokens):
             pts = None
             if points:
@@ -192,10 +195,12 @@ def build_split(
             info.frames[tok] = FrameTruth(
                 name, r, scene_tokens[r], sem[r], flow[r], mask[r], ego2global[r], pts
             )
-        manifest.logs[name] = {
-            "frames": n,
-            "meta": f"meta/{name}.parquet",
-            "occ": f"occ/{name}.zarr",
-        }
+        manifest.logs[name] = LogEntry(
+            frames=n,
+            meta=f"meta/{name}.parquet",
+            occ=f"occ/{name}.zarr",
+            checksums={},
+            source=SourceRef(name="nuplan", path="", blob_root=str(sensor_root)),
+        )
     save_manifest(split_dir, manifest)
     return info

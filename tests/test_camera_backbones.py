@@ -416,7 +416,9 @@ def collected(tmp_path_factory):
     synthesize(
         root / "nuplan", logs=1, seconds=3.0, seed=5, points=2000, image_size=(128, 72), key_frames_only=True
     )
-    summary = collect(CollectConfig(source="nuplan", root=root / "nuplan", out=root / "out", progress=False))
+    summary = collect(
+        CollectConfig.from_options(source="nuplan", root=root / "nuplan", out=root / "out", progress=False)
+    )
     numba.set_num_threads(before)
     assert summary.ok
     return root / "out"

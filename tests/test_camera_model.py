@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from driveengine.schemas import VoxelGrid
-from driveengine.schemas.classes import CAMERA_CHANNELS, FREE
+from driveengine.schemas.classes import FREE
 from typer.testing import CliRunner
 
 from driveengine.cli import app
@@ -28,6 +28,7 @@ from driveengine.models.export import (
     load_backbone_weights,
 )
 from driveengine.models.resnet import ResNet
+from driveengine.sources.nuplan.constants import CAMERA_CHANNELS
 from driveengine.synth import world_for_log
 from driveengine.synth.sensors import pixel_rays, render_camera
 from driveengine.synth.world import make_cameras

@@ -19,12 +19,13 @@ import json
 import numpy as np
 import pytest
 import torch
-from driveengine.schemas.classes import BACKGROUND, CAMERA_CHANNELS
+from driveengine.schemas.classes import BACKGROUND
 from typer.testing import CliRunner
 
 from driveengine.cli import app
 from driveengine.models.camera import invert_rigid, lift_features, project_to_pixels
 from driveengine.models.resnet import ResNet
+from driveengine.sources.nuplan.constants import CAMERA_CHANNELS
 from driveengine.synth import world_for_log
 from driveengine.synth.sensors import CLASS_COLOURS, GROUND_COLOUR, SKY_COLOUR, render_camera
 from driveengine.synth.world import CAMERA_MOUNTS, Boxes
@@ -139,7 +140,9 @@ def collected(tmp_path_factory):
     synthesize(
         root / "nuplan", logs=1, seconds=3.0, seed=5, points=2000, image_size=(192, 108), key_frames_only=True
     )
-    summary = collect(CollectConfig(source="nuplan", root=root / "nuplan", out=root / "out", progress=False))
+    summary = collect(
+        CollectConfig.from_options(source="nuplan", root=root / "nuplan", out=root / "out", progress=False)
+    )
     numba.set_num_threads(before)
     assert summary.ok
     return root / "out"

@@ -21,8 +21,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pytest
-from driveengine.schemas.classes import CAMERA_CHANNELS
-from driveengine.schemas.frame import FRAME_SCHEMA
+from driveengine.schemas.frame import frame_schema
 from test_collect_frames import placeholder_blob
 
 from driveengine.collect.frames import check_finite
@@ -30,11 +29,14 @@ from driveengine.collect.runner import CollectConfig, collect
 from driveengine.errors import DriveEngineError
 from driveengine.export.openscene import export_openscene_metadata
 from driveengine.geometry import invert_transform, rotate_vectors, transform_points
+from driveengine.sources.nuplan.constants import CAMERA_CHANNELS
 from driveengine.store.commit import CollectLock, CollectLockedError, is_temporary, sha256_tree
 from driveengine.store.frames import read_log_frames, read_split_frames
 from driveengine.store.manifest import load_manifest
 from driveengine.synth import synthesize
 from driveengine.synth.world import BOX_RANGE_M
+
+FRAME_SCHEMA = frame_schema(CAMERA_CHANNELS)  # nuPlan's frame rows
 
 SECONDS = 4.0
 
@@ -61,7 +63,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list]:
 
 def _config(root: Path, out: Path, **kw) -> CollectConfig:
     kw = {"labels": False, "progress": False, **kw}  # rows only unless a test asks for labels
-    return CollectConfig(source="nuplan", root=root, out=out, split="mini", **kw)
+    return CollectConfig.from_options(source="nuplan", root=root, out=out, split="mini", **kw)
 
 
 def test_nuplan_rows_equal_the_synthetic_truth(world, tmp_path: Path) -> None:
@@ -74,7 +76,7 @@ def test_nuplan_rows_equal_the_synthetic_truth(world, tmp_path: Path) -> None:
         entry = manifest.logs[log.log_name]
         table = read_log_frames(tmp_path / "mini", log.log_name)
         assert table.schema == FRAME_SCHEMA
-        assert entry["frames"] == table.num_rows and entry["dropped"] == {}
+        assert entry.frames == table.num_rows and entry.dropped == {}
         assert table.num_rows in (int(SECONDS * 2) - 1, int(SECONDS * 2))  # 2 Hz over the log
         assert sum(len(a["gt_names"]) for a in table.column("anns").to_pylist()) > 0
         rows = table.to_pylist()
@@ -160,7 +162,7 @@ def test_openscene_source_gives_the_same_rows(world, tmp_path: Path) -> None:
     export_openscene_metadata(tmp_path / "a" / "mini", os_root / "meta_datas" / "mini")
     (os_root / "sensor_blobs").mkdir(parents=True)
     (os_root / "sensor_blobs" / "mini").symlink_to(root / "sensor_blobs")
-    config = CollectConfig(
+    config = CollectConfig.from_options(
         source="openscene", root=os_root, out=tmp_path / "b", split="mini", labels=False, progress=False
     )
     summary = collect(config, echo=lambda _: None)
@@ -176,7 +178,7 @@ def test_resume_skips_up_to_date_logs_and_overwrite_redoes_them(world, tmp_path:
     root, logs = world
     first = collect(_config(root, tmp_path), echo=lambda _: None)
     manifest1 = load_manifest(tmp_path / "mini")
-    shard = tmp_path / "mini" / manifest1.logs[logs[0].log_name]["meta"]
+    shard = tmp_path / "mini" / manifest1.logs[logs[0].log_name].meta
     inode = shard.stat().st_ino
     again = collect(_config(root, tmp_path), echo=lambda _: None)
     assert again.done == [] and sorted(again.skipped) == sorted(first.done)
@@ -217,7 +219,7 @@ def test_a_log_without_any_frame_with_8_cameras_is_reported_not_a_crash(tmp_path
     name = logs[0].log_name
     assert summary.ok and list(summary.empty) == [name] and "all 8 cameras" in summary.empty[name]
     entry = load_manifest(tmp_path / "out" / "mini").logs[name]
-    assert entry["frames"] == 0 and entry["dropped"] == {"no_frame_with_all_cameras": 3}
+    assert entry.frames == 0 and entry.dropped == {"no_frame_with_all_cameras": 3}
     assert read_log_frames(tmp_path / "out" / "mini", name).schema == FRAME_SCHEMA
     assert f"empty log {name}" in summary.format()
 
@@ -228,7 +230,7 @@ def test_a_user_split_with_logs_and_tokens(world, tmp_path: Path) -> None:
     wanted = [rows[1]["token"], rows[4]["token"]]
     split_file = tmp_path / "my_split.yaml"
     split_file.write_text(f"folder: mini\nlog_names: [{logs[1].log_name}]\ntokens: [{', '.join(wanted)}]\n")
-    config = CollectConfig(
+    config = CollectConfig.from_options(
         source="nuplan", root=root, out=tmp_path / "out", split=str(split_file), labels=False, progress=False
     )
     summary = collect(config, echo=lambda _: None)
@@ -270,8 +272,8 @@ def test_corrupt_db_fails_alone_and_missing_blobs_are_counted(world, tmp_path: P
     )
     manifest = load_manifest(tmp_path / "out" / "mini")
     assert sorted(manifest.logs) == sorted(log.log_name for log in logs)
-    assert manifest.logs[logs[0].log_name]["dropped"] == {"missing_camera": 1, "missing_lidar": 1}
-    assert manifest.logs[logs[0].log_name]["frames"] == len(rows) - 2
+    assert manifest.logs[logs[0].log_name].dropped == {"missing_camera": 1, "missing_lidar": 1}
+    assert manifest.logs[logs[0].log_name].frames == len(rows) - 2
     assert summary.dropped == {"missing_camera": 1, "missing_lidar": 1}
     assert "FAILED 2021.01.01.00.00.00_veh-00_00000_00001" in summary.format()
 
@@ -328,19 +330,19 @@ def test_kill_9_mid_run_then_resume(tmp_path: Path) -> None:
     # What readers see right after the crash: only complete, committed logs.
     visible = load_manifest(out / "mini")
     for name, entry in visible.logs.items():
-        assert read_log_frames(out / "mini", name).num_rows == entry["frames"]
-    done_before = {name: entry["committed_at"] for name, entry in visible.logs.items()}
-    inode_before = {name: (out / "mini" / e["meta"]).stat().st_ino for name, e in visible.logs.items()}
+        assert read_log_frames(out / "mini", name).num_rows == entry.frames
+    done_before = {name: entry.committed_at for name, entry in visible.logs.items()}
+    inode_before = {name: (out / "mini" / e.meta).stat().st_ino for name, e in visible.logs.items()}
     result = subprocess.run(args, capture_output=True, text=True, check=False)
     assert result.returncode == 1, result.stdout + result.stderr  # non-zero: a log failed
     assert "FAILED broken: " in result.stdout and "broken.db" in result.stdout
     manifest = load_manifest(out / "mini")
     assert sorted(manifest.logs) == sorted(log.log_name for log in logs)
     for name, stamp in done_before.items():  # finished logs were not redone
-        assert manifest.logs[name]["committed_at"] == stamp
-        assert (out / "mini" / manifest.logs[name]["meta"]).stat().st_ino == inode_before[name]
+        assert manifest.logs[name].committed_at == stamp
+        assert (out / "mini" / manifest.logs[name].meta).stat().st_ino == inode_before[name]
     table = read_split_frames(out / "mini")
-    assert table.num_rows == sum(e["frames"] for e in manifest.logs.values())
+    assert table.num_rows == sum(e.frames for e in manifest.logs.values())
     tokens = table.column("token").to_pylist()
     assert len(tokens) == len(set(tokens))  # no duplicate rows
     leftovers = [p for p in (out / "mini").rglob("*") if is_temporary(p.name)]
@@ -366,11 +368,11 @@ def test_dask_local_cluster_matches_the_pool(tmp_path: Path) -> None:
     assert all(s.ok and sorted(s.done) == names for s in runs.values()), [s.format() for s in runs.values()]
     pool, dask = (load_manifest(tmp_path / run / "mini").logs for run in runs)
     for name in names:
-        assert pool[name]["occ"] and pool[name]["labels"]["points_in_grid"] > 0
-        for rel in (pool[name]["meta"], pool[name]["occ"]):  # the Zarr group's zarr.json included
+        assert pool[name].occ and pool[name].labels["points_in_grid"] > 0
+        for rel in (pool[name].meta, pool[name].occ):  # the Zarr group's zarr.json included
             a, b = tmp_path / "pool" / "mini" / rel, tmp_path / "dask" / "mini" / rel
             assert sha256_tree(a) == sha256_tree(b) if a.is_dir() else a.read_bytes() == b.read_bytes(), rel
-        assert pool[name]["checksums"] == dask[name]["checksums"]
+        assert pool[name].checksums == dask[name].checksums
 
 
 # -- processes: kill -9 of the client, a worker killed by a signal, Ctrl-C ------------------------------
@@ -533,6 +535,7 @@ def _cmdline(pid: int) -> bytes:
 def test_ctrl_c_prints_one_line_exits_130_and_the_rerun_resumes(
     many_logs, tmp_path: Path, workers: int | str
 ) -> None:
+
     root, logs = many_logs
     args = _collect_args(root, tmp_path, workers)
     proc = _start_and_wait_for_first_commit(args, tmp_path, len(logs))
@@ -592,9 +595,9 @@ def test_non_finite_ego_poses_drop_frames_and_a_nan_velocity_fails_its_log(tmp_p
     manifest = load_manifest(out / "mini")
     assert list(manifest.logs) == [posed.log_name]
     entry = manifest.logs[posed.log_name]
-    assert entry["dropped"] == {**baseline["dropped"], "bad_ego_pose": 3}
+    assert entry.dropped == {**baseline.dropped, "bad_ego_pose": 3}
     table = read_log_frames(out / "mini", posed.log_name)
-    assert table.num_rows == entry["frames"] == baseline["frames"] - 3
+    assert table.num_rows == entry.frames == baseline.frames - 3
     assert not set(bad_tokens) & set(table.column("token").to_pylist())
     check_finite(table, posed.db_path, posed.log_name)
     assert "bad_ego_pose 3" in result.stdout
@@ -622,8 +625,8 @@ def test_broken_blobs_are_dropped_counted_and_reported(world, tmp_path: Path) ->
     assert summary.ok
     assert summary.dropped == {"broken_image": 2, "broken_lidar": 1}
     entry = load_manifest(tmp_path / "out" / "mini").logs[logs[0].log_name]
-    assert entry["dropped"] == {"broken_image": 2, "broken_lidar": 1} and entry["frames"] == len(rows) - 3
-    assert any(str(sweep) in note and "truncated" in note for note in entry["notes"])
+    assert entry.dropped == {"broken_image": 2, "broken_lidar": 1} and entry.frames == len(rows) - 3
+    assert any(str(sweep) in note and "truncated" in note for note in entry.notes)
     text = summary.format()
     assert "WARNING: 3 frames dropped for broken sensor files (broken_lidar 1, broken_image 2), e.g. " in text
     assert "then run again with --overwrite" in text

@@ -12,18 +12,20 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from driveengine.schemas.classes import CAMERA_CHANNELS
-from driveengine.schemas.frame import FRAME_SCHEMA
+from driveengine.schemas.frame import frame_schema
 from test_collect_e2e import _touch_blobs
 from typer.testing import CliRunner
 
 from driveengine.cli import app
 from driveengine.collect.runner import CollectConfig, collect
+from driveengine.sources.nuplan.constants import CAMERA_CHANNELS
 from driveengine.sources.openscene.reader import load_openscene_pickle
 from driveengine.stats import compute_stats, format_stats
 from driveengine.store.frames import read_split_frames
 from driveengine.store.manifest import load_manifest
 from driveengine.synth import synthesize
+
+FRAME_SCHEMA = frame_schema(CAMERA_CHANNELS)  # nuPlan's frame rows
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -51,7 +53,8 @@ def collected(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, lis
     _touch_blobs(logs, root / "sensor_blobs", skip=set(first_key[:40]))
     out = tmp_path_factory.mktemp("out")
     summary = collect(
-        CollectConfig(source="nuplan", root=root, out=out, labels=False, progress=False), echo=lambda _: None
+        CollectConfig.from_options(source="nuplan", root=root, out=out, labels=False, progress=False),
+        echo=lambda _: None,
     )
     assert summary.ok
     return root, out / "mini", logs
@@ -64,7 +67,7 @@ def test_stats_count_what_the_shards_hold(collected) -> None:
     assert stats["logs"] == len(logs) and stats["frames"] == len(rows)
     assert stats["boxes_per_class"] == dict(Counter(n for r in rows for n in r["anns"]["gt_names"]))
     manifest = load_manifest(split_dir)
-    assert stats["dropped"] == dict(sum((Counter(e["dropped"]) for e in manifest.logs.values()), Counter()))
+    assert stats["dropped"] == dict(sum((Counter(e.dropped) for e in manifest.logs.values()), Counter()))
     assert stats["dropped"]["missing_lidar"] == 4  # key frames 0, 10, 20, 30 of log 0
     assert stats["duration_s"] == 0.5 * len(rows)
     text = format_stats(stats)
@@ -83,7 +86,7 @@ def test_export_writes_openscene_metadata(collected, tmp_path: Path) -> None:
     manifest = load_manifest(split_dir)
     for f in files:
         frames = load_openscene_pickle(f)
-        assert len(frames) == manifest.logs[f.stem]["frames"]
+        assert len(frames) == manifest.logs[f.stem].frames
         for fr in frames:
             assert set(fr) == OPENSCENE_KEYS
             assert list(fr["cams"]) == list(CAMERA_CHANNELS)
@@ -135,7 +138,7 @@ def test_cli_schema_splits_stats(collected) -> None:
     assert out.exit_code == 0
     lines = out.output.splitlines()
     assert all(any(line.startswith(f"{f.name} ") for line in lines) for f in FRAME_SCHEMA)
-    assert "version 1" in lines[0]
+    assert "version 2" in lines[0]
     out = runner.invoke(app, ["splits"])
     assert out.exit_code == 0 and "navtrain" in out.output and "103288 key frames" in out.output
     _, split_dir, _ = collected
@@ -261,6 +264,7 @@ def _old_numpy(tmp_path_factory: pytest.TempPathFactory) -> Path:
 _OLD_NUMPY_READER = r"""
 import json, pickle, sys
 import numpy
+
 out = {"numpy": numpy.__version__, "files": []}
 for path in sys.argv[1:]:
     with open(path, "rb") as f:

@@ -9,20 +9,18 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pytest
-from driveengine.schemas.classes import CAMERA_CHANNELS, CATEGORIES
-from driveengine.schemas.frame import FINITE_COLUMNS, FINITE_MARK, FRAME_SCHEMA, describe_schema
+from driveengine.schemas.frame import FINITE_COLUMNS, FINITE_MARK, describe_schema, frame_schema
 from PIL import Image
 
 from driveengine.collect.frames import (
     FrameOptions,
+    FrameSelection,
     NonFiniteError,
     build_frame_table,
     check_finite,
     driving_commands,
     jpeg_defect,
-    pcd_defect,
     select_frames,
-    select_key_frames,
 )
 from driveengine.errors import SourceError
 from driveengine.geometry import (
@@ -33,7 +31,24 @@ from driveengine.geometry import (
     yaw_to_quaternion,
 )
 from driveengine.sources.logdata import LogData
-from driveengine.sources.pcd import write_pcd
+from driveengine.sources.nuplan import NuplanSource, openscene_key_frames
+from driveengine.sources.nuplan.constants import CAMERA_CHANNELS, CATEGORIES, CATEGORY_CLASS
+from driveengine.sources.pcd import pcd_defect, write_pcd
+
+FRAME_SCHEMA = frame_schema(CAMERA_CHANNELS)  # nuPlan's frame rows
+
+
+def nuplan_select(log: LogData, options: FrameOptions, blob_root: Path | None, **kw) -> FrameSelection:
+    """``select_frames`` with the nuPlan source's key-frame rule and sweep-file check."""
+    source = NuplanSource()
+    return select_frames(
+        log,
+        options,
+        blob_root,
+        candidates=source.key_frame_candidates(log, options.sample_interval),
+        lidar_defect=source.lidar_defect,
+        **kw,
+    )
 
 
 def make_log(
@@ -127,6 +142,9 @@ def make_log(
         tag_offsets=tag_offsets,
         tag_type=np.tile(["stationary", "high_lateral_acceleration"], k_tag // 2),
         tag_agent_track_token=np.array([""] * k_tag),
+        camera_channels=CAMERA_CHANNELS,
+        categories=CATEGORIES,
+        category_class=np.array(CATEGORY_CLASS, dtype=np.uint8),
     )
 
 
@@ -160,17 +178,17 @@ def write_blobs(log: LogData, root: Path, skip: set[str] = frozenset()) -> None:
 def test_key_frames_start_at_first_full_frame_aligned_to_cam_f0() -> None:
     log = make_log(60, first_full=3)
     # Sweep 3's CAM_F0 image (shared with sweep 2) is 50 ms early; sweep 4 has its own, 0 ms: start at 4.
-    keys = select_key_frames(log, 10)
+    keys = openscene_key_frames(log, 10)
     assert keys[0] == 4
     assert np.all(np.diff(keys) == 10)
     log = make_log(60, first_full=2)  # sweep 2 has an exact image, sweep 3 one 50 ms off: start at 2
-    assert select_key_frames(log, 10)[0] == 2
+    assert openscene_key_frames(log, 10)[0] == 2
 
 
 def test_no_frame_with_all_cameras_gives_an_empty_reported_log() -> None:
     log = make_log(40, first_full=40)
     options = FrameOptions(split="mini", check_blobs=False)
-    sel = select_frames(log, options, None)
+    sel = nuplan_select(log, options, None)
     assert sel.key_sweeps.size == 0
     assert sel.dropped == {"no_frame_with_all_cameras": 4}
     assert sel.notes
@@ -182,7 +200,7 @@ def test_rows_match_the_geometry(tmp_path: Path) -> None:
     log = make_log(80)
     write_blobs(log, tmp_path)
     options = FrameOptions(split="mini")
-    sel = select_frames(log, options, tmp_path)
+    sel = nuplan_select(log, options, tmp_path)
     assert sel.dropped == {}
     table = build_frame_table(log, sel, options)
     assert table.schema == FRAME_SCHEMA
@@ -232,9 +250,9 @@ def test_rows_match_the_geometry(tmp_path: Path) -> None:
 def test_prev_next_and_frame_idx_stay_inside_scenes_without_gaps(tmp_path: Path) -> None:
     log = make_log(200, scenes=2)
     # Drop the third key frame's lidar file.
-    keys = select_key_frames(log, 10)
+    keys = openscene_key_frames(log, 10)
     write_blobs(log, tmp_path, skip={log.sweep_lidar_path[keys[2]]})
-    sel = select_frames(log, FrameOptions(split="x"), tmp_path)
+    sel = nuplan_select(log, FrameOptions(split="x"), tmp_path)
     assert sel.dropped == {"missing_lidar": 1}
     rows = build_frame_table(log, sel, FrameOptions(split="x")).to_pylist()
     assert len(rows) == len(keys) - 1
@@ -255,10 +273,10 @@ def test_prev_next_and_frame_idx_stay_inside_scenes_without_gaps(tmp_path: Path)
 
 def test_missing_camera_file_and_missing_image_row_are_counted(tmp_path: Path) -> None:
     log = make_log(100)
-    keys = select_key_frames(log, 10)
+    keys = openscene_key_frames(log, 10)
     log.image_path[keys[1], 3] = ""
     write_blobs(log, tmp_path, skip={log.image_path[keys[4], 5]})
-    sel = select_frames(log, FrameOptions(split="x"), tmp_path)
+    sel = nuplan_select(log, FrameOptions(split="x"), tmp_path)
     assert sel.dropped == {"no_camera_image": 1, "missing_camera": 1}
     assert sel.key_sweeps.tolist() == [k for j, k in enumerate(keys.tolist()) if j not in (1, 4)]
 
@@ -266,19 +284,19 @@ def test_missing_camera_file_and_missing_image_row_are_counted(tmp_path: Path) -
 def test_test_split_has_null_anns_and_filter_instance_drops_static_classes() -> None:
     log = make_log(40, boxes_per_sweep=7)
     opts = FrameOptions(split="test", is_test=True, check_blobs=False)
-    table = build_frame_table(log, select_frames(log, opts, None), opts)
+    table = build_frame_table(log, nuplan_select(log, opts, None), opts)
     assert table.column("anns").null_count == table.num_rows > 0
     opts = FrameOptions(split="x", filter_instance=True, check_blobs=False)
-    rows = build_frame_table(log, select_frames(log, opts, None), opts).to_pylist()
+    rows = build_frame_table(log, nuplan_select(log, opts, None), opts).to_pylist()
     names = {n for r in rows for n in r["anns"]["gt_names"]}
     assert names == {"vehicle", "bicycle", "pedestrian"}
 
 
 def test_split_tokens_restrict_rows() -> None:
     log = make_log(100)
-    keys = select_key_frames(log, 10)
+    keys = openscene_key_frames(log, 10)
     wanted = log.sweep_token[keys[[0, 3]]].tolist()
-    sel = select_frames(log, FrameOptions(split="x", check_blobs=False), None, tokens=wanted)
+    sel = nuplan_select(log, FrameOptions(split="x", check_blobs=False), None, tokens=wanted)
     assert log.sweep_token[sel.key_sweeps].tolist() == wanted
     assert sel.dropped == {"not_in_split": len(keys) - 2}
 
@@ -296,16 +314,16 @@ def test_driving_command_follows_the_future_path(yaw_rate: float, expected: int)
 def test_empty_columns_types_are_exact() -> None:
     log = make_log(30)
     opts = FrameOptions(split="x", check_blobs=False)
-    table = build_frame_table(log, select_frames(log, opts, None), opts)
+    table = build_frame_table(log, nuplan_select(log, opts, None), opts)
     assert pa.types.is_fixed_size_list(table.schema.field("ego2global").type)
-    assert table.schema.metadata[b"driveengine.format_version"] == b"1"
+    assert table.schema.metadata[b"driveengine.format_version"] == b"2"
 
 
 def test_a_log_without_any_sensor_folder_is_an_error_not_an_empty_log(tmp_path: Path) -> None:
     log = make_log(40)
     with pytest.raises(SourceError, match="no sensor blobs") as info:
-        select_frames(log, FrameOptions(split="x"), tmp_path)
-    assert str(tmp_path / log.log_name) in str(info.value) and "--sensor-root" in str(info.value)
+        nuplan_select(log, FrameOptions(split="x"), tmp_path)
+    assert str(tmp_path / log.log_name) in str(info.value) and "--blob-root" in str(info.value)
 
 
 # -- bad inputs: ego poses, broken blobs, non-finite rows -----------------------------------------------
@@ -314,11 +332,11 @@ def test_a_log_without_any_sensor_folder_is_an_error_not_an_empty_log(tmp_path: 
 def test_frames_with_a_non_finite_or_zero_ego_pose_are_dropped_and_the_command_ignores_them() -> None:
     log = make_log(80)
     options = FrameOptions(split="mini", check_blobs=False)
-    good = build_frame_table(log, select_frames(log, options, None), options)
+    good = build_frame_table(log, nuplan_select(log, options, None), options)
     log.ego_translation[20, 0] = np.nan
     log.ego_translation[40, 2] = np.inf
     log.ego_rotation[60] = 0.0
-    sel = select_frames(log, options, None)
+    sel = nuplan_select(log, options, None)
     assert sel.dropped == {"bad_ego_pose": 3}
     table = build_frame_table(log, sel, options)
     assert table.num_rows == good.num_rows - 3
@@ -332,7 +350,7 @@ def test_frames_with_a_non_finite_or_zero_ego_pose_are_dropped_and_the_command_i
 def test_non_finite_rows_are_refused_naming_file_log_column_row_and_token() -> None:
     log = make_log(60)
     options = FrameOptions(split="mini", check_blobs=False)
-    sel = select_frames(log, options, None)
+    sel = nuplan_select(log, options, None)
     second = int(sel.key_sweeps[1])
     log.box_velocity[log.boxes(second).start + 1, 0] = np.nan  # one box of the second row
     table = build_frame_table(log, sel, options)
@@ -421,18 +439,18 @@ def test_broken_blobs_drop_their_frames_with_counted_reasons(tmp_path: Path) -> 
     log = make_log(80)
     write_blobs(log, tmp_path)
     options = FrameOptions(split="mini")
-    keys = select_frames(log, options, tmp_path).key_sweeps
+    keys = nuplan_select(log, options, tmp_path).key_sweeps
     (tmp_path / log.sweep_lidar_path[keys[1]]).write_bytes(TINY_PCD[:-5])  # truncated sweep
     (tmp_path / log.image_path[keys[2], 4]).write_bytes(b"")  # zero-byte image
     (tmp_path / log.image_path[keys[3], 0]).write_bytes(TINY_JPEG[: len(TINY_JPEG) // 2])  # truncated image
     (tmp_path / log.image_path[keys[3], 1]).write_bytes(b"")  # same frame, second broken image
-    sel = select_frames(log, options, tmp_path)
+    sel = nuplan_select(log, options, tmp_path)
     assert sel.dropped == {"broken_lidar": 1, "broken_image": 2}
     assert sel.key_sweeps.tolist() == [k for i, k in enumerate(keys.tolist()) if i not in (1, 2, 3)]
     assert len(sel.broken) == 4 and str(tmp_path / log.sweep_lidar_path[keys[1]]) in sel.broken[0]
     assert (
-        "1 broken .pcd file(s), their frames dropped" in sel.notes
+        "1 broken sweep file(s), their frames dropped" in sel.notes
         and "3 broken .jpg file(s), their frames dropped" in sel.notes
     )
     # Without blob checks nothing is read.
-    assert select_frames(log, FrameOptions(split="mini", check_blobs=False), None).dropped == {}
+    assert nuplan_select(log, FrameOptions(split="mini", check_blobs=False), None).dropped == {}

@@ -35,29 +35,31 @@ def nuplan(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_labels_are_committed_with_the_rows(nuplan: Path, tmp_path: Path) -> None:
     summary = collect(
-        CollectConfig(source="nuplan", root=nuplan, out=tmp_path, progress=False), echo=lambda _: None
+        CollectConfig.from_options(source="nuplan", root=nuplan, out=tmp_path, progress=False),
+        echo=lambda _: None,
     )
     assert summary.ok, summary.format()
     split_dir = tmp_path / "mini"
     (name, entry), *_ = load_manifest(split_dir).logs.items()
-    assert entry["occ"] == f"occ/{name}.zarr" and entry["labels"]["frames"] == entry["frames"] > 0
-    group = zarr.open_group(split_dir / entry["occ"], mode="r")
-    assert group["semantics"].shape[0] == entry["frames"]
-    assert entry["checksums"][entry["occ"]] == sha256_tree(split_dir / entry["occ"])
-    assert entry["checksums"][entry["meta"]] == sha256_file(split_dir / entry["meta"])
+    assert entry.occ == f"occ/{name}.zarr" and entry.labels["frames"] == entry.frames > 0
+    group = zarr.open_group(split_dir / entry.occ, mode="r")
+    assert group["semantics"].shape[0] == entry.frames
+    assert entry.checksums[entry.occ] == sha256_tree(split_dir / entry.occ)
+    assert entry.checksums[entry.meta] == sha256_file(split_dir / entry.meta)
     assert not [p for p in split_dir.rglob("*") if is_temporary(p.name)]
 
 
 def test_openscene_occupancy_files_round_trip(nuplan: Path, tmp_path: Path) -> None:
     assert collect(
-        CollectConfig(source="nuplan", root=nuplan, out=tmp_path / "a", progress=False), echo=lambda _: None
+        CollectConfig.from_options(source="nuplan", root=nuplan, out=tmp_path / "a", progress=False),
+        echo=lambda _: None,
     ).ok
     export = tmp_path / "openscene"
     lines = list(export_split(tmp_path / "a" / "mini", export))
     assert any(line.startswith("occupancy:") for line in lines)
     (export / "sensor_blobs").mkdir()
     (export / "sensor_blobs" / "mini").symlink_to(nuplan / "sensor_blobs")
-    config = CollectConfig(
+    config = CollectConfig.from_options(
         source="openscene",
         root=export,
         out=tmp_path / "b",
@@ -68,8 +70,8 @@ def test_openscene_occupancy_files_round_trip(nuplan: Path, tmp_path: Path) -> N
     assert summary.ok, summary.format()
     a, b = load_manifest(tmp_path / "a" / "mini"), load_manifest(tmp_path / "b" / "mini")
     for name, entry in a.logs.items():
-        za = zarr.open_group(tmp_path / "a" / "mini" / entry["occ"], mode="r")
-        zb = zarr.open_group(tmp_path / "b" / "mini" / b.logs[name]["occ"], mode="r")
+        za = zarr.open_group(tmp_path / "a" / "mini" / entry.occ, mode="r")
+        zb = zarr.open_group(tmp_path / "b" / "mini" / b.logs[name].occ, mode="r")
         np.testing.assert_array_equal(za["semantics"][:], zb["semantics"][:])
         np.testing.assert_array_equal(za["flow"][:], zb["flow"][:])
     shutil.rmtree(export / "occupancy")
@@ -96,7 +98,7 @@ def _collect_cli(nuplan: Path, out: Path, *label_args: str) -> tuple[int, str]:
 
 def _generator(split_dir: Path) -> tuple[str, dict]:
     entry = next(iter(load_manifest(split_dir).logs.values()))
-    return entry["config_hash"], dict(zarr.open_group(split_dir / entry["occ"], mode="r").attrs)["generator"]
+    return entry.config_hash, dict(zarr.open_group(split_dir / entry.occ, mode="r").attrs)["generator"]
 
 
 def test_label_settings_from_the_command_line_enter_the_hash_and_the_zarr_group(
@@ -136,25 +138,26 @@ def test_same_inputs_give_byte_identical_label_groups(nuplan: Path, tmp_path: Pa
     entries = []
     for run in ("a", "b"):
         summary = collect(
-            CollectConfig(source="nuplan", root=nuplan, out=tmp_path / run, progress=False),
+            CollectConfig.from_options(source="nuplan", root=nuplan, out=tmp_path / run, progress=False),
             echo=lambda _: None,
         )
         assert summary.ok, summary.format()
         entries.append(next(iter(load_manifest(tmp_path / run / "mini").logs.values())))
     a, b = entries
     # every file of the groups (zarr.json attributes included) and of the frame rows is identical
-    assert a["checksums"] == b["checksums"] and a["occ"] in a["checksums"]
-    assert sha256_tree(tmp_path / "a" / "mini" / a["occ"]) == sha256_tree(tmp_path / "b" / "mini" / b["occ"])
+    assert a.checksums == b.checksums and a.occ in a.checksums
+    assert sha256_tree(tmp_path / "a" / "mini" / a.occ) == sha256_tree(tmp_path / "b" / "mini" / b.occ)
     # the run time is kept in the manifest entry, out of the group
-    assert a["labels"]["seconds"] > 0 and "frames_per_second" in a["labels"]
-    stats = dict(zarr.open_group(tmp_path / "a" / "mini" / a["occ"], mode="r").attrs)["stats"]
+    assert a.labels["seconds"] > 0 and "frames_per_second" in a.labels
+    stats = dict(zarr.open_group(tmp_path / "a" / "mini" / a.occ, mode="r").attrs)["stats"]
     assert "seconds" not in stats and "frames_per_second" not in stats
-    assert stats == {k: v for k, v in a["labels"].items() if k not in ("seconds", "frames_per_second")}
+    assert stats == {k: v for k, v in a.labels.items() if k not in ("seconds", "frames_per_second")}
 
 
 def test_export_with_and_without_occupancy(nuplan: Path, tmp_path: Path) -> None:
     assert collect(
-        CollectConfig(source="nuplan", root=nuplan, out=tmp_path / "c", progress=False), echo=lambda _: None
+        CollectConfig.from_options(source="nuplan", root=nuplan, out=tmp_path / "c", progress=False),
+        echo=lambda _: None,
     ).ok
     split_dir = tmp_path / "c" / "mini"
     frames = load_manifest(split_dir).logs
@@ -163,10 +166,10 @@ def test_export_with_and_without_occupancy(nuplan: Path, tmp_path: Path) -> None
         code, output = _invoke("export", str(split_dir), "--out", str(out), "--format", "openscene", flag)
         assert code == 0, output
         rows = pickle.loads((out / "meta_datas" / "mini" / f"{name}.pkl").read_bytes())
-        assert len(rows) == entry["frames"] > 0
+        assert len(rows) == entry.frames > 0
         npy = sorted((out / "occupancy").rglob("*_occ_final.npy")) if (out / "occupancy").exists() else []
         if flag == "--occupancy":
-            assert "occupancy:" in output and len(npy) == entry["frames"]
+            assert "occupancy:" in output and len(npy) == entry.frames
             assert all((out / r["occ_gt_final_path"]).is_file() for r in rows)
         else:
             assert "occupancy:" not in output and npy == []

@@ -27,7 +27,7 @@ def pristine(tmp_path_factory: pytest.TempPathFactory) -> Path:
     synthesize(world, logs=2, seconds=2.5, seed=5, split="mini", points=1024, image_size=(32, 18))
     out = tmp_path_factory.mktemp("out")
     summary = collect(
-        CollectConfig(source="nuplan", root=world, out=out, progress=False), echo=lambda _: None
+        CollectConfig.from_options(source="nuplan", root=world, out=out, progress=False), echo=lambda _: None
     )
     assert summary.ok, summary.format()
     return out
@@ -56,7 +56,7 @@ def _cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
 
 
 def _delete_shard(split_dir: Path, entry: dict, array: str = "semantics") -> Path:
-    shard = split_dir / entry["occ"] / array / "c" / "0" / "0" / "0" / "0"
+    shard = split_dir / entry.occ / array / "c" / "0" / "0" / "0" / "0"
     if array == "flow":
         shard = shard / "0"
     assert shard.is_file()
@@ -71,7 +71,7 @@ def test_verify_passes_a_sound_split_and_names_a_deleted_shard(split, monkeypatc
     shard = _delete_shard(split_dir, entry)
     code, out, _ = _cli(monkeypatch, capsys, "verify", str(split_dir))
     assert code == 1
-    assert f"DIFFERS: {split_dir / entry['occ']} (log {victim})" in out
+    assert f"DIFFERS: {split_dir / entry.occ} (log {victim})" in out
     assert f"missing: {shard.relative_to(split_dir)} (semantics frames 0.." in out
     assert f"--overwrite --logs {victim}" in out
     # the dataset root with --split names the same split; --json for scripts
@@ -79,7 +79,7 @@ def test_verify_passes_a_sound_split_and_names_a_deleted_shard(split, monkeypatc
     report = json.loads(out)
     assert code == 1 and not report["ok"]
     (bad,) = [f for f in report["files"] if f["status"] != "ok"]
-    assert bad["path"] == entry["occ"] and bad["log"] == victim and bad["status"] == "differs"
+    assert bad["path"] == entry.occ and bad["log"] == victim and bad["status"] == "differs"
     # options of the release check do not apply to a collected split
     code, _, err = _cli(monkeypatch, capsys, "verify", str(split_dir), "--md5-file", str(split_dir / "x.md5"))
     assert code == 2 and "--shard-map and --md5-file apply to a download folder" in err
@@ -88,20 +88,20 @@ def test_verify_passes_a_sound_split_and_names_a_deleted_shard(split, monkeypatc
 def test_verify_names_a_changed_or_missing_frame_shard_and_a_foreign_file(split) -> None:
     split_dir, victim, entry = split
     first = sorted(load_manifest(split_dir).logs)[0]
-    meta = split_dir / load_manifest(split_dir).logs[first]["meta"]
+    meta = split_dir / load_manifest(split_dir).logs[first].meta
     meta.write_bytes(meta.read_bytes() + b"\0")
-    (split_dir / entry["meta"]).unlink()
-    (split_dir / entry["occ"] / "flow" / "c" / "notes.txt").write_text("x")
+    (split_dir / entry.meta).unlink()
+    (split_dir / entry.occ / "flow" / "c" / "notes.txt").write_text("x")
     result = verify_split(split_dir, workers=2)
     assert not result.ok
     problems = {(f.path, f.status) for f in result.problems}
     assert problems == {
         (f"meta/{first}.parquet", "differs"),
-        (entry["meta"], "missing"),
-        (entry["occ"], "differs"),
+        (entry.meta, "missing"),
+        (entry.occ, "differs"),
     }
-    (occ,) = [f for f in result.problems if f.path == entry["occ"]]
-    assert occ.details == [f"not part of a DriveEngine label group: {entry['occ']}/flow/c/notes.txt"]
+    (occ,) = [f for f in result.problems if f.path == entry.occ]
+    assert occ.details == [f"not part of a DriveEngine label group: {entry.occ}/flow/c/notes.txt"]
     assert result.damaged_logs() == sorted([first, victim])
     # a manifest path outside the split folder is reported, never opened
     outside = _check_one(split_dir, victim, "../../etc/passwd", "sha256:" + "0" * 64)
@@ -148,7 +148,7 @@ def test_show_names_the_log_and_the_missing_or_corrupt_shard(split, monkeypatch,
     assert code == 2 and not (tmp_path / "f.png").exists()
     (line,) = err.strip().splitlines()
     assert line.startswith(f"error: log {victim}: {shard}: the shard file of semantics frames 0..")
-    flow = split_dir / entry["occ"] / "flow" / "c" / "0" / "0" / "0" / "0" / "0"
+    flow = split_dir / entry.occ / "flow" / "c" / "0" / "0" / "0" / "0" / "0"
     shard.write_bytes(flow.read_bytes())  # a file of the wrong array: does not decode here
     code, _, err = _cli(
         monkeypatch, capsys, "show", str(split_dir), "--log", victim, "--out", str(tmp_path / "f.png")
@@ -170,7 +170,7 @@ def test_python_dash_m_and_version_flag() -> None:
             continue
         result = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
         assert result.returncode == 0, result.stderr
-        assert result.stdout.strip() == f"driveengine {__version__} (format version 1)"
+        assert result.stdout.strip() == f"driveengine {__version__} (format version 2)"
     result = subprocess.run(
         [sys.executable, "-m", "driveengine", "--help"], capture_output=True, text=True, timeout=120
     )

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from driveengine.schemas.classes import CAMERA_CHANNELS, CATEGORIES
 from typer.testing import CliRunner
 
 from driveengine import cli
 from driveengine.errors import SourceError
 from driveengine.inspect import format_summary, inspect_path
+from driveengine.sources.nuplan.constants import CAMERA_CHANNELS, CATEGORIES
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from driveengine.schemas import FREE, GRID
-from driveengine.schemas.classes import BACKGROUND, CATEGORIES
+from driveengine.schemas.classes import BACKGROUND
 from driveengine.schemas.occ import OCC_ARRAYS
 
 from driveengine.geometry import invert_transform, make_transform, transform_points, yaw_to_quaternion
@@ -25,7 +25,9 @@ from driveengine.labels.generator import (
     write_log_labels,
 )
 from driveengine.sources.logdata import LogData
-from driveengine.store.occ import open_occ
+from driveengine.sources.nuplan import NuplanSource
+from driveengine.sources.nuplan.constants import CAMERA_CHANNELS, CATEGORIES, CATEGORY_CLASS
+from driveengine.store.occ import OccStorage, open_occ
 
 UTM = np.array([664_000.0, 3_997_000.0, 0.0])  # far from the origin, like real nuPlan poses
 
@@ -70,6 +72,8 @@ def make_log(
         traffic_light_offsets=np.zeros(n + 1, np.int64), traffic_light_lane_connector_id=np.zeros(0, np.int64),
         traffic_light_status=np.zeros(0, np.int8), tag_offsets=np.zeros(n + 1, np.int64),
         tag_type=np.zeros(0, str), tag_agent_track_token=np.zeros(0, str),
+        camera_channels=CAMERA_CHANNELS, categories=CATEGORIES,
+        category_class=np.array(CATEGORY_CLASS, dtype=np.uint8),
     )  # fmt: skip
 
 
@@ -376,10 +380,10 @@ def test_bad_key_frames_are_rejected_with_the_log_path() -> None:
 
 def test_write_log_labels_writes_what_was_computed(tmp_path: Path) -> None:
     world = World(n=5)
-    cfg = LabelConfig(shard_frames=2)
+    cfg = LabelConfig()
     calls: list[int] = []
-    stats = write_log_labels(world.log(), np.arange(5), tmp_path, tmp_path / "log.zarr", cfg, calls.append,
-                             load_points=world.points)  # fmt: skip
+    stats = write_log_labels(world.log(), np.arange(5), tmp_path / "log.zarr", cfg, progress=calls.append,
+                             load_points=world.points, storage=OccStorage(shard_frames=2))  # fmt: skip
     assert sum(calls) == 5 and stats["frames"] == 5 and stats["sweeps_used"] == 5
     expected, _ = run(world, cfg)
     occ = open_occ(tmp_path / "log.zarr")
@@ -399,8 +403,9 @@ def test_write_log_labels_writes_what_was_computed(tmp_path: Path) -> None:
 def test_missing_point_cloud_files_are_skipped_and_counted(tmp_path: Path) -> None:
     world = World(n=3)
     stats = write_log_labels(
-        world.log(), np.arange(3), tmp_path / "no_blobs", tmp_path / "x.zarr", LabelConfig()
-    )
+        world.log(), np.arange(3), tmp_path / "x.zarr", LabelConfig(), source=NuplanSource(),
+        blob_root=tmp_path / "no_blobs",
+    )  # fmt: skip
     assert stats["sweeps_missing"] == 3 and stats["frames"] == 3
     assert "missing point cloud" in stats["notes"][0]
     occ = open_occ(tmp_path / "x.zarr")
@@ -410,11 +415,12 @@ def test_missing_point_cloud_files_are_skipped_and_counted(tmp_path: Path) -> No
 def test_memory_is_bounded_by_one_shard_not_the_log_length(tmp_path: Path) -> None:
     def peak(n: int) -> int:
         world = World(n=n, ground=False, wall=False, points_per_car=50)
-        cfg = LabelConfig(window_s=1.0, shard_frames=2)
+        cfg = LabelConfig(window_s=1.0)
         tracemalloc.start()
         write_log_labels(
-            world.log(), np.arange(n), tmp_path, tmp_path / f"m{n}.zarr", cfg, load_points=world.points
-        )
+            world.log(), np.arange(n), tmp_path / f"m{n}.zarr", cfg, load_points=world.points,
+            storage=OccStorage(shard_frames=2),
+        )  # fmt: skip
         _, top = tracemalloc.get_traced_memory()
         tracemalloc.stop()
         return top

@@ -9,11 +9,16 @@ import numpy as np
 import pytest
 import zarr
 from driveengine.schemas import FORMAT_VERSION, FREE, GRID, VoxelGrid
-from driveengine.schemas.occ import OCC_ARRAYS, OCC_FORMAT
+from driveengine.schemas.occ import OCC_ARRAYS, OCC_FORMAT, REQUIRED_ARRAYS
 
-from driveengine.store.occ import OccDataError, OccFormatError, create_occ, open_occ
+from driveengine.store.occ import OccDataError, OccFormatError, OccStorage, create_occ, open_occ
 
 SMALL = VoxelGrid((-2.0, -2.0, -1.0), (2.0, 2.0, 1.0), 0.5)  # 8 x 8 x 4
+
+
+def frame_arrays(frame: tuple[np.ndarray, ...]) -> dict[str, np.ndarray]:
+    """A (semantics, flow, mask_lidar) tuple as the writer's keyword arrays."""
+    return dict(zip(REQUIRED_ARRAYS, frame, strict=True))
 
 
 def _frames(n: int, grid: VoxelGrid, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
@@ -30,10 +35,15 @@ def test_written_group_has_the_specified_arrays_and_reads_back(tmp_path: Path) -
     frames = _frames(7, SMALL)
     path = tmp_path / "log.zarr"
     with create_occ(
-        path, 7, generator={"name": "test"}, grid=SMALL, shard_frames=3, timestamps_us=np.arange(7) * 10
+        path,
+        7,
+        generator={"name": "test"},
+        grid=SMALL,
+        storage=OccStorage(shard_frames=3),
+        timestamps_us=np.arange(7) * 10,
     ) as w:
         for f in frames:
-            w.append(*f)
+            w.append(**frame_arrays(f))
         w.set_stats({"frames": 7})
     # the Zarr v3 metadata on disk, as any other reader sees it
     meta = json.loads((path / "semantics" / "zarr.json").read_text())
@@ -70,7 +80,7 @@ def test_plain_zarr_reads_the_group_without_driveengine(tmp_path: Path) -> None:
     frames = _frames(2, GRID, seed=1)
     with create_occ(tmp_path / "g.zarr", 2, generator={}) as w:
         for f in frames:
-            w.append(*f)
+            w.append(**frame_arrays(f))
     g = zarr.open_group(str(tmp_path / "g.zarr"), mode="r")
     assert g["flow"].shape == (2, 200, 200, 16, 2) and g["flow"].dtype == np.float16
     assert np.array_equal(g["semantics"][1], frames[1][0])
@@ -78,9 +88,11 @@ def test_plain_zarr_reads_the_group_without_driveengine(tmp_path: Path) -> None:
 
 def test_writer_holds_one_shard_and_checks_the_frame_count(tmp_path: Path) -> None:
     frames = _frames(4, SMALL)
-    with create_occ(tmp_path / "a.zarr", 5, generator={}, grid=SMALL, shard_frames=2) as w:
+    with create_occ(
+        tmp_path / "a.zarr", 5, generator={}, grid=SMALL, storage=OccStorage(shard_frames=2)
+    ) as w:
         for i, f in enumerate(frames):
-            w.append(*f)
+            w.append(**frame_arrays(f))
             assert w._buffers is None or w._buffers["semantics"].shape[0] == 2  # one shard of buffer
             # complete shards are on disk, the buffered frames are not yet
             on_disk = zarr.open_group(str(tmp_path / "a.zarr"), mode="r")["semantics"][:]
@@ -91,12 +103,18 @@ def test_writer_holds_one_shard_and_checks_the_frame_count(tmp_path: Path) -> No
         with pytest.raises(ValueError, match="4 frames appended, 5 declared"):
             w.close()
     w2 = create_occ(tmp_path / "b.zarr", 1, generator={}, grid=SMALL)
-    w2.append(*_frames(1, SMALL)[0])
+    w2.append(**frame_arrays(_frames(1, SMALL)[0]))
     with pytest.raises(ValueError, match="more than the 1 frames"):
-        w2.append(*_frames(1, SMALL)[0])
+        w2.append(**frame_arrays(_frames(1, SMALL)[0]))
     with pytest.raises(ValueError, match="shape"):
         create_occ(tmp_path / "c.zarr", 1, generator={}, grid=SMALL).append(
-            np.zeros((2, 2, 2), np.uint8), np.zeros((8, 8, 4, 2)), np.zeros((8, 8, 4), bool)
+            semantics=np.zeros((2, 2, 2), np.uint8),
+            flow=np.zeros((8, 8, 4, 2)),
+            mask_lidar=np.zeros((8, 8, 4), bool),
+        )
+    with pytest.raises(ValueError, match="needs exactly the arrays"):
+        create_occ(tmp_path / "d.zarr", 1, generator={}, grid=SMALL).append(
+            semantics=np.zeros(SMALL.shape, np.uint8)
         )
 
 
@@ -105,9 +123,11 @@ def test_unwritten_frames_are_an_error_and_empty_logs_work(tmp_path: Path) -> No
         assert w.num_frames == 0
     assert open_occ(tmp_path / "e.zarr").num_frames == 0
     assert all(v.shape[0] == 0 for v in open_occ(tmp_path / "e.zarr").read().values())
-    w = create_occ(tmp_path / "p.zarr", 3, generator={}, grid=SMALL, shard_frames=2)
-    w.append(*_frames(1, SMALL)[0])
-    w.append(*_frames(1, SMALL)[0])  # first shard flushed; frame 2 never written (a crashed writer)
+    w = create_occ(tmp_path / "p.zarr", 3, generator={}, grid=SMALL, storage=OccStorage(shard_frames=2))
+    w.append(**frame_arrays(_frames(1, SMALL)[0]))
+    w.append(
+        **frame_arrays(_frames(1, SMALL)[0])
+    )  # first shard flushed; frame 2 never written (a crashed writer)
     occ = open_occ(tmp_path / "p.zarr")
     assert occ.frame(1).semantics.shape == SMALL.shape
     # zarr alone would read frame 2 as fill values (all free, no flow): DriveEngine refuses
@@ -124,10 +144,14 @@ def test_unwritten_frames_are_an_error_and_empty_logs_work(tmp_path: Path) -> No
 def test_every_shard_file_is_written_even_when_all_fill(tmp_path: Path) -> None:
     """All free, zero flow, unobserved frames are stored: a missing shard file always means damage."""
     n = 5
-    with create_occ(tmp_path / "f.zarr", n, generator={}, grid=SMALL, shard_frames=2) as w:
+    with create_occ(
+        tmp_path / "f.zarr", n, generator={}, grid=SMALL, storage=OccStorage(shard_frames=2)
+    ) as w:
         for _ in range(n):
             w.append(
-                np.full(SMALL.shape, FREE, np.uint8), np.zeros((*SMALL.shape, 2)), np.zeros(SMALL.shape, bool)
+                semantics=np.full(SMALL.shape, FREE, np.uint8),
+                flow=np.zeros((*SMALL.shape, 2)),
+                mask_lidar=np.zeros(SMALL.shape, bool),
             )
     for name in OCC_ARRAYS:
         shards = sorted(
@@ -143,9 +167,9 @@ def test_every_shard_file_is_written_even_when_all_fill(tmp_path: Path) -> None:
 def test_deleted_and_damaged_shards_name_the_log_and_file(tmp_path: Path) -> None:
     frames = _frames(6, SMALL)
     path = tmp_path / "2021.01.01.00.00.00_veh-1_00001_00002.zarr"
-    with create_occ(path, 6, generator={}, grid=SMALL, shard_frames=2) as w:
+    with create_occ(path, 6, generator={}, grid=SMALL, storage=OccStorage(shard_frames=2)) as w:
         for f in frames:
-            w.append(*f)
+            w.append(**frame_arrays(f))
     (path / "flow" / "c" / "1" / "0" / "0" / "0" / "0").unlink()
     occ = open_occ(path)
     np.testing.assert_array_equal(occ.frame(0).semantics, frames[0][0])  # other shards still read
@@ -214,7 +238,7 @@ def test_garbage_zarr_json_is_an_occ_format_error_naming_the_file(
 ) -> None:
     path = tmp_path / "log.zarr"
     with create_occ(path, 1, generator={}, grid=SMALL) as w:
-        w.append(*_frames(1, SMALL)[0])
+        w.append(**frame_arrays(_frames(1, SMALL)[0]))
     target = path / file
     target.write_text(damage(target.read_text()))
     with pytest.raises(OccFormatError) as exc:
@@ -236,7 +260,7 @@ def test_open_occ_rejects_other_formats_with_the_path(tmp_path: Path) -> None:
     with pytest.raises(OccFormatError, match=r"other\.zarr.*format"):
         open_occ(tmp_path / "other.zarr")
     with create_occ(tmp_path / "new.zarr", 1, generator={}, grid=SMALL) as w:
-        w.append(*_frames(1, SMALL)[0])
+        w.append(**frame_arrays(_frames(1, SMALL)[0]))
     zarr.open_group(str(tmp_path / "new.zarr"), mode="a").attrs["format_version"] = FORMAT_VERSION + 1
     with pytest.raises(OccFormatError, match="upgrade driveengine"):
         open_occ(tmp_path / "new.zarr")

@@ -42,6 +42,8 @@ from driveengine.schemas import VoxelGrid
 from driveengine.schemas.classes import BACKGROUND, FREE
 
 from driveengine.labels.generator import LabelConfig, LabelGenerator, write_log_labels
+from driveengine.sources.nuplan import NuplanSource
+from driveengine.store.occ import OccStorage
 
 pytest.importorskip("driveengine.synth.sensors")
 from driveengine.sources.nuplan.reader import read_nuplan_log
@@ -131,7 +133,10 @@ def test_labels_from_real_pcd_files_with_a_missing_one(tmp_path: Path) -> None:
     )[0]  # fmt: skip
     log = read_nuplan_log(synth.db_path)
     keys = np.arange(0, log.num_sweeps, 10)
-    stats = write_log_labels(log, keys, synth.sensor_root, tmp_path / "occ.zarr", LabelConfig(shard_frames=2))
+    stats = write_log_labels(
+        log, keys, tmp_path / "occ.zarr", LabelConfig(), source=NuplanSource(), blob_root=synth.sensor_root,
+        storage=OccStorage(shard_frames=2),
+    )  # fmt: skip
     assert stats["frames"] == len(keys) == 6
     assert stats["sweeps_missing"] == 1 and stats["sweeps_used"] == len(keys) - 1
     assert stats["frames_without_own_sweep"] == 1

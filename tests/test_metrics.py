@@ -443,20 +443,30 @@ def write_split(root, logs, grid=SMALL):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from driveengine.store.manifest import Manifest, save_manifest
+    from driveengine.store.manifest import DatasetInfo, LogEntry, Manifest, SourceRef, save_manifest
     from driveengine.store.occ import create_occ
 
-    manifest = Manifest(split="mini")
+    SHARD_META = {b"driveengine.format_version": b"2"}  # a frame shard of format version 2
+
+    manifest = Manifest(split="mini", dataset=DatasetInfo(name="nuplan", grid=grid))
     for log, (tokens, scenes, idx, sem, flow, mask) in logs.items():
         (root / "meta").mkdir(parents=True, exist_ok=True)
         pq.write_table(
-            pa.table({"token": tokens, "scene_name": scenes, "frame_idx": idx}),
+            pa.table({"token": tokens, "scene_name": scenes, "frame_idx": idx}).replace_schema_metadata(
+                SHARD_META
+            ),
             root / "meta" / f"{log}.parquet",
         )
         with create_occ(root / "occ" / f"{log}.zarr", len(tokens), generator={}, grid=grid) as w:
             for i in range(len(tokens)):
-                w.append(sem[i], flow[i], mask[i])
-        manifest.logs[log] = {"frames": len(tokens), "meta": f"meta/{log}.parquet", "occ": f"occ/{log}.zarr"}
+                w.append(semantics=sem[i], flow=flow[i], mask_lidar=mask[i])
+        manifest.logs[log] = LogEntry(
+            frames=len(tokens),
+            meta=f"meta/{log}.parquet",
+            occ=f"occ/{log}.zarr",
+            checksums={},
+            source=SourceRef("nuplan", ""),
+        )
     save_manifest(root, manifest)
     return root
 
@@ -514,7 +524,7 @@ def test_evaluate_collected_splits_equals_accumulator(two_splits, mask_lidar):
 
 def test_evaluate_against_openscene_files(two_splits, tmp_path):
     from driveengine.evaluation.evaluate import EvaluationError, evaluate
-    from driveengine.formats.openscene_labels import export_openscene_occupancy
+    from driveengine.export.openscene import export_openscene_occupancy
 
     pred, gt, _, _ = two_splits
     export_openscene_occupancy(gt, tmp_path / "gt_npy")

@@ -17,10 +17,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 from bounded_reader import read_in_child
-from driveengine.schemas.classes import CAMERA_CHANNELS, CATEGORIES
 
 from driveengine.errors import SourceError, UnsafePickleError
 from driveengine.sources import safe_pickle
+from driveengine.sources.nuplan.constants import CAMERA_CHANNELS, CATEGORIES
 from driveengine.sources.nuplan.reader import IMAGE_WINDOW_US, match_images, read_nuplan_log
 
 SCHEMA = """

@@ -11,6 +11,7 @@ import pytest
 from driveengine.schemas.classes import FREE
 from driveengine.schemas.grid import GRID, VoxelGrid
 
+from driveengine.export.openscene import export_openscene_occupancy
 from driveengine.formats.openscene_labels import (
     FLOW_PATH_KEY,
     OCC_PATH_KEY,
@@ -20,17 +21,18 @@ from driveengine.formats.openscene_labels import (
     check_label_files,
     check_sparse,
     dense_to_sparse,
-    export_openscene_occupancy,
     frame_number,
-    import_openscene_labels,
     label_file_names,
     locate_label_files,
     read_label_file,
     sparse_to_dense,
 )
-from driveengine.store.manifest import Manifest, save_manifest
-from driveengine.store.occ import create_occ, open_occ
+from driveengine.labels.openscene_import import import_openscene_labels
+from driveengine.store.dataset import DatasetError
+from driveengine.store.manifest import DatasetInfo, LogEntry, Manifest, SourceRef, save_manifest
+from driveengine.store.occ import OccStorage, create_occ, open_occ
 
+SHARD_META = {b"driveengine.format_version": b"2"}  # a frame shard of format version 2
 SMALL = VoxelGrid((-4.0, -4.0, -1.0), (4.0, 4.0, 1.0), 0.5)  # 16 x 16 x 4
 
 
@@ -139,7 +141,7 @@ def test_invalid_files_are_reported_per_file(tmp_path: Path):
 def make_split(root: Path, rng, grid=SMALL) -> tuple[Path, dict]:
     """A collected split folder with two logs (meta parquet with the key columns, occ Zarr, manifest)."""
     split_dir = root / "mini"
-    manifest = Manifest(split="mini")
+    manifest = Manifest(split="mini", dataset=DatasetInfo(name="nuplan", grid=grid))
     truth = {}
     for log, n in (
         ("2021.01.01.00.00.00_veh-1_00001_00002", 5),
@@ -153,17 +155,29 @@ def make_split(root: Path, rng, grid=SMALL) -> tuple[Path, dict]:
             "timestamp": [1_000_000 * i for i in range(n)],
         }
         (split_dir / "meta").mkdir(parents=True, exist_ok=True)
-        pq.write_table(pa.table(rows), split_dir / "meta" / f"{log}.parquet")
+        pq.write_table(
+            pa.table(rows).replace_schema_metadata(SHARD_META), split_dir / "meta" / f"{log}.parquet"
+        )
         sems, flows = [], []
         with create_occ(
-            split_dir / "occ" / f"{log}.zarr", n, generator={"test": True}, grid=grid, shard_frames=2
+            split_dir / "occ" / f"{log}.zarr",
+            n,
+            generator={"test": True},
+            grid=grid,
+            storage=OccStorage(shard_frames=2),
         ) as w:
             for _ in range(n):
                 sem = rng.choice(np.array([0, 5, 7, 10, FREE, FREE, FREE], np.uint8), size=grid.shape)
                 flow = (rng.normal(0, 2, size=(*grid.shape, 2)) * (sem < 10)[..., None]).astype(np.float16)
-                w.append(sem, flow, np.ones(grid.shape, bool))
+                w.append(semantics=sem, flow=flow, mask_lidar=np.ones(grid.shape, bool))
                 sems.append(sem), flows.append(flow)
-        manifest.logs[log] = {"frames": n, "meta": f"meta/{log}.parquet", "occ": f"occ/{log}.zarr"}
+        manifest.logs[log] = LogEntry(
+            frames=n,
+            meta=f"meta/{log}.parquet",
+            occ=f"occ/{log}.zarr",
+            checksums={},
+            source=SourceRef("nuplan", ""),
+        )
         truth[log] = (rows, np.stack(sems), np.stack(flows))
     save_manifest(split_dir, manifest)
     return split_dir, truth
@@ -207,10 +221,10 @@ def test_export_rejects_frame_count_mismatch(tmp_path: Path):
     split_dir, truth = make_split(tmp_path, rng)
     log = next(iter(truth))
     pq.write_table(
-        pa.table({"token": ["a"], "scene_name": ["s"], "frame_idx": [0]}),
+        pa.table({"token": ["a"], "scene_name": ["s"], "frame_idx": [0]}).replace_schema_metadata(SHARD_META),
         split_dir / "meta" / f"{log}.parquet",
     )
-    with pytest.raises(OpenSceneLabelError, match="5 label frames but 1 rows"):
+    with pytest.raises(DatasetError, match="has 1 rows, the manifest says 5"):
         export_openscene_occupancy(split_dir, tmp_path / "export")
 
 

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_collect_frames import make_log
+from test_collect_frames import make_log, nuplan_select
 
-from driveengine.collect.frames import FrameOptions, build_frame_table, select_frames
+from driveengine.collect.frames import FrameOptions, build_frame_table
 from driveengine.errors import SourceError, UnsafePickleError
 from driveengine.export.openscene import rows_to_openscene
 from driveengine.geometry import quaternion_to_matrix
@@ -31,7 +31,7 @@ class _RunsAShellCommand:
 def _metadata_file(tmp_path: Path, **make_kw) -> tuple[Path, object, np.ndarray]:
     log = make_log(**make_kw)
     opts = FrameOptions(split="mini", check_blobs=False)
-    sel = select_frames(log, opts, None)
+    sel = nuplan_select(log, opts, None)
     frames = rows_to_openscene(build_frame_table(log, sel, opts).to_pylist())
     path = tmp_path / f"{log.log_name}.pkl"
     path.write_bytes(pickle.dumps(frames[::-1], protocol=pickle.HIGHEST_PROTOCOL))  # unsorted on purpose

@@ -319,18 +319,19 @@ def test_end_to_end_on_synth_and_collect_output(tmp_path):
     nuplan, out = tmp_path / "nuplan", tmp_path / "out"
     synthesize(nuplan, logs=1, seconds=3.0, seed=3, split="mini", points=3000, image_size=(64, 36))
     summary = collect(
-        CollectConfig(source="nuplan", root=nuplan, out=out, split="mini", progress=False), echo=print
+        CollectConfig.from_options(source="nuplan", root=nuplan, out=out, split="mini", progress=False),
+        echo=print,
     )
     assert summary.ok and summary.frames >= 4
     manifest = load_manifest(out / "mini")
     ((_, entry),) = manifest.logs.items()
-    occ = open_occ(out / "mini" / entry["occ"])
+    occ = open_occ(out / "mini" / entry.occ)
     fields = (*OCC, "points", "images", "lidar_path", "scene_token", "frame_idx")
     # No sensor_root given: the stream finds the blobs next to the source log, as collect did.
     stream = FrameStream(out, "mini", fields=fields, history=1, image_size=(32, 18), global_batch_size=2)
     batches = list(stream.loader(num_workers=0))
     samples = [dict(zip(b, vals, strict=True)) for b in batches for vals in zip(*b.values(), strict=True)]
-    assert sorted(s["row"].item() for s in samples) == list(range(entry["frames"]))
+    assert sorted(s["row"].item() for s in samples) == list(range(entry.frames))
     for s in samples:
         row = s["row"].item()
         frame = occ.frame(row)
@@ -347,7 +348,7 @@ def test_end_to_end_on_synth_and_collect_output(tmp_path):
 def test_fast_reader_handles_empty_chunks_and_missing_shards(tmp_path):
     from stream_fixtures import SMALL_GRID
 
-    from driveengine.store.occ import create_occ, open_occ
+    from driveengine.store.occ import OccStorage, create_occ, open_occ
     from driveengine.store.shards import FrameArrayReader
 
     shape = SMALL_GRID.shape
@@ -355,9 +356,9 @@ def test_fast_reader_handles_empty_chunks_and_missing_shards(tmp_path):
     sem[1, 3, 4, 5] = 7  # frames 0 and 2..3 of shard 0 are all free; shard 1 (4..7) entirely
     sem[9] = 10
     path = tmp_path / "occ.zarr"
-    with create_occ(path, 10, generator={}, grid=SMALL_GRID, shard_frames=4) as w:
+    with create_occ(path, 10, generator={}, grid=SMALL_GRID, storage=OccStorage(shard_frames=4)) as w:
         for i in range(10):
-            w.append(sem[i], np.zeros((*shape, 2)), sem[i] != FREE)
+            w.append(semantics=sem[i], flow=np.zeros((*shape, 2)), mask_lidar=sem[i] != FREE)
     group = open_occ(path).group
     for name in OCC:
         reader = FrameArrayReader.for_array(group[name], str(path / name), None)

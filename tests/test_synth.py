@@ -12,11 +12,12 @@ from typing import ClassVar
 
 import numpy as np
 import pytest
-from driveengine.schemas.classes import BACKGROUND, CAMERA_CHANNELS, CATEGORIES, CATEGORY_TO_CLASS, FREE
+from driveengine.schemas.classes import BACKGROUND, FREE
 from driveengine.schemas.grid import GRID
 from PIL import Image
 
 from driveengine.geometry import invert_transform, make_transform, quaternion_to_matrix, transform_points
+from driveengine.sources.nuplan.constants import CAMERA_CHANNELS, CATEGORIES, CATEGORY_TO_CLASS
 from driveengine.sources.pcd import read_pcd
 from driveengine.synth import Faults, synthesize, world_for_log
 from driveengine.synth.sensors import CLASS_COLOURS, GROUND_COLOUR, SKY_COLOUR
@@ -547,7 +548,7 @@ def test_a_camera_gap_over_the_whole_log_empties_the_channel_and_collect_reports
     assert per_channel["CAM_B0"] == 0 and all(per_channel[ch] > 0 for ch in CAMERA_CHANNELS if ch != "CAM_B0")
     assert not (tmp_path / "in" / "sensor_blobs" / log.log_name / "CAM_B0").exists()
     summary = collect(
-        CollectConfig(
+        CollectConfig.from_options(
             source="nuplan", root=tmp_path / "in", out=tmp_path / "out", labels=False, progress=False
         ),
         echo=lambda _: None,

@@ -9,14 +9,18 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from driveengine.schemas.classes import CAMERA_CHANNELS, FREE
-from driveengine.schemas.frame import FRAME_SCHEMA
+from driveengine.schemas.classes import FREE
+from driveengine.schemas.frame import frame_schema
 from driveengine.schemas.grid import GRID
 from PIL import Image
 
-from driveengine.store.manifest import Manifest, save_manifest
+from driveengine.sources.nuplan.constants import CAMERA_CHANNELS
+from driveengine.store.manifest import LogEntry, Manifest, SourceRef, save_manifest
 from driveengine.store.occ import create_occ
 from driveengine.viz import bev
+
+FRAME_SCHEMA = frame_schema(CAMERA_CHANNELS)  # nuPlan's frame rows
+
 
 pytest.importorskip("matplotlib")
 
@@ -74,14 +78,15 @@ def split(tmp_path: Path) -> tuple[Path, Path]:
             sem[130 + i : 140 + i, 80:84, 8:11] = 0  # vehicle, 0.5 m further each frame
             flow[130 + i : 140 + i, 80:84, 8:11] = (5.0, 0.0)
             sem[40:50, 140:150, 8:10] = 9  # barrier
-            w.append(sem, flow, np.ones(GRID.shape, bool))
+            w.append(semantics=sem, flow=flow, mask_lidar=np.ones(GRID.shape, bool))
     manifest = Manifest(split="mini")
-    manifest.logs[LOG] = {
-        "frames": n,
-        "meta": f"meta/{LOG}.parquet",
-        "occ": f"occ/{LOG}.zarr",
-        "source": {"kind": "nuplan", "path": str(tmp_path / "splits" / "mini" / f"{LOG}.db")},
-    }
+    manifest.logs[LOG] = LogEntry(
+        frames=n,
+        meta=f"meta/{LOG}.parquet",
+        occ=f"occ/{LOG}.zarr",
+        checksums={},
+        source=SourceRef("nuplan", str(tmp_path / "splits" / "mini" / f"{LOG}.db"), blob_root=str(blobs)),
+    )
     save_manifest(split_dir, manifest)
     (blobs / LOG / "CAM_F0").mkdir(parents=True)
     Image.new("RGB", (192, 108), CAM_RGB).save(blobs / LOG / "CAM_F0" / f"{0:016x}.jpg", quality=95)
@@ -205,21 +210,18 @@ def test_show_finds_the_images_through_the_blob_root_collect_recorded(tmp_path, 
     blobs = tmp_path / "elsewhere" / "blobs"  # not where the manifest's source path would suggest
     blobs.parent.mkdir()
     (tmp_path / "in" / "sensor_blobs").rename(blobs)
-    config = CollectConfig(
+    config = CollectConfig.from_options(
         source="nuplan",
         root=tmp_path / "in",
         out=tmp_path / "out",
-        sensor_root=blobs,
+        blob_root=blobs,
         labels=False,
         progress=False,
     )
     assert collect(config, echo=lambda _: None).ok
     split_dir = tmp_path / "out" / "mini"
     entry = load_manifest(split_dir).logs[log.log_name]
-    assert (
-        entry["source"]["blob_root"] == str(blobs.resolve())
-        and Path(entry["source"]["blob_root"]).is_absolute()
-    )
+    assert entry.source.blob_root == str(blobs.resolve()) and Path(entry.source.blob_root).is_absolute()
 
     def show(target: Path, *args: str) -> np.ndarray:
         argv = ["driveengine", "show", str(split_dir), "--log", log.log_name, "--size", "200"]

@@ -1,21 +1,24 @@
-"""Key frames of a log and their frame rows (an Arrow table in :data:`~driveengine.schemas.frame.FRAME_SCHEMA`).
+"""Key frames of a log and their frame rows (an Arrow table in :func:`~driveengine.schemas.frame.frame_schema`
+of the log's cameras).
 
 Everything here works on whole-log numpy arrays of a :class:`~driveengine.sources.logdata.LogData` and
 builds the Arrow table column by column (no per-frame Python dicts). The rules (key-frame choice, drops,
 quirk fixes, ``driving_command``) are documented in :mod:`driveengine.schemas.frame`.
 
-Typical use (the per-log job does this)::
+Typical use (the per-log job does this, with the log's source)::
 
-    selection = select_frames(log, FrameOptions(split="mini"), blob_root=Path("sensor_blobs"))
-    table = build_frame_table(log, selection, FrameOptions(split="mini"))
+    options = FrameOptions(split="mini")
+    selection = select_frames(log, options, blob_root, candidates=source.key_frame_candidates(log, 10),
+                              lidar_defect=source.lidar_defect)
+    table = build_frame_table(log, selection, options)
     check_finite(table, log.path, log.log_name)
 
 **Bad inputs never become rows.** A key frame whose ego pose is not finite (NaN/inf translation, a
 non-finite or zero-norm quaternion) is dropped (``bad_ego_pose``). With ``check_blobs`` a frame is
 dropped when its files are absent (``missing_lidar``, ``missing_camera``) or broken: the blob check
 reads only the head and the tail of each file of a kept frame (:func:`jpeg_defect`: JPEG start marker
-``FF D8 FF`` at the start, end marker ``FF D9`` at the end; :func:`pcd_defect`: a parsable PCD header and
-a file long enough for its ``POINTS``), so ``broken_image`` and ``broken_lidar`` cost a few small reads
+``FF D8 FF`` at the start, end marker ``FF D9`` at the end; the source's ``lidar_defect``, e.g. for nuPlan a
+parsable PCD header and a file long enough for its ``POINTS``), so ``broken_image`` and ``broken_lidar`` cost a few small reads
 per frame, not a decode. Finally :func:`check_finite` refuses a table with a NaN/inf in any of
 :data:`~driveengine.schemas.frame.FINITE_COLUMNS` (the log fails, naming column, row and token).
 """
@@ -31,7 +34,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from driveengine.errors import PCDError, SourceError
+from driveengine.errors import SourceError
 from driveengine.geometry import (
     make_transform,
     matrix_to_quaternion,
@@ -39,16 +42,15 @@ from driveengine.geometry import (
     quaternion_yaw,
     wrap_angle,
 )
-from driveengine.schemas.classes import CAMERA_CHANNELS
 from driveengine.schemas.frame import (
     ANNS_TYPE,
     CAMERA_TYPE,
-    CAMS_TYPE,
     DRIVING_COMMAND_LATERAL_M,
     DRIVING_COMMAND_LOOKAHEAD_M,
     FINITE_COLUMNS,
-    FRAME_SCHEMA,
     TRAFFIC_LIGHT_TYPE,
+    cams_type,
+    frame_schema,
 )
 from driveengine.sources.logdata import LogData
 
@@ -57,7 +59,7 @@ FILTERED_CATEGORIES: tuple[str, ...] = ("traffic_cone", "barrier", "czone_sign",
 
 #: Drop reasons, in the order they are tested.
 DROP_REASONS: tuple[str, ...] = (
-    "no_frame_with_all_cameras",  # the log has no lidar_pc with all 8 camera images: no key frames at all
+    "no_frame_with_all_cameras",  # the source's key-frame rule found no sweep with an image of every camera
     "not_in_split",  # the split lists tokens and this key frame is not one of them
     "bad_ego_pose",  # the ego pose has a NaN/inf translation or a non-finite / zero-norm quaternion
     "missing_lidar",  # the .pcd file is not under the blob root
@@ -88,10 +90,10 @@ class FrameOptions:
         is_test: write null ``anns`` (test data has no boxes).
         filter_instance: drop boxes of :data:`FILTERED_CATEGORIES` (OpenScene's ``--filter-instance``).
         check_blobs: drop frames whose ``.pcd`` or images are missing under the blob root or broken
-            (:func:`pcd_defect`, :func:`jpeg_defect`).
+            (the source's ``lidar_defect``, :func:`jpeg_defect`).
     """
 
-    split: str
+    split: str = ""
     sample_interval: int = 10
     is_test: bool = False
     filter_instance: bool = False
@@ -127,37 +129,6 @@ class FrameSelection:
         return self.candidates[self.kept]
 
 
-def select_key_frames(log: LogData, sample_interval: int) -> np.ndarray:
-    """Key-frame grid of a nuPlan log, as OpenScene's ``create_openscene_metadata.py`` chooses it.
-
-    The first sweep whose 8 camera channels all have an image within +-50 ms starts the grid; when the
-    next sweep's ``CAM_F0`` image is closer in time to its sweep than the first one's, the grid starts
-    there instead (OpenScene: ``start_idx if diff_0 < diff_1 else start_idx + 1``); then every
-    ``sample_interval``-th sweep. (OpenScene counted image rows, so 2 images of one channel could stand
-    in for a missing channel; here every channel must have one.)
-
-    Args:
-        log: the log.
-        sample_interval: sweeps between key frames (>= 1).
-
-    Returns:
-        (K,) int64 sweep indices, empty when no sweep has all 8 cameras.
-    """
-    if sample_interval < 1:
-        raise ValueError(f"sample_interval must be >= 1, got {sample_interval}")
-    full = np.all(log.image_path != "", axis=1)
-    if not full.any():
-        return np.empty(0, dtype=np.int64)
-    start = int(np.argmax(full))
-    f0 = CAMERA_CHANNELS.index("CAM_F0")
-    if start + 1 < log.num_sweeps and log.image_timestamp_us[start + 1, f0] >= 0:
-        diff0 = abs(int(log.image_timestamp_us[start, f0]) - int(log.sweep_timestamp_us[start]))
-        diff1 = abs(int(log.image_timestamp_us[start + 1, f0]) - int(log.sweep_timestamp_us[start + 1]))
-        if not diff0 < diff1:
-            start += 1
-    return np.arange(start, log.num_sweeps, sample_interval, dtype=np.int64)
-
-
 def _present(paths: np.ndarray, blob_root: Path) -> np.ndarray:
     """Whether each relative path exists under ``blob_root``, with one directory listing per folder."""
     flat = np.asarray(paths, dtype=str).ravel()
@@ -188,7 +159,7 @@ def _require_sensor_folder(log: LogData, candidates: np.ndarray, blob_root: Path
         raise SourceError(
             folder,
             f"no sensor blobs for log {log.log_name} (every frame would be dropped)",
-            "pass the folder holding <log>/MergedPointCloud with --sensor-root, or collect metadata only "
+            "pass the folder holding the logs' sensor files with --blob-root, or collect metadata only "
             "with --no-check-blobs --no-labels",
         )
 
@@ -220,47 +191,6 @@ def jpeg_defect(path: str | os.PathLike[str]) -> str | None:
         return "no JPEG start marker (FF D8 FF): not a JPEG"
     if b"\xff\xd9" not in tail:
         return "no JPEG end marker (FF D9): truncated"
-    return None
-
-
-def pcd_defect(path: str | os.PathLike[str]) -> str | None:
-    """What is wrong with a ``.pcd`` file, or None when it looks whole.
-
-    Parses the header (:func:`driveengine.sources.pcd.read_pcd_header`) and compares the file size with
-    what the header announces: ``binary`` needs ``POINTS x`` record size bytes after the header
-    (trailing bytes are allowed, as in nuPlan's files); ``binary_compressed`` needs its two size words,
-    an uncompressed size of ``POINTS x`` record size and the compressed bytes they announce; ``ascii``
-    needs a body when ``POINTS > 0``. The point data itself is not decoded.
-    """
-    from driveengine.sources.pcd import read_pcd_header  # imports numba (~0.4 s): only when blobs are checked
-
-    try:
-        header = read_pcd_header(path)
-        size = os.stat(path).st_size
-    except PCDError as exc:
-        return exc.reason
-    except OSError as exc:
-        return f"cannot read ({exc.strerror or exc})"
-    body = size - header.data_offset
-    need = header.points * header.dtype.itemsize
-    if header.encoding == "binary" and body < need:
-        return f"truncated: {header.points} points need {need} bytes after the header, the file has {body}"
-    if header.encoding == "binary_compressed":
-        try:
-            with open(path, "rb") as f:
-                f.seek(header.data_offset)
-                words = f.read(8)
-        except OSError as exc:
-            return f"cannot read ({exc.strerror or exc})"
-        if len(words) < 8:
-            return "truncated: binary_compressed data lacks its two size words"
-        compressed, uncompressed = int.from_bytes(words[:4], "little"), int.from_bytes(words[4:], "little")
-        if uncompressed != need:
-            return f"binary_compressed announces {uncompressed} bytes, {header.points} points need {need}"
-        if body < 8 + compressed:
-            return f"truncated: {compressed} compressed bytes announced, {max(0, body - 8)} present"
-    if header.encoding == "ascii" and header.points > 0 and body <= 0:
-        return f"truncated: no data for {header.points} points"
     return None
 
 
@@ -298,7 +228,8 @@ def select_frames(
     options: FrameOptions,
     blob_root: Path | None,
     *,
-    sweeps_are_key_frames: bool = False,
+    candidates: np.ndarray,
+    lidar_defect: Callable[[Path], str | None] | None = None,
     tokens: Iterable[str] | None = None,
 ) -> FrameSelection:
     """Key frames of ``log`` and which of them become rows, with drop reasons.
@@ -308,24 +239,23 @@ def select_frames(
         options: see :class:`FrameOptions` (``sample_interval``, ``check_blobs``).
         blob_root: folder the LogData's relative sensor paths are relative to; required when
             ``options.check_blobs``.
-        sweeps_are_key_frames: the source already holds key frames only (OpenScene): keep every sweep.
+        candidates: (K,) sweep indices the source's key-frame rule chose (time order).
+        lidar_defect: the source's check of a sweep file (header and size), used with ``check_blobs``;
+            None skips it.
         tokens: when given, keep only key frames whose token is listed (split token lists).
 
     Raises:
         SourceError: ``check_blobs`` and the log's sensor folder does not exist under ``blob_root``.
     """
-    if sweeps_are_key_frames:
-        candidates = np.arange(log.num_sweeps, dtype=np.int64)
-    else:
-        candidates = select_key_frames(log, options.sample_interval)
+    candidates = np.asarray(candidates, dtype=np.int64)
     dropped: dict[str, int] = {}
     notes: list[str] = []
-    if candidates.size == 0 and log.num_sweeps > 0 and not sweeps_are_key_frames:
+    if candidates.size == 0 and log.num_sweeps > 0:
         would_be = len(range(0, log.num_sweeps, options.sample_interval))
         dropped["no_frame_with_all_cameras"] = would_be
         notes.append(
-            f"no lidar_pc of the {log.num_sweeps} has an image of all 8 cameras within 50 ms; "
-            "the log has no key frames"
+            f"no sweep of the {log.num_sweeps} has an image of all {len(log.camera_channels)} cameras "
+            "within the matching window; the log has no key frames"
         )
     kept = np.ones(candidates.shape, dtype=bool)
 
@@ -350,11 +280,14 @@ def select_frames(
         drop(np.any(images == "", axis=1), "no_camera_image")
         drop(~np.all(_present(images, blob_root), axis=1), "missing_camera")
         # Header checks of the files of the frames still kept (a few small reads per file).
-        bad_lidar, n_lidar = _defects(lidar, kept, blob_root, pcd_defect, broken)
-        drop(bad_lidar, "broken_lidar")
+        if lidar_defect is not None:
+            bad_lidar, n_lidar = _defects(lidar, kept, blob_root, lidar_defect, broken)
+            drop(bad_lidar, "broken_lidar")
+        else:
+            n_lidar = 0
         bad_images, n_images = _defects(images, kept, blob_root, jpeg_defect, broken)
         drop(np.any(bad_images, axis=1), "broken_image")
-        for n, kind in ((n_lidar, ".pcd"), (n_images, ".jpg")):
+        for n, kind in ((n_lidar, "sweep"), (n_images, ".jpg")):
             if n:
                 notes.append(f"{n} broken {kind} file(s), their frames dropped")
     else:
@@ -474,7 +407,7 @@ def _scene_links(
 
 
 def build_frame_table(log: LogData, selection: FrameSelection, options: FrameOptions) -> pa.Table:
-    """The frame rows of ``log`` (one per kept key frame, time order) in :data:`FRAME_SCHEMA`.
+    """The frame rows of ``log`` (one per kept key frame, time order) in the frame schema of its cameras.
 
     Args:
         log: the log (global poses and boxes).
@@ -482,7 +415,8 @@ def build_frame_table(log: LogData, selection: FrameSelection, options: FrameOpt
         options: ``split``, ``is_test``, ``filter_instance`` are used here.
 
     Returns:
-        A table with ``len(selection.key_sweeps)`` rows whose schema is exactly ``FRAME_SCHEMA``.
+        A table with ``len(selection.key_sweeps)`` rows whose schema is exactly
+        ``frame_schema(log.camera_channels)``.
     """
     cand = selection.candidates
     s = selection.key_sweeps
@@ -595,7 +529,8 @@ def build_frame_table(log: LogData, selection: FrameSelection, options: FrameOpt
         "source": pa.array([log.source] * k, type=pa.string()),
         "split": pa.array([options.split] * k, type=pa.string()),
     }
-    return pa.Table.from_arrays([columns[f.name] for f in FRAME_SCHEMA], schema=FRAME_SCHEMA)
+    schema = frame_schema(log.camera_channels)
+    return pa.Table.from_arrays([columns[f.name] for f in schema], schema=schema)
 
 
 def _cams_array(log: LogData, s: np.ndarray) -> pa.StructArray:
@@ -606,7 +541,7 @@ def _cams_array(log: LogData, s: np.ndarray) -> pa.StructArray:
     q[np.isnan(q).any(axis=1)] = (1.0, 0.0, 0.0, 0.0)
     rot = quaternion_to_matrix(q)
     children = []
-    for c, _channel in enumerate(CAMERA_CHANNELS):
+    for c in range(len(log.camera_channels)):
         ts = log.image_timestamp_us[s, c].astype(np.int64)
         child = pa.StructArray.from_arrays(
             [
@@ -620,7 +555,7 @@ def _cams_array(log: LogData, s: np.ndarray) -> pa.StructArray:
             fields=list(CAMERA_TYPE),
         )
         children.append(child)
-    return pa.StructArray.from_arrays(children, fields=list(CAMS_TYPE))
+    return pa.StructArray.from_arrays(children, fields=list(cams_type(log.camera_channels)))
 
 
 def _anns_array(
@@ -674,10 +609,10 @@ class NonFiniteError(SourceError):
     """A frame row would hold NaN/inf in a column that must be finite (see ``FINITE_COLUMNS``)."""
 
 
-def _column_paths(path: str) -> list[str]:
+def _column_paths(path: str, cameras: Iterable[str]) -> list[str]:
     """A :data:`FINITE_COLUMNS` entry with ``cams.*`` expanded to every camera."""
     if path.startswith("cams.*."):
-        return [path.replace("*", channel, 1) for channel in CAMERA_CHANNELS]
+        return [path.replace("*", channel, 1) for channel in cameras]
     return [path]
 
 
@@ -701,15 +636,16 @@ def check_finite(table: pa.Table, source: str | os.PathLike[str], log_name: str)
     """Refuse frame rows with a NaN/inf in any column of :data:`~driveengine.schemas.frame.FINITE_COLUMNS`.
 
     Args:
-        table: a log's frame rows (:data:`FRAME_SCHEMA`).
+        table: a log's frame rows (:func:`~driveengine.schemas.frame.frame_schema`).
         source: the input file (named in the error).
         log_name: the log (named in the error).
 
     Raises:
         NonFiniteError: one line naming the file, log, column, first bad row and its token.
     """
+    cameras = [f.name for f in table.schema.field("cams").type]
     for declared in FINITE_COLUMNS:
-        for path in _column_paths(declared):
+        for path in _column_paths(declared, cameras):
             top, *members = path.split(".")
             column = table.column(top).combine_chunks()
             for member in members:

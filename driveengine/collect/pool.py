@@ -132,7 +132,7 @@ def _death_reason(task: LogTask, exitcode: int | None, tries: int) -> str:
     else:
         how = f"worker died (exit code {exitcode})"
     return (
-        f"{task.input_path}: {how} on {tries} tries; a SIGKILL is usually the out-of-memory killer: "
+        f"{task.input.path}: {how} on {tries} tries; a SIGKILL is usually the out-of-memory killer: "
         f"collect this log alone (--workers 1 --logs {task.log_name}) or with more memory"
     )
 

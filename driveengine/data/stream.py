@@ -25,16 +25,16 @@ key                          value
                              with ``point_sweeps=s`` (N, 5): the previous ``s`` key frames of the
                              scene are added, moved into the key frame's ego frame, and the fifth
                              column is the time lag in seconds (0 for the key frame)
-``images``                   (8, 3, H, W) float32 in [0, 1], cameras in ``CAMERA_CHANNELS`` order,
-                             resized to ``image_size``; with ``intrinsics`` (8, 3, 3) float64 scaled
-                             to the resize and ``ego_from_camera`` (8, 4, 4) float64
+``images``                   (C, 3, H, W) float32 in [0, 1], the dataset's C cameras in its order,
+                             resized to ``image_size``; with ``intrinsics`` (C, 3, 3) float64 scaled
+                             to the resize and ``ego_from_camera`` (C, 4, 4) float64
 any metadata column          its value: numpy arrays for fixed-size lists (``ego2global`` (4, 4)),
                              Python objects for strings, lists and structs
 ``history_*`` (history=k)    ``history_tokens`` (k,) str, ``history_valid`` (k,) bool,
                              ``ego_from_history`` (k, 4, 4) float64 = ``ego_t_from_ego_{t-j}`` for
                              j = 1..k, ``history_<field>`` (k, ...) for every occupancy field, and
-                             with ``images`` ``history_images`` (k, 8, 3, H, W),
-                             ``history_intrinsics`` (k, 8, 3, 3), ``history_ego_from_camera`` (k, 8, 4, 4).
+                             with ``images`` ``history_images`` (k, C, 3, H, W),
+                             ``history_intrinsics`` (k, C, 3, 3), ``history_ego_from_camera`` (k, C, 4, 4).
                              Entry ``j-1`` is the frame ``j`` key frames earlier in the same scene;
                              before the scene start the earliest frame of the scene is repeated and
                              ``history_valid`` is False.
@@ -125,7 +125,7 @@ class _LogReader:
         self.stream = stream
         self.name = stream.log_names[log_index]
         self.entry = stream.manifest.logs[self.name]
-        self.frames = int(self.entry["frames"])
+        self.frames = self.entry.frames
         self._occ: Any = None
         self._fast: dict[str, Any] = {}
         self._shapes: dict[str, tuple[tuple[int, ...], np.dtype]] = {}
@@ -136,7 +136,7 @@ class _LogReader:
         """The whole column ``name`` of this log's frame rows (read on first use, with its siblings)."""
         if name not in self._columns:
             wanted = sorted(set(self.stream._meta_columns) | {name})
-            path = _join(self.stream.split_url, self.entry["meta"])
+            path = _join(self.stream.split_url, self.entry.meta)
             try:
                 with self.stream.fs.open(path, "rb") as f:
                     table = pq.read_table(f, columns=[c for c in wanted if c not in self._columns])
@@ -165,7 +165,7 @@ class _LogReader:
         if self._occ is None:
             from driveengine.store.occ import OccFormatError, open_occ
 
-            rel = self.entry.get("occ")
+            rel = self.entry.occ
             if not rel:
                 raise StreamError(
                     f"log {self.name}: no occupancy labels (collected without labels); drop the fields "
@@ -225,7 +225,7 @@ class _LogReader:
         except Exception as exc:  # zarr/codec errors have no common base class
             raise StreamError(
                 f"log {self.name}: cannot decode {field} frames {start}..{stop - 1} of "
-                f"{_join(self.stream.split_url, self.entry['occ'])} ({type(exc).__name__}: {exc}); "
+                f"{_join(self.stream.split_url, self.entry.occ or '')} ({type(exc).__name__}: {exc}); "
                 "the chunk is truncated or corrupt, re-collect this log"
             ) from None
 
@@ -236,7 +236,7 @@ class _LogReader:
 
             reader = None
             if self.stream.fast_reads:
-                path = _join(self.stream.split_url, self.entry["occ"], field)
+                path = _join(self.stream.split_url, self.entry.occ or "", field)
                 fs = None if self.stream.is_local else self.stream.fs
                 reader = FrameArrayReader.for_array(self.occ().group[field], path.removeprefix("file://"), fs)
             self._fast[field] = reader
@@ -268,63 +268,53 @@ class _LogReader:
         return out, valid
 
     # -- sensors ---------------------------------------------------------------------------------
-    def sensor_root(self) -> str:
-        """Folder (or URL) of this log's sensor blobs: the FrameStream's ``sensor_root``, else the manifest's
-        (split-wide ``sensor_root`` or the entry's), else collect's default next to the source log
-        (``<root>/splits/<split>/<log>.db`` -> ``<root>/sensor_blobs``; OpenScene
-        ``<root>/meta_datas/<split>/<log>.pkl`` -> ``<root>/sensor_blobs/<split>``).
-        """
-        root = self.stream.sensor_root or self.entry.get("sensor_root")
-        source = self.entry.get("source") or {}
-        if root is None and source.get("path"):
-            path = source["path"].replace("\\", "/")
-            parent = posixpath.dirname(path)  # .../splits/<split> or .../meta_datas/<split>
-            top = posixpath.dirname(posixpath.dirname(parent))
-            if source.get("kind") == "openscene":
-                root = posixpath.join(top, "sensor_blobs", posixpath.basename(parent))
-            else:
-                root = posixpath.join(top, "sensor_blobs")
-        if root is None:
+    def blob_root(self) -> str:
+        """Folder (or URL) of this log's sensor files: the FrameStream's ``blob_root``, else the one the
+        manifest recorded when the log was collected."""
+        root = self.stream.blob_root or self.entry.source.blob_root
+        if not root:
             raise StreamError(
-                f"log {self.name}: fields 'points'/'images' need the sensor blobs and the manifest does not "
-                "say where they are; pass sensor_root= (the folder holding <log>/MergedPointCloud, <log>/CAM_*)"
+                f"log {self.name}: fields 'points'/'images' need the sensor files and the manifest does not "
+                "say where they are; pass blob_root= (the folder the frame rows' sensor paths start from)"
             )
         return os.fspath(root)
 
     def read_bytes(self, relative: str) -> bytes:
-        path = _join(self.sensor_root(), relative)
+        path = _join(self.blob_root(), relative)
         try:
             with self.stream.sensor_fs(path).open(path, "rb") as f:
                 return f.read()
         except FileNotFoundError:
             raise StreamError(
-                f"log {self.name}: sensor file {path} is missing (check sensor_root or re-download the blobs)"
+                f"log {self.name}: sensor file {path} is missing (check blob_root or re-download the blobs)"
             ) from None
 
     def points(self, row: int) -> np.ndarray:
         """(N, 4) float32 x, y, z (ego frame, m), intensity of the key frame at ``row``."""
-        from driveengine.sources.pcd import parse_pcd
+        from driveengine.errors import SourceError
+        from driveengine.sources import get_source
 
         rel = self.column("lidar_path")[row]
-        cloud = parse_pcd(bytearray(self.read_bytes(rel)), _join(self.sensor_root(), rel))
-        xyz = cloud.xyz
-        out = np.empty((len(xyz), 4), dtype=np.float32)
-        out[:, :3] = xyz
-        out[:, 3] = cloud.fields["intensity"] if "intensity" in cloud.fields else 0.0
-        return out
+        path = _join(self.blob_root(), rel)
+        try:
+            return get_source(self.entry.source.name).points_ego(
+                self.read_bytes(rel), path, self.column("lidar2ego")[row]
+            )
+        except SourceError as exc:
+            raise StreamError(f"log {self.name}: {exc}") from None
 
     def images(self, row: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Images (8, 3, H, W) float32, intrinsics (8, 3, 3) scaled to the resize, ego_from_camera (8, 4, 4)."""
+        """Images (C, 3, H, W) float32, intrinsics (C, 3, 3) scaled to the resize, ego_from_camera (C, 4, 4),
+        cameras in the dataset's order."""
         from PIL import Image
 
-        from driveengine.schemas.classes import CAMERA_CHANNELS
-
         cams = self.column("cams")[row]
+        channels = self.stream.cameras or tuple(cams)  # format 1 manifests: the shard's own order
         width, height = self.stream.image_size
-        images = np.empty((len(CAMERA_CHANNELS), 3, height, width), dtype=np.float32)
-        intrinsics = np.empty((len(CAMERA_CHANNELS), 3, 3))
-        ego_from_camera = np.tile(np.eye(4), (len(CAMERA_CHANNELS), 1, 1))
-        for c, channel in enumerate(CAMERA_CHANNELS):  # 8 cameras per frame, each a whole image
+        images = np.empty((len(channels), 3, height, width), dtype=np.float32)
+        intrinsics = np.empty((len(channels), 3, 3))
+        ego_from_camera = np.tile(np.eye(4), (len(channels), 1, 1))
+        for c, channel in enumerate(channels):  # every camera of the frame, each a whole image
             cam = cams[channel]
             data = self.read_bytes(cam["data_path"])
             try:
@@ -361,9 +351,10 @@ class FrameStream(IterableDataset):
         rank, world_size: override the DDP rank / world size (default: torch.distributed when
             initialised, else the ``RANK`` / ``WORLD_SIZE`` environment variables, else 0 / 1).
         storage_options: fsspec options for a URL ``root`` (e.g. ``{"endpoint_url": ..., "key": ...}``).
-        sensor_root: folder or URL of the sensor blobs (``<log>/MergedPointCloud/*.pcd``,
-            ``<log>/CAM_*/*.jpg``) for ``points`` / ``images``; default: the manifest's ``sensor_root``.
-        sensor_storage_options: fsspec options for ``sensor_root`` (default: ``storage_options``).
+        blob_root: folder or URL the frame rows' sensor paths start from, for ``points`` / ``images``;
+            default: the one each log was collected with (its manifest entry). ``sensor_root`` is its
+            old name.
+        sensor_storage_options: fsspec options for ``blob_root`` (default: ``storage_options``).
         image_size: (width, height) in pixels of the resized camera images.
         point_sweeps: previous key frames of the scene merged into ``points``.
         logs: restrict to these logs (default: every log of the manifest).
@@ -393,6 +384,7 @@ class FrameStream(IterableDataset):
         rank: int | None = None,
         world_size: int | None = None,
         storage_options: dict[str, Any] | None = None,
+        blob_root: str | os.PathLike[str] | None = None,
         sensor_root: str | os.PathLike[str] | None = None,
         sensor_storage_options: dict[str, Any] | None = None,
         image_size: tuple[int, int] = (384, 216),
@@ -436,17 +428,18 @@ class FrameStream(IterableDataset):
             if unknown:
                 raise StreamError(f"{self.split_url}: logs {unknown} are not in the manifest")
             names = [n for n in names if n in set(logs)]
-        self.log_names: list[str] = [n for n in names if int(self.manifest.logs[n].get("frames", 0)) > 0]
-        self.frame_counts = np.array([int(self.manifest.logs[n]["frames"]) for n in self.log_names], np.int64)
+        self.log_names: list[str] = [n for n in names if self.manifest.logs[n].frames > 0]
+        self.frame_counts = np.array([self.manifest.logs[n].frames for n in self.log_names], np.int64)
         self.offsets = log_offsets(self.frame_counts)
         if self.offsets[-1] == 0:
             raise StreamError(f"{self.split_url}: the manifest lists no frames; collect some logs first")
 
-        sensor = sensor_root if sensor_root is not None else self.manifest.extra.get("sensor_root")
-        self.sensor_root = None if sensor is None else os.fspath(sensor)
+        root_of_blobs = blob_root if blob_root is not None else sensor_root
+        self.blob_root = None if root_of_blobs is None else os.fspath(root_of_blobs)
         self.sensor_storage_options = dict(
             sensor_storage_options if sensor_storage_options is not None else self.storage_options
         )
+        self.cameras: tuple[str, ...] = tuple(self.manifest.dataset.cameras or ())
         self._sensor_fs: Any = None
         # Metadata columns each reader loads together (one Parquet read per log and worker).
         meta = [f for f in self.fields if f not in OCC_FIELDS and f not in SENSOR_FIELDS]
@@ -455,7 +448,7 @@ class FrameStream(IterableDataset):
         if self.point_sweeps:
             meta.append("timestamp")
         if "points" in self.fields:
-            meta.append("lidar_path")
+            meta += ["lidar_path", "lidar2ego"]
         if "images" in self.fields:
             meta.append("cams")
         self._meta_columns = tuple(dict.fromkeys([*meta, "token"]))

@@ -39,11 +39,10 @@ from driveengine.formats.openscene_labels import (
     OCC_SUFFIX,
     LabelFiles,
     check_label_files,
-    read_frame_keys,
     read_label_file,
 )
 from driveengine.schemas.grid import GRID, VoxelGrid
-from driveengine.store.manifest import MANIFEST_NAME, load_manifest
+from driveengine.store.manifest import MANIFEST_NAME
 
 if TYPE_CHECKING:
     from driveengine.evaluation.metrics import FrameStats
@@ -102,41 +101,30 @@ def _npy_loader(files: LabelFiles, grid: VoxelGrid) -> Loader:
 
 
 def _collected_source(split_dir: Path) -> LabelSource:
-    from driveengine.store.occ import open_occ
+    from driveengine.store.dataset import open_split
 
-    manifest = load_manifest(split_dir)
+    split = open_split(split_dir)
     frames: list[FrameRef] = []
-    grid: VoxelGrid | None = None
-    for log, entry in manifest.logs.items():
-        if not entry.get("occ"):
+    for log in split.logs:
+        if not log.has_labels:
             raise EvaluationError(
-                f"{split_dir}: log {log} was collected without labels (occ is null); "
+                f"{split_dir}: log {log.name} was collected without labels (occ is null); "
                 "re-collect it with labels or evaluate another split"
             )
-        rows = read_frame_keys(split_dir / entry["meta"])
-        occ = open_occ(split_dir / entry["occ"])
-        if occ.num_frames != len(rows):
-            raise EvaluationError(
-                f"{split_dir / entry['occ']}: {occ.num_frames} label frames but {len(rows)} frame rows; "
-                f"re-collect log {log}"
-            )
-        if grid is not None and occ.grid != grid:
-            raise EvaluationError(
-                f"{split_dir / entry['occ']}: grid {occ.grid} differs from other logs' {grid}"
-            )
-        grid = occ.grid
+        rows = log.frames(["token", "scene_name", "frame_idx"]).to_pylist()
+        occ = log.labels()  # checked: frame count and grid agree with the manifest and the split
         for i, row in enumerate(rows):
             frames.append(
                 FrameRef(
                     scene_name=str(row["scene_name"]),
                     frame_idx=int(row["frame_idx"]),
                     token=str(row["token"]),
-                    log=log,
+                    log=log.name,
                     load=_zarr_loader(occ, i),
-                    where=f"{split_dir / entry['occ']}[{i}]",
+                    where=f"{log.occ_path}[{i}]",
                 )
             )
-    return LabelSource(split_dir, "collected", grid or GRID, frames, has_mask=True)
+    return LabelSource(split_dir, "collected", split.grid, frames, has_mask=True)
 
 
 def _openscene_source(folder: Path, grid: VoxelGrid) -> LabelSource:

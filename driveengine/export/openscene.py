@@ -6,7 +6,7 @@ written for OpenScene reads them unchanged:
 
 * ``anns.gt_velocity_3d`` is written in the **lidar** frame as OpenScene does (DriveEngine's rows hold
   it in the ego frame: ``v_lidar = v_ego @ R_ego_from_lidar``);
-* ``cams`` is a dict in :data:`~driveengine.schemas.classes.CAMERA_CHANNELS` order;
+* ``cams`` is a dict in the dataset's camera order (the frame rows' ``cams`` members);
 * ``anns`` is absent for test data (null ``anns`` in the rows);
 * the corrected values (wrapped yaw, scene-local prev/next, gap-free frame_idx, deterministic scene
   names) are kept; DriveEngine-only columns (``scenario_tags``, ``source``, ``split``, image
@@ -23,17 +23,22 @@ with plain ``pickle.load``.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from driveengine.errors import DriveEngineError
+from driveengine.formats.openscene_labels import (
+    FLOW_PATH_KEY,
+    OCC_PATH_KEY,
+    OpenSceneLabelError,
+    label_file_names,
+    write_label_file,
+)
 from driveengine.formats.pickles import write_pickle
-from driveengine.schemas.classes import CAMERA_CHANNELS
-from driveengine.store.frames import read_shard
-from driveengine.store.manifest import load_manifest
+from driveengine.store.dataset import open_split
 
 
 class ExportError(DriveEngineError):
@@ -76,7 +81,7 @@ def rows_to_openscene(
                     "cam_intrinsic": np.array(cam["cam_intrinsic"], dtype=np.float64),
                     "distortion": np.array(cam["distortion"], dtype=np.float64),
                 }
-                for ch, cam in ((ch, r["cams"][ch]) for ch in CAMERA_CHANNELS)
+                for ch, cam in r["cams"].items()
             },
             "sample_prev": r["sample_prev"],
             "sample_next": r["sample_next"],
@@ -117,16 +122,16 @@ def export_openscene_metadata(
     Returns:
         The written files, sorted. Each is written atomically, loadable under numpy 1.21-2.x.
     """
-    split_dir, out_dir = Path(split_dir), Path(out_dir)
-    manifest = load_manifest(split_dir)
-    names = sorted(manifest.logs) if logs is None else sorted(logs)
-    missing = [n for n in names if n not in manifest.logs]
+    split = open_split(split_dir)
+    out_dir = Path(out_dir)
+    committed = {log.name: log for log in split.logs}
+    names = sorted(committed) if logs is None else sorted(logs)
+    missing = [n for n in names if n not in committed]
     if missing:
-        raise ExportError(f"{split_dir}: logs not committed here: {', '.join(missing[:5])}")
+        raise ExportError(f"{split.url}: logs not committed here: {', '.join(missing[:5])}")
     written = []
     for name in names:
-        rows = read_shard(split_dir / manifest.logs[name]["meta"]).to_pylist()
-        frames = rows_to_openscene(rows, extra_keys)
+        frames = rows_to_openscene(committed[name].frames().to_pylist(), extra_keys)
         path = out_dir / f"{name}.pkl"
         write_pickle(path, frames)
         written.append(path)
@@ -148,15 +153,82 @@ def export_split(
     """
     if fmt != "openscene":
         raise ExportError(f"unknown export format {fmt!r}; available: openscene")
-    split_dir, out = Path(split_dir), Path(out)
-    manifest = load_manifest(split_dir)
-    split = manifest.split or split_dir.name
+    out = Path(out)
+    split = open_split(split_dir).name
     extra: dict[str, dict[str, Any]] | None = None
-    if occupancy and any(entry.get("occ") for entry in manifest.logs.values()):
+    if occupancy and any(log.has_labels for log in open_split(split_dir).logs):
         # Hook for the labels export: sparse *_occ_final.npy / *_flow_final.npy per frame.
-        from driveengine.formats.openscene_labels import export_openscene_occupancy
-
         extra = export_openscene_occupancy(split_dir, out / "occupancy", relative_to=out)
         yield f"occupancy: {len(extra)} frames -> {out / 'occupancy'}"
     files = export_openscene_metadata(split_dir, out / "meta_datas" / split, extra)
     yield f"metadata: {len(files)} logs -> {out / 'meta_datas' / split}"
+
+
+# -- occupancy: OpenScene v1.0 files of a collected split ---------------------------------------------------------------------
+
+
+def export_openscene_occupancy(
+    split_dir: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    *,
+    relative_to: str | os.PathLike[str] | None = None,
+    logs: Iterable[str] | None = None,
+) -> dict[str, dict[str, str]]:
+    """Export a collected split's labels as OpenScene v1.0 files.
+
+    Writes ``<out_dir>/<split>/<scene_name>/occ_gt/{frame_idx:03d}_occ_final.npy`` (int64 rows
+    ``[flat_index, class_id]``, sorted) and ``..._flow_final.npy`` (float32 ``(vx, vy)`` m/s, ego frame)
+    for every frame of every log in the manifest that has labels.
+
+    Args:
+        split_dir: the collected split folder ``<out>/<split>`` (manifest, meta/, occ/).
+        out_dir: the root of the exported occupancy tree.
+        relative_to: when given, returned paths are relative to this folder (e.g. the root of an
+            OpenScene-style export that also holds ``meta_datas/``); otherwise absolute.
+        logs: restrict to these log names (default: every log with labels).
+
+    Returns:
+        ``{token: {"occ_gt_final_path": ..., "flow_gt_final_path": ...}}`` for every exported frame, the
+        extra keys the legacy ``.pkl`` export merges into its frame dicts.
+
+    Raises:
+        OpenSceneLabelError: a log's frame rows and label frames disagree, or two frames map to the
+            same file name.
+        ManifestError, OccFormatError: the split folder or a label group is unreadable.
+    """
+    split = open_split(split_dir)
+    out_dir = Path(out_dir)
+    wanted = None if logs is None else set(logs)
+    base = None if relative_to is None else Path(relative_to).resolve()
+    result: dict[str, dict[str, str]] = {}
+    written: set[Path] = set()
+    for log in split.logs:
+        log_name = log.name
+        if (wanted is not None and log_name not in wanted) or not log.has_labels:
+            continue
+        rows = log.frames(["token", "scene_name", "frame_idx"]).to_pylist()
+        occ = log.labels()
+        grid = occ.grid
+        shard = max(1, int(occ.semantics.shards[0]) if occ.semantics.shards else 1)
+        for start in range(0, len(rows), shard):  # read shard-aligned blocks
+            block = occ.read(start, min(start + shard, len(rows)))
+            for k in range(block["semantics"].shape[0]):
+                row = rows[start + k]
+                scene = row["scene_name"] or log_name
+                occ_name, flow_name = label_file_names(int(row["frame_idx"]))
+                folder = out_dir / split.name / scene / "occ_gt"
+                occ_path, flow_path = folder / occ_name, folder / flow_name
+                if occ_path in written:
+                    raise OpenSceneLabelError(
+                        f"{occ_path}: two frames of scene {scene} have frame_idx {row['frame_idx']} "
+                        f"(log {log_name}); the frame rows are inconsistent, re-collect the log"
+                    )
+                written.add(occ_path)
+                write_label_file(occ_path, flow_path, block["semantics"][k], block["flow"][k], grid)
+                if base is not None:
+                    occ_str = os.path.relpath(occ_path.resolve(), base)
+                    flow_str = os.path.relpath(flow_path.resolve(), base)
+                else:
+                    occ_str, flow_str = str(occ_path.resolve()), str(flow_path.resolve())
+                result[str(row["token"])] = {OCC_PATH_KEY: occ_str, FLOW_PATH_KEY: flow_str}
+    return result

@@ -49,7 +49,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal, NamedTuple
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 import numpy as np
 
@@ -57,9 +57,13 @@ from driveengine.errors import DriveEngineError
 from driveengine.geometry import make_transform, yaw_to_quaternion
 from driveengine.labels import voxel_ops as vo
 from driveengine.schemas import FORMAT_VERSION, GRID, VoxelGrid
-from driveengine.schemas.classes import CATEGORY_TO_CLASS, FREE
-from driveengine.schemas.occ import COMPRESSION_LEVEL, COMPRESSOR, SHARD_FRAMES
+from driveengine.schemas.classes import BACKGROUND, FREE, OPENSCENE_CLASSES, ClassTable
+from driveengine.sources.base import Source
 from driveengine.sources.logdata import LogData
+from driveengine.store.occ import OccStorage
+
+if TYPE_CHECKING:
+    from driveengine.labels.base import LabelJob
 
 #: Bumped whenever the algorithm changes its output for the same inputs and config.
 GENERATOR_VERSION = 1
@@ -75,7 +79,8 @@ class LabelError(DriveEngineError):
 
 @dataclass(frozen=True)
 class LabelConfig:
-    """Every setting that changes the labels (goes into the config hash via :meth:`to_dict`).
+    """The generator's recipe: every setting that changes the labels (recorded with them and part of the
+    config hash via :meth:`to_dict`). A :class:`~driveengine.labels.base.LabelProducer`.
 
     Attributes:
         window_s: sweeps within this many seconds of a key frame (either side, inclusive) are aggregated.
@@ -90,8 +95,6 @@ class LabelConfig:
             aggregated sweep).
         ray_dedup: cast one ray per distinct end voxel instead of one per point.
         grid: the voxel grid.
-        shard_frames: frames per Zarr shard (the writer holds one shard in memory).
-        compressor, compression_level: Zarr compressor (see ``driveengine.store.occ.make_compressor``).
     """
 
     window_s: float = 10.0
@@ -101,9 +104,7 @@ class LabelConfig:
     visibility: Literal["frame", "window"] = "frame"
     ray_dedup: bool = True
     grid: VoxelGrid = GRID
-    shard_frames: int = SHARD_FRAMES
-    compressor: str = COMPRESSOR
-    compression_level: int = COMPRESSION_LEVEL
+    kind = "generator"
 
     def __post_init__(self) -> None:
         if not self.window_s >= 0:
@@ -114,8 +115,6 @@ class LabelConfig:
             raise ValueError("LabelConfig.box_margin_m and box_ground_clearance_m must be >= 0")
         if self.visibility not in ("frame", "window"):
             raise ValueError(f"LabelConfig.visibility must be 'frame' or 'window', got {self.visibility!r}")
-        if self.shard_frames < 1:
-            raise ValueError(f"LabelConfig.shard_frames must be >= 1, got {self.shard_frames}")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form, with the generator's name and versions (part of the config hash)."""
@@ -123,6 +122,23 @@ class LabelConfig:
         d["grid"] = self.grid.to_dict()
         return {"generator": "driveengine.labels.generator", "generator_version": GENERATOR_VERSION,
                 "format_version": FORMAT_VERSION, **d}  # fmt: skip
+
+    def check(self, source: Source) -> None:
+        """The generator's kernels vote over OpenScene-style tables (objects below ``background``, then
+        ``background``, then ``free``): refuse another table clearly."""
+        table = source.class_table
+        if (table.background, table.free) != (BACKGROUND, FREE):
+            raise LabelError(
+                f"the label generator needs a class table with background {BACKGROUND} and free {FREE}; "
+                f"source {source.name} uses {table.name} (background {table.background}, free {table.free})"
+            )
+
+    def write(self, job: LabelJob) -> dict[str, Any]:
+        """Generate and write the labels of ``job`` (see :func:`write_log_labels`)."""
+        return write_log_labels(
+            job.log, job.key_sweeps, job.out, self, source=job.source, blob_root=job.blob_root,
+            classes=job.classes, storage=job.storage, progress=job.progress,
+        )  # fmt: skip
 
 
 class LabelFrame(NamedTuple):
@@ -219,8 +235,9 @@ class _LogBoxes:
     def __init__(self, log: LogData, stats: LabelStats) -> None:
         self.track_names, self.track = np.unique(log.box_track_token.astype(str), return_inverse=True)
         self.track = self.track.astype(np.int64).reshape(-1)
-        cat_to_class = np.array([CATEGORY_TO_CLASS[c] for c in log.categories], dtype=np.uint8)
-        self.cls = cat_to_class[np.asarray(log.box_category, dtype=np.int64)]
+        self.cls = np.asarray(log.category_class, dtype=np.uint8)[
+            np.asarray(log.box_category, dtype=np.int64)
+        ]
         size = np.asarray(log.box_size, dtype=np.float64).reshape(-1, 3)
         center = np.asarray(log.box_center, dtype=np.float64).reshape(-1, 3)
         yaw = np.asarray(log.box_yaw, dtype=np.float64).reshape(-1)
@@ -454,22 +471,23 @@ class LabelGenerator:
             )
 
 
-def pcd_loader(log: LogData, blob_root: Path, stats: LabelStats) -> PointLoader:
-    """A :data:`PointLoader` reading ``blob_root / log.sweep_lidar_path[k]`` with ``sources.pcd.read_pcd``.
+def source_point_loader(source: Source, log: LogData, blob_root: Path, stats: LabelStats) -> PointLoader:
+    """A :data:`PointLoader` reading ``blob_root / log.sweep_lidar_path[k]`` through ``source.points_ego``.
 
     A missing file or one that cannot be parsed is skipped (None), counted in ``stats`` and noted.
     """
     from driveengine.errors import SourceError
-    from driveengine.sources.pcd import read_pcd
 
     def load(k: int) -> np.ndarray | None:
         path = Path(blob_root) / str(log.sweep_lidar_path[k])
-        if not path.is_file():
+        try:
+            data = path.read_bytes()
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             stats.sweeps_missing += 1
             stats.notes.append(f"{path}: missing point cloud, sweep skipped")
             return None
         try:
-            return read_pcd(path).xyz
+            return source.points_ego(data, str(path), log.ego_from_lidar)[:, :3]
         except SourceError as exc:
             stats.sweeps_unreadable += 1
             stats.notes.append(f"{exc}; sweep skipped")
@@ -481,23 +499,30 @@ def pcd_loader(log: LogData, blob_root: Path, stats: LabelStats) -> PointLoader:
 def write_log_labels(
     log: LogData,
     key_sweeps: np.ndarray,
-    blob_root: Path,
     zarr_path: Path,
     config: LabelConfig,
-    progress: Callable[[int], None] | None = None,
+    *,
+    source: Source | None = None,
+    blob_root: Path | None = None,
     load_points: PointLoader | None = None,
+    classes: ClassTable = OPENSCENE_CLASSES,
+    storage: OccStorage = OccStorage(),
+    progress: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
     """Generate the labels of ``log``'s key frames and write them as a Zarr v3 group at ``zarr_path``.
 
     Args:
-        log: the log (any source reader's :class:`LogData`).
+        log: the log (any source's :class:`LogData`).
         key_sweeps: (T,) increasing indices into ``log``'s sweeps of the key frames, in frame-row order.
-        blob_root: the sensor root that ``log.sweep_lidar_path`` is relative to.
         zarr_path: where the group goes (collect passes a temporary path and renames it at commit);
             replaced if it exists.
         config: the generator settings.
+        source, blob_root: read the sweeps through ``source`` from under ``blob_root`` (the sensor root
+            ``log.sweep_lidar_path`` is relative to) ...
+        load_points: ... or through this loader (tests, other point sources).
+        classes: the class table of the dataset (recorded with the labels).
+        storage: shard size and compression of the group.
         progress: called with the number of frames finished since the last call (e.g. ``tqdm.update``).
-        load_points: replaces the ``.pcd`` reader (tests, other point sources).
 
     Returns:
         JSON-ready statistics (:class:`LabelStats`). The group attribute ``stats`` holds the same without
@@ -508,19 +533,22 @@ def write_log_labels(
 
     key_sweeps = np.asarray(key_sweeps, dtype=np.int64).reshape(-1)
     gen = LabelGenerator(log, key_sweeps, lambda k: None, config)
-    gen.load_points = load_points if load_points is not None else pcd_loader(log, blob_root, gen.stats)
+    if load_points is None:
+        if source is None or blob_root is None:
+            raise ValueError("write_log_labels needs load_points, or a source and a blob_root")
+        load_points = source_point_loader(source, log, Path(blob_root), gen.stats)
+    gen.load_points = load_points
     with create_occ(
         zarr_path,
         int(key_sweeps.size),
         generator=config.to_dict(),
         grid=config.grid,
-        shard_frames=config.shard_frames,
-        compressor=config.compressor,
-        compression_level=config.compression_level,
+        classes=classes,
+        storage=storage,
         timestamps_us=log.sweep_timestamp_us[key_sweeps],
     ) as writer:
         for frame in gen.frames():
-            writer.append(frame.semantics, frame.flow, frame.mask_lidar)
+            writer.append(semantics=frame.semantics, flow=frame.flow, mask_lidar=frame.mask_lidar)
             if progress is not None:
                 progress(1)
         writer.set_stats(gen.stats.to_dict(timing=False))

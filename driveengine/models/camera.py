@@ -293,16 +293,14 @@ def lift_grid_for(grid: VoxelGrid, voxel_size_m: float | None) -> VoxelGrid:
     """
     if voxel_size_m is None or voxel_size_m == grid.voxel_size_m:
         return grid
-    lift = VoxelGrid(grid.range_min_m, grid.range_max_m, float(voxel_size_m))
-    for n_label, n_lift, lo, hi in zip(
-        grid.shape, lift.shape, grid.range_min_m, grid.range_max_m, strict=True
-    ):
+    for n_label, lo, hi in zip(grid.shape, grid.range_min_m, grid.range_max_m, strict=True):
+        n_lift = round((hi - lo) / voxel_size_m)
         if n_lift < 1 or abs(n_lift * voxel_size_m - (hi - lo)) > 1e-6 or n_label % n_lift:
             raise ValueError(
                 f"lift voxel size {voxel_size_m} m does not tile the label grid {grid.shape} of "
                 f"{grid.voxel_size_m} m voxels; use a multiple of {grid.voxel_size_m} m that divides the range"
             )
-    return lift
+    return VoxelGrid(grid.range_min_m, grid.range_max_m, float(voxel_size_m))
 
 
 class CameraOccupancyNet(nn.Module):

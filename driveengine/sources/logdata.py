@@ -1,7 +1,9 @@
 """``LogData``: the in-memory, columnar content of one driving log.
 
-Every source reader (nuPlan SQLite logs, OpenScene pickles) returns a :class:`LogData`, so that
-everything after the reader (key frames, frame rows, labels) is shared. Arrays are columnar numpy;
+Every source (:mod:`driveengine.sources`: nuPlan SQLite logs, OpenScene pickles, ...) returns a
+:class:`LogData`, so that everything after the reader (key frames, frame rows, labels) is shared. It is
+dataset-agnostic: the cameras are a named list of any length (nuPlan 8, nuScenes 6), the box categories
+are the dataset's own with their class ids in the dataset's class table (``category_class``). Arrays are columnar numpy;
 per-sweep variable-length data (boxes, traffic lights, scenario tags) is stored as flat values plus
 ``offsets`` of length ``num_sweeps + 1``: the rows of sweep ``i`` are ``values[offsets[i]:offsets[i+1]]``.
 
@@ -23,20 +25,20 @@ from dataclasses import dataclass, field, fields
 import numpy as np
 
 from driveengine.geometry import make_transform, valid_poses
-from driveengine.schemas.classes import CAMERA_CHANNELS, CATEGORIES
 
 
 @dataclass
 class LogData:
-    """One log, columnar. ``N`` sweeps (``lidar_pc`` rows), ``C = 8`` cameras, ``M`` boxes, ``S`` scenes.
+    """One log, columnar. ``N`` sweeps (LiDAR sweeps, e.g. nuPlan ``lidar_pc`` rows), ``C`` cameras
+    (``camera_channels``), ``M`` boxes, ``S`` scenes.
 
-    Sweeps are sorted by ``sweep_timestamp_us`` (the ``lidar_pc`` timestamp, never the ego pose's).
-    Cameras follow :data:`~driveengine.schemas.classes.CAMERA_CHANNELS`; a channel the log lacks has an
-    empty token, NaN calibration and empty image paths.
+    Sweeps are sorted by ``sweep_timestamp_us`` (the sweep's own timestamp, never the ego pose's).
+    Cameras follow ``camera_channels`` (the dataset's fixed order); a channel the log lacks has an empty
+    token, NaN calibration and empty image paths.
     """
 
     # -- provenance and log table --------------------------------------------------------------
-    source: str  #: "nuplan" (SQLite log) or "openscene" (v1.1 metadata pickle)
+    source: str  #: registry name of the source that read it ("nuplan", "openscene", ...)
     path: str  #: the file this was read from
     log_name: str  #: ``log.logfile``, e.g. "2021.05.12.22.00.38_veh-35_01008_01518"
     log_token: str
@@ -77,7 +79,7 @@ class LogData:
     box_offsets: np.ndarray  #: (N + 1,) int64
     box_token: np.ndarray  #: (M,) str
     box_track_token: np.ndarray  #: (M,) str
-    box_category: np.ndarray  #: (M,) int8 index into CATEGORIES
+    box_category: np.ndarray  #: (M,) int8 index into ``categories``
     box_center: np.ndarray  #: (M, 3) float64, global, m
     box_size: np.ndarray  #: (M, 3) float64, (length, width, height) along the box's x, y, z, m
     box_yaw: np.ndarray  #: (M,) float64, global heading, rad
@@ -99,11 +101,13 @@ class LogData:
     tag_type: np.ndarray  #: (T,) str
     tag_agent_track_token: np.ndarray  #: (T,) str, "" when the tag names no agent
 
+    # -- the dataset's names ---------------------------------------------------------------------
+    camera_channels: tuple[str, ...]  #: (C,) camera channel names, the dataset's fixed order
+    categories: tuple[str, ...]  #: box category names; ``box_category`` indexes this
+    category_class: np.ndarray  #: (len(categories),) uint8 label class id of each category (dataset's table)
+
     #: Free-form notes from the reader (e.g. rows it skipped and why), surfaced by ``collect``.
     notes: list[str] = field(default_factory=list)
-
-    camera_channels: tuple[str, ...] = CAMERA_CHANNELS
-    categories: tuple[str, ...] = CATEGORIES
 
     @property
     def num_sweeps(self) -> int:
@@ -149,6 +153,7 @@ class LogData:
             "camera_intrinsic": (c, 3, 3), "camera_distortion": (c, 5), "camera_size": (c, 2),
             "image_path": (n, c), "image_timestamp_us": (n, c),
             "box_offsets": (n + 1,), "traffic_light_offsets": (n + 1,), "tag_offsets": (n + 1,),
+            "category_class": (len(self.categories),),
         }  # fmt: skip
         for name, shape in per_sweep.items():
             got = getattr(self, name).shape

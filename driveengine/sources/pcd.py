@@ -506,6 +506,45 @@ def read_pcd(path: PathType) -> PointCloud:
     return _decode(path, header, body[: len(start) + (n or 0)])
 
 
+def pcd_defect(path: str | os.PathLike[str]) -> str | None:
+    """What is wrong with a ``.pcd`` file, or None when it looks whole.
+
+    Parses the header (:func:`driveengine.sources.pcd.read_pcd_header`) and compares the file size with
+    what the header announces: ``binary`` needs ``POINTS x`` record size bytes after the header
+    (trailing bytes are allowed, as in nuPlan's files); ``binary_compressed`` needs its two size words,
+    an uncompressed size of ``POINTS x`` record size and the compressed bytes they announce; ``ascii``
+    needs a body when ``POINTS > 0``. The point data itself is not decoded.
+    """
+    try:
+        header = read_pcd_header(path)
+        size = os.stat(path).st_size
+    except PCDError as exc:
+        return exc.reason
+    except OSError as exc:
+        return f"cannot read ({exc.strerror or exc})"
+    body = size - header.data_offset
+    need = header.points * header.dtype.itemsize
+    if header.encoding == "binary" and body < need:
+        return f"truncated: {header.points} points need {need} bytes after the header, the file has {body}"
+    if header.encoding == "binary_compressed":
+        try:
+            with open(path, "rb") as f:
+                f.seek(header.data_offset)
+                words = f.read(8)
+        except OSError as exc:
+            return f"cannot read ({exc.strerror or exc})"
+        if len(words) < 8:
+            return "truncated: binary_compressed data lacks its two size words"
+        compressed, uncompressed = int.from_bytes(words[:4], "little"), int.from_bytes(words[4:], "little")
+        if uncompressed != need:
+            return f"binary_compressed announces {uncompressed} bytes, {header.points} points need {need}"
+        if body < 8 + compressed:
+            return f"truncated: {compressed} compressed bytes announced, {max(0, body - 8)} present"
+    if header.encoding == "ascii" and header.points > 0 and body <= 0:
+        return f"truncated: no data for {header.points} points"
+    return None
+
+
 def pcd_summary(path: PathType) -> dict[str, Any]:
     """A JSON-ready summary of a PCD file, for ``driveengine inspect``.
 

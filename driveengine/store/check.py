@@ -191,10 +191,8 @@ def verify_split(
     todo: list[tuple[str, str, Any]] = []
     for log in sorted(manifest.logs):
         entry = manifest.logs[log]
-        checksums = entry.get("checksums") if isinstance(entry, dict) else None
-        checksums = checksums if isinstance(checksums, dict) else {}
-        named = [entry.get(k) for k in ("meta", "occ")] if isinstance(entry, dict) else []
-        paths = sorted({*map(str, checksums), *(str(p) for p in named if p)})
+        checksums = entry.checksums
+        paths = sorted({*checksums, *(p for p in (entry.meta, entry.occ) if p)})
         todo += [(log, rel, checksums.get(rel)) for rel in paths]
     results: list[FileCheck] = []
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from driveengine.errors import DriveEngineError
-from driveengine.store.manifest import ATOMIC_TMP_RE, fsync_dir
+from driveengine.store.manifest import ATOMIC_TMP_RE, LogEntry, fsync_dir
 
 LOCK_NAME = ".collect.lock"
 TMP_MARK = ".tmp-"
@@ -242,7 +242,7 @@ def config_hash(config: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 
-def entry_files_present(split_dir: str | os.PathLike[str], entry: dict[str, Any]) -> bool:
+def entry_files_present(split_dir: str | os.PathLike[str], entry: LogEntry) -> bool:
     """Whether every file a manifest entry names exists (cheap check used to decide a skip)."""
     split_dir = Path(split_dir)
-    return all((split_dir / rel).exists() for rel in entry.get("checksums", {}))
+    return all((split_dir / rel).exists() for rel in entry.checksums)

@@ -4,31 +4,39 @@ A log is visible to readers if and only if it has an entry here. Writers add an 
 log's files are complete, fsynced and renamed into place; the manifest itself is replaced atomically
 (write a temporary file, fsync, rename), so a crash leaves either the old or the new manifest.
 
-Shape of the JSON file::
+In memory the manifest is typed: :class:`Manifest` (split-level), :class:`DatasetInfo` (what the split's
+data is: source, cameras, class table, voxel grid), :class:`LogEntry` per committed log and its
+:class:`SourceRef` (where the log came from and where its sensor blobs are). Nothing outside this
+module reads or writes the JSON shape, which is (format version 2)::
 
     {
-      "format": "driveengine", "format_version": 1, "split": "mini", "tool_version": "0.1.0",
+      "format": "driveengine", "format_version": 2, "split": "mini", "tool_version": "0.2.0",
+      "dataset": {"name": "nuplan", "cameras": ["CAM_F0", ...], "classes": {...ClassTable...}},
       "grid": {...VoxelGrid.to_dict()...}, "classes": {"0": "vehicle", ...},
       "logs": {
         "<log_name>": {
           "frames": 40,                              # rows in meta/<log>.parquet = T of occ/<log>.zarr
           "meta": "meta/<log_name>.parquet",         # relative to the split folder
-          "occ": "occ/<log_name>.zarr" | null,       # null when collected with --no-labels
+          "occ": "occ/<log_name>.zarr" | null,       # null when collected without labels
           "checksums": {"meta/<log>.parquet": "sha256:...", ...},
-          "source": {"kind": "nuplan", "path": "...", "fingerprint": "..."},
+          "source": {"name": "nuplan", "path": "...", "blob_root": "...", "fingerprint": "..."},
           "config_hash": "...",                      # hash of every setting that changes the output
           "dropped": {"missing_lidar": 0, ...},      # frames dropped, by reason
           "committed_at": "2026-11-21T14:00:00Z",
-          ...                                         # writers may add keys; readers ignore unknown keys
+          ...                                         # see LogEntry; unknown keys are kept
         }
       }
     }
 
-**A manifest is input too.** :meth:`Manifest.from_json` checks the type of every field readers use
-(a wrong one is a :class:`ManifestError` naming the file and the field, e.g. ``logs["x"].frames``) and
-confines every path it names (``meta``, ``occ``, the keys of ``checksums``) to the split folder:
-relative, POSIX, no ``..`` part; log names are plain file names. A manifest that points at
-``../../etc/passwd`` is refused before anything opens it.
+Format version 1 manifests (nuPlan/OpenScene only) are read too: their entries say ``source.kind``
+for the source name and may hold the blob root as a top-level ``sensor_root``; they have no
+``dataset`` (nuPlan data, OpenScene's class table; the cameras are those of the frame shards).
+
+**A manifest is input too.** :meth:`Manifest.from_json` checks the type of every field (a wrong one
+is a :class:`ManifestError` naming the file and the field, e.g. ``logs["x"].frames``) and confines
+every path it names (``meta``, ``occ``, the keys of ``checksums``) to the split folder: relative, POSIX,
+no ``..`` part; log names are plain file names. A manifest that points at ``../../etc/passwd`` is
+refused before anything opens it.
 """
 
 from __future__ import annotations
@@ -37,17 +45,23 @@ import json
 import os
 import re
 import secrets
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
 from typing import Any, NoReturn
 
 from driveengine import __version__
 from driveengine.errors import DriveEngineError
-from driveengine.schemas import CLASS_NAMES, FORMAT_NAME, FORMAT_VERSION, GRID
+from driveengine.schemas import FORMAT_NAME, FORMAT_VERSION, GRID, OLDEST_FORMAT_VERSION, OPENSCENE_CLASSES
+from driveengine.schemas.classes import ClassTable, class_table_from_record
+from driveengine.schemas.grid import VoxelGrid
 
 MANIFEST_NAME = "manifest.json"
 #: Names of :func:`atomic_write_bytes`' temporaries: ``.<name>.<12 hex>.tmp``.
 ATOMIC_TMP_RE = re.compile(r"\..+\.[0-9a-f]{12}\.tmp")
+
+#: A JSON value (statistics recorded for information only).
+JsonValue = Any
 
 
 class ManifestError(DriveEngineError):
@@ -83,38 +97,229 @@ def _confined(path: str | os.PathLike[str], where: str, value: object) -> str:
     return value
 
 
-def _check_entry(path: str | os.PathLike[str], name: object, entry: object) -> None:
-    """Check one ``logs`` entry: types of the fields readers use, paths confined to the split folder."""
+def _str(path: str | os.PathLike[str], where: str, value: object, default: str | None = None) -> str:
+    if value is None and default is not None:
+        return default
+    if not isinstance(value, str):
+        _bad(path, where, "a string", value)
+    return value
+
+
+def _int(path: str | os.PathLike[str], where: str, value: object, minimum: int | None = None) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or (minimum is not None and value < minimum):
+        expected = {None: "an integer", 0: "a non-negative integer"}.get(minimum, f"an integer >= {minimum}")
+        _bad(path, where, expected, value)
+    return value
+
+
+def _object(path: str | os.PathLike[str], where: str, value: object) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        _bad(path, where, "an object", value)
+    return value
+
+
+def check_log_name(path: str | os.PathLike[str], name: object) -> str:
+    """``name`` if it is a plain file name (no ``/``, no ``..``), else :class:`ManifestError`."""
     if not isinstance(name, str) or not name or name in (".", "..") or any(c in name for c in "/\\\0"):
         _bad(path, "a log name", "a plain file name (no '/', no '..')", name)
-    where = f"logs[{name!r}]"
-    if not isinstance(entry, dict):
-        _bad(path, where, "an object", entry)
-    frames = entry.get("frames")
-    if not isinstance(frames, int) or isinstance(frames, bool) or frames < 0:
-        _bad(path, f"{where}.frames", "a non-negative integer", frames)
-    _confined(path, f"{where}.meta", entry.get("meta"))
-    if entry.get("occ") is not None:
-        _confined(path, f"{where}.occ", entry["occ"])
-    checksums = entry.get("checksums", {})
-    if not isinstance(checksums, dict):
-        _bad(path, f"{where}.checksums", "an object", checksums)
-    for rel, digest in checksums.items():
-        _confined(path, f"{where}.checksums key", rel)
-        if not isinstance(digest, str):
-            _bad(path, f"{where}.checksums[{rel!r}]", "a string", digest)
-    for key in ("source", "dropped", "labels"):
-        if entry.get(key) is not None and not isinstance(entry[key], dict):
-            _bad(path, f"{where}.{key}", "an object", entry[key])
-    for key, value in (entry.get("source") or {}).items():
-        if value is not None and not isinstance(value, str):
-            _bad(path, f"{where}.source.{key}", "a string", value)
-    for reason, count in (entry.get("dropped") or {}).items():
-        if not isinstance(count, int) or isinstance(count, bool):
-            _bad(path, f"{where}.dropped[{reason!r}]", "an integer", count)
-    for key in ("config_hash", "sensor_root"):
-        if entry.get(key) is not None and not isinstance(entry[key], str):
-            _bad(path, f"{where}.{key}", "a string", entry[key])
+    return name
+
+
+@dataclass(frozen=True)
+class SourceRef:
+    """Where a committed log came from.
+
+    Attributes:
+        name: the source's registry name (``nuplan``, ``openscene``, ...; see ``driveengine.sources``).
+        path: the input the log was read from (a ``.db``, a ``.pkl``, a table folder...).
+        blob_root: folder or URL the frame rows' sensor paths (``lidar_path``, ``cams.*.data_path``) are
+            relative to; ``""`` when not recorded (old manifests).
+        fingerprint: fingerprint of the inputs when the log was collected (a change redoes the log).
+    """
+
+    name: str
+    path: str
+    blob_root: str = ""
+    fingerprint: str = ""
+
+    def to_json(self) -> dict[str, str]:
+        return {
+            "name": self.name,
+            "path": self.path,
+            "blob_root": self.blob_root,
+            "fingerprint": self.fingerprint,
+        }
+
+    @classmethod
+    def from_json(
+        cls, data: object, path: str | os.PathLike[str], where: str, blob_root: str | None = None
+    ) -> SourceRef:
+        """Parse (and check) an entry's ``source``; format 1 says ``kind`` for ``name``."""
+        d = _object(path, where, data)
+        for key, value in d.items():
+            if value is not None and not isinstance(value, str):
+                _bad(path, f"{where}.{key}", "a string", value)
+        return cls(
+            name=d.get("name") or d.get("kind") or "",
+            path=d.get("path") or "",
+            blob_root=d.get("blob_root") or blob_root or "",
+            fingerprint=d.get("fingerprint") or "",
+        )
+
+
+@dataclass(frozen=True)
+class LogEntry:
+    """One committed log (see the module doc for the JSON form).
+
+    Attributes:
+        frames: rows of ``meta/<log>.parquet`` (= T of ``occ/<log>.zarr``).
+        meta: the frame shard, relative to the split folder.
+        occ: the label group, relative to the split folder; None without labels.
+        checksums: relative path -> ``"sha256:<hex>"`` of every committed file (a folder's is the tree hash).
+        source: where the log came from.
+        config_hash: hash of every setting that changes the output.
+        dropped: frames dropped, by reason.
+        key_frame_candidates: key frames before drops.
+        log_name: the log's own name (e.g. nuPlan ``log.logfile``; the entry's key is the output name).
+        first_timestamp_us, last_timestamp_us: first and last frame time, microseconds (None: no frames).
+        labels: the label producer's statistics (JSON, informational), or None.
+        notes: remarks of the reader and the frame selection.
+        committed_at: UTC time of the commit, ISO 8601.
+        extra: keys this version does not know (kept as they are).
+    """
+
+    frames: int
+    meta: str
+    occ: str | None
+    checksums: dict[str, str]
+    source: SourceRef
+    config_hash: str = ""
+    dropped: dict[str, int] = field(default_factory=dict)
+    key_frame_candidates: int = 0
+    log_name: str = ""
+    first_timestamp_us: int | None = None
+    last_timestamp_us: int | None = None
+    labels: dict[str, JsonValue] | None = None
+    notes: tuple[str, ...] = ()
+    committed_at: str = ""
+    extra: dict[str, JsonValue] = field(default_factory=dict)
+
+    _KNOWN = (
+        "frames", "meta", "occ", "checksums", "source", "config_hash", "dropped", "key_frame_candidates",
+        "log_name", "first_timestamp", "last_timestamp", "labels", "notes", "committed_at", "sensor_root",
+    )  # fmt: skip
+
+    def to_json(self) -> dict[str, JsonValue]:
+        return {
+            **self.extra,
+            "frames": self.frames,
+            "meta": self.meta,
+            "occ": self.occ,
+            "checksums": dict(self.checksums),
+            "source": self.source.to_json(),
+            "config_hash": self.config_hash,
+            "dropped": dict(sorted(self.dropped.items())),
+            "key_frame_candidates": self.key_frame_candidates,
+            "labels": self.labels,
+            "log_name": self.log_name,
+            "first_timestamp": self.first_timestamp_us,
+            "last_timestamp": self.last_timestamp_us,
+            "notes": list(self.notes),
+            "committed_at": self.committed_at,
+        }
+
+    @classmethod
+    def from_json(cls, data: object, path: str | os.PathLike[str], name: str) -> LogEntry:
+        """Parse and check one ``logs`` entry: types, and paths confined to the split folder."""
+        where = f"logs[{name!r}]"
+        d = _object(path, where, data)
+        checksums = _object(path, f"{where}.checksums", d.get("checksums", {}))
+        for rel, digest in checksums.items():
+            _confined(path, f"{where}.checksums key", rel)
+            _str(path, f"{where}.checksums[{rel!r}]", digest)
+        dropped = _object(path, f"{where}.dropped", d.get("dropped") or {})
+        for reason, count in dropped.items():
+            _int(path, f"{where}.dropped[{reason!r}]", count)
+        labels = d.get("labels")
+        if labels is not None:
+            _object(path, f"{where}.labels", labels)
+        notes = d.get("notes") or []
+        if not isinstance(notes, list) or not all(isinstance(n, str) for n in notes):
+            _bad(path, f"{where}.notes", "a list of strings", notes)
+        timestamps = [d.get("first_timestamp"), d.get("last_timestamp")]
+        for key, value in zip(("first_timestamp", "last_timestamp"), timestamps, strict=True):
+            if value is not None:
+                _int(path, f"{where}.{key}", value)
+        sensor_root = d.get("sensor_root")  # format 1: a test fixture wrote the blob root here
+        if sensor_root is not None:
+            _str(path, f"{where}.sensor_root", sensor_root)
+        return cls(
+            frames=_int(path, f"{where}.frames", d.get("frames"), minimum=0),
+            meta=_confined(path, f"{where}.meta", d.get("meta")),
+            occ=None if d.get("occ") is None else _confined(path, f"{where}.occ", d["occ"]),
+            checksums=dict(checksums),
+            source=SourceRef.from_json(d.get("source") or {}, path, f"{where}.source", sensor_root),
+            config_hash=_str(path, f"{where}.config_hash", d.get("config_hash"), default=""),
+            dropped=dict(dropped),
+            key_frame_candidates=_int(
+                path, f"{where}.key_frame_candidates", d.get("key_frame_candidates", 0)
+            ),
+            log_name=_str(path, f"{where}.log_name", d.get("log_name"), default=""),
+            first_timestamp_us=timestamps[0],
+            last_timestamp_us=timestamps[1],
+            labels=labels,
+            notes=tuple(notes),
+            committed_at=_str(path, f"{where}.committed_at", d.get("committed_at"), default=""),
+            extra={k: v for k, v in d.items() if k not in cls._KNOWN},
+        )
+
+    @property
+    def files(self) -> list[str]:
+        """The committed files and folders of the log, relative to the split folder."""
+        return sorted(self.checksums)
+
+    def with_blob_root(self, blob_root: str) -> LogEntry:
+        """A copy whose source says its sensor blobs are under ``blob_root``."""
+        return replace(self, source=replace(self.source, blob_root=blob_root))
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What a split's data is; the same for every log of the split.
+
+    Attributes:
+        name: the dataset (``nuplan``, ``nuscenes``, ...: the ``dataset`` of the sources that collect it;
+            the nuPlan and OpenScene sources both collect ``nuplan`` data, and a split may mix them).
+        cameras: the camera channels in the dataset's fixed order (the members of the frame rows'
+            ``cams``); None in format 1 manifests (read them from a frame shard).
+        classes: the class table of the labels.
+        grid: the voxel grid of the labels.
+    """
+
+    name: str = "nuplan"
+    cameras: tuple[str, ...] | None = None
+    classes: ClassTable = OPENSCENE_CLASSES
+    grid: VoxelGrid = GRID
+
+    def to_json(self) -> dict[str, JsonValue]:
+        return {
+            "name": self.name,
+            "cameras": None if self.cameras is None else list(self.cameras),
+            "classes": self.classes.to_dict(),
+        }
+
+    def conflicts(self, other: DatasetInfo) -> list[str]:
+        """What differs between two datasets' name, cameras, classes or grid (empty: the same)."""
+        out = []
+        if self.name != other.name:
+            out.append(f"dataset {self.name} vs {other.name}")
+        if self.cameras is not None and other.cameras is not None and self.cameras != other.cameras:
+            out.append(f"cameras {list(self.cameras)} vs {list(other.cameras)}")
+        if self.classes != other.classes:
+            out.append(f"class table {self.classes.name} vs {other.classes.name}")
+        if self.grid != other.grid:
+            out.append(f"grid {self.grid.describe()} vs {other.grid.describe()}")
+        return out
 
 
 @dataclass
@@ -122,63 +327,104 @@ class Manifest:
     """In-memory form of ``manifest.json`` for one split folder."""
 
     split: str
-    logs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    logs: dict[str, LogEntry] = field(default_factory=dict)
+    dataset: DatasetInfo = field(default_factory=DatasetInfo)
     format_version: int = FORMAT_VERSION
     tool_version: str = __version__
-    grid: dict[str, Any] = field(default_factory=GRID.to_dict)
-    classes: dict[str, str] = field(default_factory=lambda: {str(k): v for k, v in CLASS_NAMES.items()})
-    extra: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, JsonValue] = field(default_factory=dict)
 
-    def to_json(self) -> dict[str, Any]:
+    @property
+    def grid(self) -> VoxelGrid:
+        """The voxel grid of the split's labels."""
+        return self.dataset.grid
+
+    @property
+    def classes(self) -> ClassTable:
+        """The class table of the split's labels."""
+        return self.dataset.classes
+
+    def to_json(self) -> dict[str, JsonValue]:
         return {
             **self.extra,
             "format": FORMAT_NAME,
-            "format_version": self.format_version,
+            "format_version": FORMAT_VERSION,
             "split": self.split,
-            "tool_version": self.tool_version,
-            "grid": self.grid,
-            "classes": self.classes,
-            "logs": {name: self.logs[name] for name in sorted(self.logs)},
+            "tool_version": __version__,
+            "dataset": self.dataset.to_json(),
+            "grid": self.dataset.grid.to_dict(),
+            "classes": self.dataset.classes.id_names(),
+            "logs": {name: self.logs[name].to_json() for name in sorted(self.logs)},
         }
 
     @classmethod
-    def from_json(cls, data: dict[str, Any], path: str | os.PathLike[str] = MANIFEST_NAME) -> Manifest:
+    def from_json(cls, data: object, path: str | os.PathLike[str] = MANIFEST_NAME) -> Manifest:
         """The manifest held by ``data`` (parsed JSON read from ``path``), validated (see the module doc).
 
         Raises:
-            ManifestError: not a DriveEngine manifest, a newer format, a field of the wrong type, or a
-                path that leaves the split folder; the message names ``path`` and the field.
+            ManifestError: not a DriveEngine manifest, a format this version cannot read, a field of the
+                wrong type, or a path that leaves the split folder; the message names ``path`` and the field.
         """
         if not isinstance(data, dict) or data.get("format") != FORMAT_NAME:
             raise ManifestError(f'{path}: not a DriveEngine manifest (no "format": "{FORMAT_NAME}")')
         version = data.get("format_version")
-        if not isinstance(version, int) or isinstance(version, bool) or version > FORMAT_VERSION:
+        if (
+            not isinstance(version, int)
+            or isinstance(version, bool)
+            or not OLDEST_FORMAT_VERSION <= version <= FORMAT_VERSION
+        ):
             raise ManifestError(
-                f"{path}: format version {version!r}, this DriveEngine ({__version__}) reads up to "
-                f"{FORMAT_VERSION}; upgrade DriveEngine or re-collect the split"
+                f"{path}: format version {version!r}, this DriveEngine ({__version__}) reads "
+                f"{OLDEST_FORMAT_VERSION} to {FORMAT_VERSION}; upgrade DriveEngine or re-collect the split"
             )
         for key, kind, expected in (
             ("split", str, "a string"),
             ("tool_version", str, "a string"),
             ("grid", dict, "an object"),
             ("classes", dict, "an object"),
+            ("dataset", dict, "an object"),
             ("logs", dict, "an object (log name -> entry)"),
         ):
             if key in data and not isinstance(data[key], kind):
                 _bad(path, key, expected, data[key])
-        logs = data.get("logs", {})
-        for name, entry in logs.items():
-            _check_entry(path, name, entry)
-        known = {"format", "format_version", "split", "tool_version", "grid", "classes", "logs"}
+        logs = {
+            check_log_name(path, name): LogEntry.from_json(entry, path, name)
+            for name, entry in data.get("logs", {}).items()
+        }
+        known = {"format", "format_version", "split", "tool_version", "grid", "classes", "dataset", "logs"}
         return cls(
             split=data.get("split", ""),
-            logs=dict(logs),
+            logs=logs,
+            dataset=_dataset_info(data, path),
             format_version=version,
             tool_version=data.get("tool_version", ""),
-            grid=dict(data.get("grid", GRID.to_dict())),
-            classes=dict(data.get("classes", {})),
             extra={k: v for k, v in data.items() if k not in known},
         )
+
+
+def _dataset_info(data: Mapping[str, Any], path: str | os.PathLike[str]) -> DatasetInfo:
+    """The split-level :class:`DatasetInfo` of a manifest's JSON (format 1: derived, see the module doc)."""
+    try:
+        grid = VoxelGrid.from_dict(data["grid"]) if "grid" in data else GRID
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ManifestError(f"{path}: malformed grid ({type(exc).__name__}: {exc})") from None
+    dataset = data.get("dataset") or {}
+    record = dataset.get("classes", data.get("classes"))
+    try:
+        classes = OPENSCENE_CLASSES if record is None else class_table_from_record(record)
+    except ValueError as exc:
+        raise ManifestError(f"{path}: malformed class table ({exc})") from None
+    cameras = dataset.get("cameras")
+    if cameras is not None and (
+        not isinstance(cameras, list) or not cameras or not all(isinstance(c, str) and c for c in cameras)
+    ):
+        _bad(path, "dataset.cameras", "a list of camera channel names", cameras)
+    name = dataset.get("name", "nuplan")  # format 1 held nuPlan data only
+    return DatasetInfo(
+        name=_str(path, "dataset.name", name),
+        cameras=None if cameras is None else tuple(cameras),
+        classes=classes,
+        grid=grid,
+    )
 
 
 def manifest_path(split_dir: str | os.PathLike[str]) -> Path:

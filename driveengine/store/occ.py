@@ -2,9 +2,9 @@
 
 Writing::
 
-    with create_occ(tmp_path, num_frames=T, generator=config.to_dict()) as w:
-        for sem, flow, mask in frames:          # one frame at a time, in order
-            w.append(sem, flow, mask)
+    with create_occ(tmp_path, num_frames=T, generator=recipe.to_dict(), grid=grid, classes=table) as w:
+        for frame in frames:                    # one frame at a time, in order
+            w.append(semantics=..., flow=..., mask_lidar=...)   # every array of the group, by name
         w.set_stats({...})                      # optional, JSON
 
 The writer buffers one shard (``shard_frames`` frames) and writes it whole, so memory stays bounded
@@ -42,12 +42,14 @@ import zarr
 import zarr.codecs
 
 from driveengine.errors import DriveEngineError
-from driveengine.schemas import FORMAT_VERSION, GRID, VoxelGrid
+from driveengine.schemas import FORMAT_VERSION, GRID, OLDEST_FORMAT_VERSION, OPENSCENE_CLASSES, VoxelGrid
+from driveengine.schemas.classes import ClassTable, class_table_from_record
 from driveengine.schemas.occ import (
-    ARRAY_NAMES,
     COMPRESSION_LEVEL,
     COMPRESSOR,
+    LABEL_ARRAYS,
     OCC_FORMAT,
+    REQUIRED_ARRAYS,
     SHARD_FRAMES,
     OccArraySpec,
     occ_array_specs,
@@ -98,11 +100,38 @@ def log_name_of(path: PathLike) -> str:
 
 
 class OccFrame(NamedTuple):
-    """Labels of one frame, dense, indexed ``[x, y, z]`` on the group's grid."""
+    """The required labels of one frame, dense, indexed ``[x, y, z]`` on the group's grid."""
 
-    semantics: np.ndarray  #: (nx, ny, nz) uint8, FREE = 16
+    semantics: np.ndarray  #: (nx, ny, nz) uint8, the class table's free id where nothing was seen
     flow: np.ndarray  #: (nx, ny, nz, 2) float16, (vx, vy) m/s, ego frame of the frame
     mask_lidar: np.ndarray  #: (nx, ny, nz) bool
+
+
+@dataclass(frozen=True)
+class OccStorage:
+    """How label groups are stored (part of the format's bytes, so part of the config hash).
+
+    Attributes:
+        shard_frames: frames per shard (the writer holds one shard in memory); chunks are one frame.
+        compressor, compression_level: see :func:`make_compressor`.
+    """
+
+    shard_frames: int = SHARD_FRAMES
+    compressor: str = COMPRESSOR
+    compression_level: int = COMPRESSION_LEVEL
+
+    def __post_init__(self) -> None:
+        if self.shard_frames < 1:
+            raise ValueError(f"OccStorage.shard_frames must be >= 1, got {self.shard_frames}")
+        make_compressor(self.compressor, self.compression_level)  # validates the name
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form (config hash)."""
+        return {
+            "shard_frames": self.shard_frames,
+            "compressor": self.compressor,
+            "level": self.compression_level,
+        }
 
 
 def make_compressor(name: str = COMPRESSOR, level: int = COMPRESSION_LEVEL) -> Any:
@@ -145,8 +174,14 @@ class OccWriter:
         """Frames appended so far (buffered or on disk)."""
         return self._shard_start + self._filled
 
-    def append(self, semantics: np.ndarray, flow: np.ndarray, mask_lidar: np.ndarray) -> None:
-        """Append the next frame: semantics (nx, ny, nz) uint8, flow (nx, ny, nz, 2) m/s, mask (nx, ny, nz) bool."""
+    def append(self, **frame: np.ndarray) -> None:
+        """Append the next frame: one dense array per label array of the group, by name (e.g.
+        ``semantics=`` (nx, ny, nz) class ids, ``flow=`` (nx, ny, nz, 2) m/s, ``mask_lidar=`` (nx, ny, nz)
+        bool); values are cast to the array's dtype (e.g. float32 flow to float16)."""
+        if set(frame) != set(self._specs):
+            raise ValueError(
+                f"{self.path}: a frame needs exactly the arrays {sorted(self._specs)}, got {sorted(frame)}"
+            )
         if self._closed:
             raise ValueError(f"{self.path}: writer is closed")
         if self.frames_written >= self.num_frames:
@@ -157,9 +192,8 @@ class OccWriter:
                 name: np.empty(spec.shards(self.shard_frames), dtype=spec.dtype)
                 for name, spec in self._specs.items()
             }
-        for name, value in zip(ARRAY_NAMES, (semantics, flow, mask_lidar), strict=True):
-            spec = self._specs[name]
-            value = np.asarray(value)
+        for name, spec in self._specs.items():
+            value = np.asarray(frame[name])
             if value.shape != spec.frame_shape:
                 raise ValueError(
                     f"{self.path}: {name} frame has shape {value.shape}, expected {spec.frame_shape}"
@@ -177,7 +211,7 @@ class OccWriter:
         if not self._filled or self._buffers is None:
             return
         start, stop = self._shard_start, self._shard_start + self._filled
-        for name in ARRAY_NAMES:
+        for name in self._specs:
             self._arrays[name][start:stop] = self._buffers[name][: self._filled]
         self._shard_start = stop
         self._filled = 0
@@ -212,9 +246,9 @@ def create_occ(
     *,
     generator: dict,
     grid: VoxelGrid = GRID,
-    shard_frames: int = SHARD_FRAMES,
-    compressor: str = COMPRESSOR,
-    compression_level: int = COMPRESSION_LEVEL,
+    classes: ClassTable = OPENSCENE_CLASSES,
+    arrays: tuple[str, ...] = REQUIRED_ARRAYS,
+    storage: OccStorage = OccStorage(),
     timestamps_us: np.ndarray | list[int] | None = None,
     storage_options: dict | None = None,
 ) -> OccWriter:
@@ -223,29 +257,35 @@ def create_occ(
     Args:
         path: where the group goes (local path or fsspec URL); an existing group there is replaced.
         num_frames: T, the number of frames (rows of ``meta/<log>.parquet``).
-        generator: JSON-ready description of how the labels were made (e.g. ``LabelConfig.to_dict()``).
-        grid: the voxel grid (format version 1: :data:`~driveengine.schemas.GRID`).
-        shard_frames: frames per shard; chunks are one frame.
-        compressor, compression_level: see :func:`make_compressor`.
+        generator: JSON-ready description of how the labels were made (e.g. the label recipe's dict).
+        grid: the voxel grid.
+        classes: the class table of ``semantics``.
+        arrays: the label arrays of the group (the required ones plus optional registered ones, see
+            :data:`driveengine.schemas.occ.LABEL_ARRAYS`).
+        storage: shard size and compression.
         timestamps_us: optional (T,) frame timestamps, microseconds, stored as an attribute so that
             readers can check the alignment with ``meta/<log>.parquet``.
         storage_options: fsspec options for URLs.
     """
-    if num_frames < 0 or shard_frames < 1:
-        raise ValueError(f"{path}: num_frames must be >= 0 and shard_frames >= 1")
+    if num_frames < 0:
+        raise ValueError(f"{path}: num_frames must be >= 0")
+    missing = [name for name in REQUIRED_ARRAYS if name not in arrays]
+    unknown = [name for name in arrays if name not in LABEL_ARRAYS]
+    if missing or unknown:
+        raise ValueError(f"{path}: label arrays {list(arrays)} lack {missing} or name unknown ones {unknown}")
+    shard_frames = storage.shard_frames
     ts = None if timestamps_us is None else [int(t) for t in np.asarray(timestamps_us).ravel()]
     if ts is not None and len(ts) != num_frames:
         raise ValueError(f"{path}: {len(ts)} timestamps for {num_frames} frames")
-    specs = occ_array_specs(grid)
+    specs = occ_array_specs(grid, classes, tuple(arrays))
     store = str(path) if isinstance(path, os.PathLike) else path
     group = zarr.open_group(store, mode="w", zarr_format=3, storage_options=storage_options)
-    group.attrs.update(occ_group_attributes(num_frames, generator, grid, ts))
-    codec = make_compressor(compressor, compression_level)
+    group.attrs.update(occ_group_attributes(num_frames, generator, grid, ts, classes, tuple(arrays)))
+    codec = make_compressor(storage.compressor, storage.compression_level)
     shard_frames = max(1, min(shard_frames, num_frames)) if num_frames else shard_frames
-    arrays: dict[str, zarr.Array] = {}
-    for name in ARRAY_NAMES:
-        spec = specs[name]
-        arrays[name] = group.create_array(
+    created: dict[str, zarr.Array] = {}
+    for name, spec in specs.items():
+        created[name] = group.create_array(
             name,
             shape=spec.shape(num_frames),
             dtype=spec.dtype,
@@ -261,7 +301,7 @@ def create_occ(
             # compression itself on 640k-voxel frames.
             config={"write_empty_chunks": True},
         )
-    return OccWriter(group, path, num_frames, specs, shard_frames, arrays)
+    return OccWriter(group, path, num_frames, specs, shard_frames, created)
 
 
 @dataclass
@@ -270,15 +310,19 @@ class OccLog:
 
     Attributes:
         path: the group's location.
-        group: the Zarr group (arrays ``semantics``, ``flow``, ``mask_lidar``).
+        group: the Zarr group (arrays ``semantics``, ``flow``, ``mask_lidar`` and optional ones).
         grid: the voxel grid from the group attributes.
         attrs: all group attributes (a plain dict).
+        classes: the class table of ``semantics``.
+        arrays: the label arrays the group holds (required first).
     """
 
     path: str
     group: zarr.Group
     grid: VoxelGrid
     attrs: dict
+    classes: ClassTable = OPENSCENE_CLASSES
+    arrays: tuple[str, ...] = REQUIRED_ARRAYS
     _present: dict[str, set[int]] = field(default_factory=dict, repr=False)  # shards known to exist
     _arrays: dict[str, zarr.Array] = field(default_factory=dict, repr=False)
 
@@ -321,16 +365,16 @@ class OccLog:
         """
         if not 0 <= i < self.num_frames:
             raise IndexError(f"{self.path}: frame {i} out of range (T = {self.num_frames})")
-        return OccFrame(*(self._read(name, i, i + 1)[0] for name in ARRAY_NAMES))
+        return OccFrame(*(self._read(name, i, i + 1)[0] for name in REQUIRED_ARRAYS))
 
     def read(self, start: int = 0, stop: int | None = None) -> dict[str, np.ndarray]:
-        """Frames ``start:stop`` of every array, ``{name: (n, ...) ndarray}``; read shard-aligned for speed.
+        """Frames ``start:stop`` of every array of the group, ``{name: (n, ...) ndarray}``.
 
         Raises:
             OccDataError: a shard file holding the frames is missing or does not decode.
         """
         stop = self.num_frames if stop is None else stop
-        return {name: self._read(name, start, stop) for name in ARRAY_NAMES}
+        return {name: self._read(name, start, stop) for name in self.arrays}
 
     def shard_file(self, name: str, shard: int) -> str:
         """Path (or URL) of shard ``shard`` of array ``name`` (frames ``shard * S`` to ``(shard + 1) * S - 1``)."""
@@ -404,23 +448,6 @@ class OccLog:
             ) from None
 
 
-def _check_grid(value: Any) -> VoxelGrid:
-    """The group attribute ``grid`` as a :class:`VoxelGrid`; ValueError when malformed."""
-    if not isinstance(value, dict):
-        raise ValueError(f"expected an object, got {type(value).__name__}")
-    try:
-        lo = [float(v) for v in value["range_min_m"]]
-        hi = [float(v) for v in value["range_max_m"]]
-        size = float(value["voxel_size_m"])
-    except (KeyError, TypeError, ValueError) as exc:
-        raise ValueError(f"{type(exc).__name__}: {exc}") from None
-    if len(lo) != 3 or len(hi) != 3 or not np.isfinite([*lo, *hi, size]).all() or size <= 0:
-        raise ValueError(f"range_min_m/range_max_m need 3 finite numbers and voxel_size_m > 0, got {value}")
-    if any(b <= a for a, b in zip(lo, hi, strict=True)):
-        raise ValueError(f"range_max_m must exceed range_min_m, got {value}")
-    return VoxelGrid(tuple(lo), tuple(hi), size)  # type: ignore[arg-type]
-
-
 def open_occ(path: PathLike, storage_options: dict | None = None) -> OccLog:
     """Open and validate an ``occ/<log>.zarr`` group written by :func:`create_occ`.
 
@@ -447,19 +474,39 @@ def open_occ(path: PathLike, storage_options: dict | None = None) -> OccLog:
             path, f"group attribute format is {attrs.get('format')!r}, expected {OCC_FORMAT!r}"
         )
     version = attrs.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
+    if not isinstance(version, int) or not OLDEST_FORMAT_VERSION <= version <= FORMAT_VERSION:
         raise OccFormatError(
             path,
-            f"format version {version!r}, this DriveEngine reads up to {FORMAT_VERSION}",
+            f"format version {version!r}, this DriveEngine reads {OLDEST_FORMAT_VERSION} to {FORMAT_VERSION}",
             "upgrade driveengine",
         )
+    grid_record = attrs.get("grid")
     try:
-        grid = _check_grid(attrs.get("grid"))
+        if not isinstance(grid_record, dict):
+            raise ValueError(f"expected an object, got {type(grid_record).__name__}")
+        grid = VoxelGrid.from_dict(grid_record)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise OccFormatError(
+            meta, f"malformed group attribute grid ({type(exc).__name__}: {exc})", DAMAGED_HINT
+        ) from None
+    try:  # format 1: OpenScene's table as an id map
+        classes = class_table_from_record(attrs.get("class_table", attrs.get("classes")))
     except ValueError as exc:
-        raise OccFormatError(meta, f"malformed group attribute grid ({exc})", DAMAGED_HINT) from None
-    specs = occ_array_specs(grid)
+        raise OccFormatError(meta, f"malformed group attribute class_table ({exc})", DAMAGED_HINT) from None
+    names = attrs.get("arrays", list(REQUIRED_ARRAYS))
+    if (
+        not isinstance(names, list)
+        or not all(isinstance(n, str) and n in LABEL_ARRAYS for n in names)
+        or any(n not in names for n in REQUIRED_ARRAYS)
+    ):
+        raise OccFormatError(
+            meta,
+            f"malformed group attribute arrays {names!r} (known arrays: {sorted(LABEL_ARRAYS)})",
+            DAMAGED_HINT,
+        )
+    specs = occ_array_specs(grid, classes, tuple(names))
     frames = None
-    for name in ARRAY_NAMES:
+    for name in names:
         try:
             arr = group.get(name)
         except ZARR_ERRORS as exc:
@@ -481,4 +528,4 @@ def open_occ(path: PathLike, storage_options: dict | None = None) -> OccLog:
         if frames is not None and arr.shape[0] != frames:
             raise OccFormatError(path, f"array {name!r} has {arr.shape[0]} frames, others {frames}")
         frames = arr.shape[0]
-    return OccLog(str(path), group, grid, attrs)
+    return OccLog(str(path), group, grid, attrs, classes, tuple(names))

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from driveengine.schemas.classes import CAMERA_CHANNELS
+from driveengine.sources.nuplan.constants import CAMERA_CHANNELS
 from driveengine.synth.blobs import write_image, write_sweep
 from driveengine.synth.nuplan_db import LogPlan, SynthError, plan_log, write_db
 from driveengine.synth.sensors import pixel_rays

@@ -27,7 +27,7 @@ import numpy as np
 
 from driveengine.errors import DriveEngineError
 from driveengine.geometry import matrix_to_quaternion
-from driveengine.schemas.classes import CAMERA_CHANNELS, CATEGORIES, LIDAR_CHANNEL
+from driveengine.sources.nuplan.constants import CAMERA_CHANNELS, CATEGORIES, LIDAR_CHANNEL
 from driveengine.synth.world import BOX_RANGE_M, World
 
 #: nuPlan's tables and columns with their SQLite types (reference §1), in nuPlan's column order.

@@ -1414,7 +1414,7 @@ def _write_scene(
 
 @lru_cache(maxsize=1)
 def _world_categories() -> tuple[str, ...]:
-    from driveengine.schemas.classes import CATEGORIES as WORLD_CATEGORIES
+    from driveengine.sources.nuplan.constants import CATEGORIES as WORLD_CATEGORIES
 
     return tuple(WORLD_CATEGORIES)
 

@@ -56,8 +56,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from driveengine.geometry import make_transform, matrix_to_quaternion, wrap_angle, yaw_to_quaternion
-from driveengine.schemas.classes import BACKGROUND, CAMERA_CHANNELS, CATEGORIES, CATEGORY_TO_CLASS
+from driveengine.schemas.classes import BACKGROUND
 from driveengine.schemas.grid import VoxelGrid
+from driveengine.sources.nuplan.constants import CAMERA_CHANNELS, CATEGORIES, CATEGORY_TO_CLASS
 
 #: Global z of the rear axle (the ego origin), metres.
 EGO_Z_M = 0.3

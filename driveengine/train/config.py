@@ -15,7 +15,7 @@ class PretrainConfig:
             and collected under ``demo_dir`` if missing).
         split: split folder under ``data`` to train on; ``eval_split``: to evaluate on (default: ``split``).
         storage_options: fsspec options for a URL ``data``.
-        sensor_root: folder of the ``.pcd`` files (default: the manifest's ``sensor_root``).
+        blob_root: folder the frame rows' sensor paths start from (default: as each log was collected).
         num_workers: DataLoader workers per rank.
         eval_frames: frames of the eval split to evaluate on (0 = all).
         demo_dir: where the demo data lives / is made.
@@ -60,7 +60,7 @@ class PretrainConfig:
     split: str = "mini"
     eval_split: str | None = None
     storage_options: dict[str, Any] | None = None
-    sensor_root: str | None = None
+    blob_root: str | None = None
     num_workers: int = 0
     eval_frames: int = 8
     demo_dir: str = "demo_data"

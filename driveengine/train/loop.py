@@ -609,14 +609,14 @@ def pretrain(config: PretrainConfig) -> dict[str, Any]:
     stream = FrameStream(
         root, split, fields=task.fields, shuffle=True, seed=config.seed,
         global_batch_size=config.batch_size * world, rank=rank, world_size=world,
-        storage_options=config.storage_options, sensor_root=config.sensor_root, **task.stream_kwargs(),
+        storage_options=config.storage_options, blob_root=config.blob_root, **task.stream_kwargs(),
     )  # fmt: skip
     eval_stream = FrameStream(
         root, config.eval_split or split, fields=task.fields, shuffle=False, seed=config.seed,
         global_batch_size=config.batch_size * world, rank=rank, world_size=world,
-        storage_options=config.storage_options, sensor_root=config.sensor_root, **task.stream_kwargs(),
+        storage_options=config.storage_options, blob_root=config.blob_root, **task.stream_kwargs(),
     )  # fmt: skip
-    grid = VoxelGrid.from_dict(stream.manifest.grid)
+    grid = stream.manifest.grid
 
     run = Path(config.run_dir) / config.name
     resume_path: Path | None = None

@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import os
 import textwrap
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,15 +29,9 @@ from typing import Any
 import numpy as np
 
 from driveengine.errors import DriveEngineError
-from driveengine.schemas.classes import (
-    BACKGROUND,
-    CATEGORY_TO_CLASS,
-    CLASS_NAMES,
-    FOREGROUND_BELOW,
-    FREE,
-    NUM_CLASSES,
-)
+from driveengine.schemas.classes import BACKGROUND, CLASS_NAMES, FOREGROUND_BELOW, FREE, NUM_CLASSES
 from driveengine.schemas.grid import GRID, VoxelGrid
+from driveengine.sources.nuplan.constants import CATEGORY_TO_CLASS
 
 StrPath = str | os.PathLike[str]
 
@@ -357,28 +351,6 @@ def render_frame(
 # -- a frame of a collected split --------------------------------------------------------------------
 
 
-def guess_blob_root(entry: Mapping[str, Any]) -> Path | None:
-    """The sensor-blob root of a manifest entry from its ``source`` (collect's default layout), or None.
-
-    ``nuplan``: ``<root>/splits/<folder>/<log>.db`` -> ``<root>/sensor_blobs``;
-    ``openscene``: ``<root>/meta_datas/<folder>/<log>.pkl`` -> ``<root>/sensor_blobs/<folder>``.
-    A ``source.blob_root`` key, when present, wins. Otherwise a ``--sensor-root`` given to collect is
-    unknown here, so pass ``blob_root`` explicitly then.
-    """
-    source = entry.get("source") or {}
-    if source.get("blob_root"):  # recorded by collect, when it records it
-        return Path(source["blob_root"])
-    path = source.get("path")
-    if not path:
-        return None
-    p = Path(path)
-    if source.get("kind") == "nuplan" and len(p.parents) >= 3:
-        return p.parents[2] / "sensor_blobs"
-    if source.get("kind") == "openscene" and len(p.parents) >= 3:
-        return p.parents[2] / "sensor_blobs" / p.parent.name
-    return None
-
-
 @dataclass
 class _LogFrames:
     rows: list[dict[str, Any]]
@@ -387,22 +359,22 @@ class _LogFrames:
 
 
 def _open_log(split_dir: Path, log: str, blob_root: StrPath | None) -> _LogFrames:
-    from driveengine.store.frames import read_log_frames
-    from driveengine.store.manifest import load_manifest
-    from driveengine.store.occ import open_occ
+    from driveengine.store.dataset import DatasetError, open_split
 
-    manifest = load_manifest(split_dir)
-    entry = manifest.logs.get(log)
-    if entry is None:
-        known = ", ".join(sorted(manifest.logs)[:5]) or "none"
+    split = open_split(split_dir, blob_root=blob_root)
+    try:
+        committed = split.log(log)
+    except DatasetError:
+        names = [c.name for c in split.logs]
+        known = ", ".join(names[:5]) or "none"
         raise VizError(
-            f"{split_dir}: no committed log {log!r} (logs: {known}{', ...' if len(manifest.logs) > 5 else ''})"
-        )
+            f"{split_dir}: no committed log {log!r} (logs: {known}{', ...' if len(names) > 5 else ''})"
+        ) from None
     columns = ["token", "timestamp", "scene_name", "frame_idx", "anns", "cams"]
-    rows = read_log_frames(split_dir, log, columns).to_pylist()
-    occ = open_occ(split_dir / entry["occ"]) if entry.get("occ") else None
-    root = Path(blob_root) if blob_root is not None else guess_blob_root(entry)
-    return _LogFrames(rows, occ, root)
+    rows = committed.frames(columns).to_pylist()
+    occ = committed.labels() if committed.has_labels else None
+    root = committed.blob_root
+    return _LogFrames(rows, occ, None if root is None else Path(root))
 
 
 def _render_row(

@@ -31,14 +31,15 @@ import numpy as np
 
 from driveengine.errors import SourceError
 from driveengine.geometry import MIN_QUATERNION_NORM, make_transform
-from driveengine.schemas.classes import (
+from driveengine.sources.logdata import LogData
+from driveengine.sources.nuplan.constants import (
     CAMERA_CHANNELS,
     CATEGORIES,
+    CATEGORY_CLASS,
     LIDAR_CHANNEL,
     TRAFFIC_LIGHT_CODES,
     TRAFFIC_LIGHT_UNKNOWN,
 )
-from driveengine.sources.logdata import LogData
 from driveengine.sources.safe_pickle import load_calibration
 
 #: An image belongs to a sweep when ``|image.timestamp - lidar_pc.timestamp| <= IMAGE_WINDOW_US``.
@@ -536,6 +537,9 @@ def _read(con: sqlite3.Connection, path: Path, general: bool) -> LogData:
         tag_offsets=tag_offsets,
         tag_type=tags["type"].astype(np.str_) if tags.size else np.zeros(0, dtype="<U1"),
         tag_agent_track_token=tag_agent,
+        camera_channels=CAMERA_CHANNELS,
+        categories=CATEGORIES,
+        category_class=np.array(CATEGORY_CLASS, dtype=np.uint8),
         notes=notes,
     )
     data.validate()

@@ -41,13 +41,14 @@ from driveengine.geometry import (
     quaternion_yaw,
     wrap_angle,
 )
-from driveengine.schemas.classes import (
+from driveengine.sources.logdata import LogData
+from driveengine.sources.nuplan.constants import (
     CAMERA_CHANNELS,
     CATEGORIES,
+    CATEGORY_CLASS,
     TRAFFIC_LIGHT_CODES,
     TRAFFIC_LIGHT_UNKNOWN,
 )
-from driveengine.sources.logdata import LogData
 from driveengine.sources.safe_pickle import BUILTIN_GLOBALS, NUMPY_GLOBALS, restricted_loads
 
 #: What an OpenScene metadata pickle may contain: builtin containers and scalars, numpy arrays.
@@ -451,6 +452,9 @@ def read_openscene_log(path: str | PathLike[str]) -> LogData:
         tag_offsets=zeros_off,
         tag_type=np.zeros(0, dtype=str),
         tag_agent_track_token=np.zeros(0, dtype=str),
+        camera_channels=CAMERA_CHANNELS,
+        categories=CATEGORIES,
+        category_class=np.array(CATEGORY_CLASS, dtype=np.uint8),
     )
     try:
         log.validate()

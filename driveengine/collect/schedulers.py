@@ -1,0 +1,118 @@
+"""Where the per-log jobs run: one function, :func:`run_tasks`, over three schedulers.
+
+One log per task, dynamic scheduling, per-log error isolation; results come back as they finish:
+
+* ``workers=1``: in this process;
+* ``workers=N``: a local process pool (:mod:`driveengine.collect.pool`: workers forked from a
+  ``forkserver``; a worker killed by the OOM killer costs one retry of its log, not the run; workers die
+  with this process, even after ``kill -9``);
+* ``scheduler="local:N"``: a Dask ``LocalCluster`` of N single-threaded worker processes on 127.0.0.1;
+* ``scheduler="tcp://host:port"``: an existing Dask distributed cluster; the output folder must be on a
+  file system the workers share.
+
+Processes are started with SIGINT ignored (a terminal's Ctrl-C reaches the whole process group; only
+the client reacts, and stops them).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+from driveengine.collect.config import CollectError
+from driveengine.collect.job import LogResult, LogTask, run_log
+
+#: Called with (log name, frames just labelled) as labels are made (in-process and pool runs).
+Progress = Callable[[str, int], None]
+
+
+def run_tasks(
+    tasks: list[LogTask], workers: int = 1, scheduler: str | None = None, progress: Progress | None = None
+) -> Iterator[LogResult]:
+    """Run ``tasks`` and yield their results as they finish (see the module doc).
+
+    Raises:
+        CollectError: a malformed ``scheduler`` or an unreachable Dask scheduler.
+    """
+    report: Progress = progress or (lambda name, n: None)
+    if not tasks:
+        return iter(())
+    if scheduler:
+        return _results_dask(tasks, scheduler)
+    if workers <= 1 or len(tasks) == 1:
+        return _results_inline(tasks, report)
+    from driveengine.collect.pool import run_pool
+
+    return run_pool(tasks, min(workers, len(tasks)), report)
+
+
+def _results_inline(tasks: list[LogTask], progress: Progress) -> Iterator[LogResult]:
+    for task in tasks:
+        yield run_log(task, progress=lambda n, name=task.log_name: progress(name, n))
+
+
+@contextlib.contextmanager
+def sigint_ignored() -> Iterator[None]:
+    """Ignore SIGINT while processes are started (they inherit it: a terminal's Ctrl-C reaches the whole
+    process group, and then only this process reacts); a no-op outside the main thread."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _results_dask(tasks: list[LogTask], scheduler: str) -> Iterator[LogResult]:
+    try:
+        from distributed import Client, LocalCluster, as_completed
+    except ImportError as exc:
+        raise CollectError(f"--scheduler needs dask distributed ({exc})") from None
+    cluster = None
+    if scheduler.startswith("local:"):
+        try:
+            n = int(scheduler.removeprefix("local:"))
+        except ValueError:
+            raise CollectError(f"--scheduler {scheduler!r}: expected local:N with N workers") from None
+        with sigint_ignored():  # the cluster's processes inherit it: Ctrl-C is handled here alone
+            cluster = LocalCluster(
+                n_workers=n,
+                threads_per_worker=1,
+                host="127.0.0.1",
+                dashboard_address="127.0.0.1:0",
+                processes=True,
+                silence_logs=logging.ERROR,  # not the warnings of tasks cancelled by Ctrl-C; failures are ours
+            )
+        client = Client(cluster)
+    elif scheduler.startswith("tcp://"):
+        try:
+            client = Client(scheduler, timeout="30s")
+        except OSError as exc:
+            raise CollectError(f"--scheduler {scheduler}: cannot reach the Dask scheduler ({exc})") from None
+    else:
+        raise CollectError(f"--scheduler {scheduler!r}: expected local:N or tcp://HOST:PORT")
+    try:
+        futures = [
+            client.submit(run_log, task, key=f"collect-{task.log_name}-{time.time_ns()}", pure=False)
+            for task in tasks
+        ]
+        by_key = {f.key: t for f, t in zip(futures, tasks, strict=True)}
+        for future in as_completed(futures):
+            task = by_key[future.key]
+            try:
+                yield future.result()
+            except Exception as exc:  # KilledWorker, lost connection, ...
+                yield LogResult(
+                    task.log_name, "failed", reason=f"{task.input.path}: Dask task failed ({exc!r})"
+                )
+    finally:
+        with sigint_ignored():  # a Ctrl-C during the shutdown would leave the cluster half closed
+            client.close()
+            if cluster is not None:
+                cluster.close()
