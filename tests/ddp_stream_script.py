@@ -1,8 +1,9 @@
 """Run under ``torchrun`` by tests/test_ddp.py: stream a split on every rank and record what each rank saw.
 
 Usage: ``torchrun --nproc_per_node N tests/ddp_stream_script.py ROOT SPLIT OUT_DIR NUM_WORKERS GLOBAL_BATCH
-[PRETRAIN_STEPS]``. Writes ``OUT_DIR/rank<r>.json``: ``{"epochs": {epoch: [[tokens of batch], ...]}}``, and
-with PRETRAIN_STEPS > 0 runs that many DDP pre-training steps (gloo) and adds ``"pretrain"`` (losses).
+[PRETRAIN_STEPS]``. Writes ``OUT_DIR/rank<r>.json``: ``{"epochs": {epoch: [[tokens of batch], ...]},
+"filtered": {...the same over FILTER...}}``, and with PRETRAIN_STEPS > 0 runs that many DDP pre-training
+steps (gloo) and adds ``"pretrain"`` (losses).
 """
 
 from __future__ import annotations
@@ -11,10 +12,16 @@ import json
 import sys
 from pathlib import Path
 
+import pyarrow.compute as pc
 import torch
 import torch.distributed as dist
 
 from driveengine.data import FrameStream
+
+
+def filter_kwargs() -> dict:
+    """The filter the script also streams with: two of the fixture's map locations, no scene start."""
+    return {"map_locations": ["las_vegas", "pittsburgh"], "where": pc.field("frame_idx") >= 1}
 
 
 def record(root: str, split: str, num_workers: int, global_batch: int, epochs=(0, 1), **kw) -> dict:
@@ -37,6 +44,7 @@ def main() -> None:
     rank = dist.get_rank()
     result = {
         "epochs": record(root, split, int(num_workers), int(global_batch)),
+        "filtered": record(root, split, int(num_workers), int(global_batch), **filter_kwargs()),
         "world_size": dist.get_world_size(),
     }
     if steps:

@@ -42,6 +42,9 @@ class FrameTruth:
     mask_lidar: np.ndarray
     ego2global: np.ndarray
     points: np.ndarray | None = None
+    map_location: str = ""
+    scenario_tags: tuple[str, ...] = ()
+    extra: dict[str, np.ndarray] = field(default_factory=dict)  # optional label arrays, by name
 
 
 @dataclass
@@ -55,6 +58,20 @@ class SplitInfo:
 
 def _token(log_index: int, row: int) -> str:
     return f"{log_index:04x}{row:012x}"
+
+
+#: Map location of log ``i`` is ``MAP_LOCATIONS[i % 3]``.
+MAP_LOCATIONS = ("las_vegas", "boston", "pittsburgh")
+
+
+def scenario_tags_of(row: int) -> tuple[str, ...]:
+    """The (made-up) scenario tags of frame ``row`` of a fixture log: sorted, unique, often none."""
+    tags = []
+    if row % 3 == 0:
+        tags.append("stationary")
+    if row % 4 == 1:
+        tags += ["high_speed", "turning"]
+    return tuple(sorted(tags))
 
 
 def make_labels(rng: np.random.Generator, grid: VoxelGrid, n: int, structured: bool = False):
@@ -89,6 +106,7 @@ def build_split(
     images: bool = False,
     structured: bool = False,
     shard_frames: int = 4,
+    extra_arrays: tuple[str, ...] = (),
 ) -> SplitInfo:
     """Write ``out/<split>`` with one log per entry of ``scenes_per_log`` (frames per scene).
 
@@ -97,7 +115,11 @@ def build_split(
         points: also write a ``.pcd`` per frame under ``out/sensor_blobs``.
         images: also write eight small ``.jpg`` per frame.
         structured: learnable labels (see :func:`make_labels`) instead of noise.
+        extra_arrays: optional registered label arrays to write too (value: the complement of
+            ``mask_lidar``, broadcast over the array's components, in its dtype).
     """
+    from driveengine.schemas.occ import REQUIRED_ARRAYS, occ_array_specs
+
     from driveengine.sources.pcd import write_nuplan_pcd
 
     rng = np.random.default_rng(seed)
@@ -128,6 +150,7 @@ def build_split(
             "frame_idx": frame_idx,
             "timestamp": timestamps,
             "log_name": [name] * n,
+            "map_location": [MAP_LOCATIONS[li % 3]] * n,
             "scene_token": scene_tokens,
             "scene_name": [f"{name}-scene-{s}" for s in scene_of_row],
             "sample_prev": prev,
@@ -135,6 +158,7 @@ def build_split(
             "ego2global": [m.tolist() for m in ego2global],
             "lidar_path": lidar_paths,
             "lidar2ego": [np.eye(4).tolist()] * n,
+            "scenario_tags": [list(scenario_tags_of(r)) for r in range(n)],
         }
         if images:
             cams = []
@@ -157,16 +181,27 @@ def build_split(
         table = pa.table(columns, schema=schema)
         (split_dir / "meta").mkdir(parents=True, exist_ok=True)
         pq.write_table(table, split_dir / "meta" / f"{name}.parquet")
+        specs = occ_array_specs(grid, names=extra_arrays)
+        extra = {
+            a: np.broadcast_to(
+                (~mask).reshape(*mask.shape, *[1] * (len(specs[a].frame_shape) - 3)),
+                (n, *specs[a].frame_shape),
+            ).astype(specs[a].dtype)
+            for a in extra_arrays
+        }
         with create_occ(
             split_dir / "occ" / f"{name}.zarr",
             n,
             generator={"kind": "test-fixture"},
             grid=grid,
+            arrays=(*REQUIRED_ARRAYS, *extra_arrays),
             storage=OccStorage(shard_frames=shard_frames),
             timestamps_us=timestamps,
         ) as writer:
             for r in range(n):
-                writer.append(semantics=sem[r], flow=flow[r], mask_lidar=mask[r])
+                writer.append(
+                    semantics=sem[r], flow=flow[r], mask_lidar=mask[r], **{a: v[r] for a, v in extra.items()}
+                )
         for r, tok in enumerate(tokens):
             pts = None
             if points:
@@ -193,8 +228,9 @@ def build_split(
                     Image.fromarray(img).save(buf, format="JPEG", quality=95)
                     path.write_bytes(buf.getvalue())
             info.frames[tok] = FrameTruth(
-                name, r, scene_tokens[r], sem[r], flow[r], mask[r], ego2global[r], pts
-            )
+                name, r, scene_tokens[r], sem[r], flow[r], mask[r], ego2global[r], pts,
+                MAP_LOCATIONS[li % 3], scenario_tags_of(r), {a: v[r] for a, v in extra.items()},
+            )  # fmt: skip
         manifest.logs[name] = LogEntry(
             frames=n,
             meta=f"meta/{name}.parquet",
@@ -204,3 +240,57 @@ def build_split(
         )
     save_manifest(split_dir, manifest)
     return info
+
+
+#: Fixture label ids (OpenScene's: vehicle, bicycle, pedestrian, background, free) -> Occ3D-nuScenes' ids
+#: of the same classes (car, bicycle, pedestrian, others, free): what :func:`build_split_as` writes for
+#: ``classes=OCC3D_NUSCENES_CLASSES``.
+OPENSCENE_TO_OCC3D_IDS: dict[int, int] = {0: 4, 5: 2, 7: 7, 10: 0, FREE: 17}
+
+
+def build_split_as(
+    out: Path,
+    *,
+    dataset: str = "nuplan",
+    classes=None,
+    id_map: dict[int, int] | None = None,
+    cameras: tuple[str, ...] | None = None,
+    **kwargs,
+) -> SplitInfo:
+    """:func:`build_split` of another dataset name, class table or camera rig.
+
+    Args:
+        dataset: the manifest's dataset name (what samples say in ``dataset``).
+        classes: the class table recorded in the manifest and the label groups (default OpenScene's).
+        id_map: fixture label id -> id written (e.g. :data:`OPENSCENE_TO_OCC3D_IDS`); the returned truth
+            holds the written ids.
+        cameras: the camera channels (frame rows, manifest and images); default nuPlan's eight.
+        kwargs: :func:`build_split`'s other arguments.
+    """
+    import functools
+
+    module = globals()
+    saved = {
+        k: module[k] for k in ("create_occ", "DatasetInfo", "make_labels", "CAMERA_CHANNELS", "FRAME_SCHEMA")
+    }
+    info_fields = {"name": dataset, **({} if classes is None else {"classes": classes})}
+    try:
+        module["DatasetInfo"] = lambda **kw: saved["DatasetInfo"](**{**kw, **info_fields})
+        if classes is not None:
+            module["create_occ"] = functools.partial(saved["create_occ"], classes=classes)
+        if id_map is not None:
+            lut = np.arange(256, dtype=np.uint8)
+            for a, b in id_map.items():
+                lut[a] = b
+
+            def mapped_labels(*args, **kw):
+                sem, flow, mask = saved["make_labels"](*args, **kw)
+                return lut[sem], flow, mask
+
+            module["make_labels"] = mapped_labels
+        if cameras is not None:
+            module["CAMERA_CHANNELS"] = tuple(cameras)
+            module["FRAME_SCHEMA"] = frame_schema(tuple(cameras))
+        return build_split(out, **kwargs)
+    finally:
+        module.update(saved)

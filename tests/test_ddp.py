@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from ddp_stream_script import record
+from ddp_stream_script import filter_kwargs, record
 from stream_fixtures import build_split
 
 SCRIPT = Path(__file__).with_name("ddp_stream_script.py")
@@ -55,6 +55,19 @@ def test_two_ranks_two_workers_see_each_frame_once_in_the_global_order(tmp_path)
         global_batches = [a + b for a, b in zip(per_rank[0], per_rank[1], strict=True)]
         assert global_batches == reference[epoch]  # the same global order as 1 rank x 1 worker
     assert ranks[0]["epochs"]["0"] != ranks[0]["epochs"]["1"]  # epochs differ
+
+    # A filtered stream: the same global batches over 2 ranks x 2 workers as 1 rank x 1 worker, over the subset.
+    subset = [t for t, f in info.frames.items() if f.map_location in ("las_vegas", "pittsburgh") and f.row > 0
+              and info.frames[t].scene == next(g.scene for g in info.frames.values() if g.log == f.log
+                                               and g.row == f.row - 1)]  # fmt: skip
+    assert 0 < len(subset) < len(info.frames)
+    reference = record(str(info.root), info.split, 0, 4, rank=0, world_size=1, **filter_kwargs())
+    for epoch in ("0", "1"):
+        per_rank = [r["filtered"][epoch] for r in ranks]
+        assert len(per_rank[0]) == len(per_rank[1])
+        global_batches = [a + b for a, b in zip(per_rank[0], per_rank[1], strict=True)]
+        assert global_batches == reference[epoch]
+        assert set(t for batch in global_batches for t in batch) == set(subset)
 
     # DDP pre-training ran on both ranks with the same (all-reduced) losses, evaluated all frames.
     runs = [r["pretrain"] for r in ranks]

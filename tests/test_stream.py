@@ -14,6 +14,7 @@ from stream_fixtures import build_split
 
 from driveengine.data import FrameStream, StreamError, collate_frames
 from driveengine.geometry import invert_transform
+from driveengine.sources.nuplan.constants import CAMERA_CHANNELS
 from driveengine.store.manifest import ManifestError
 
 OCC = ("semantics", "flow", "mask_lidar")
@@ -66,8 +67,12 @@ def test_zarr_and_fast_reads_agree(split):
 
 
 def test_only_requested_fields_are_present(split):
-    s = next(iter(FrameStream(split.root, split.split, fields=("flow",))))
-    assert set(s) == {"token", "log_name", "row", "sample_index", "flow"}
+    stream = FrameStream(split.root, split.split, fields=("flow",))
+    s = next(iter(stream))
+    assert set(s) == {"token", "log_name", "row", "sample_index", "dataset", "flow"}
+    assert s["dataset"] == stream.dataset_name == "nuplan"  # the split's dataset, from the manifest
+    assert stream.grid.shape == s["flow"].shape[:3] and stream.classes.free == FREE
+    assert stream.cameras == CAMERA_CHANNELS
 
 
 def test_epochs_differ_and_seed_repeats(split):
@@ -208,17 +213,23 @@ def test_images_are_resized_with_scaled_intrinsics(split):
     assert np.allclose(s["ego_from_camera"][2, :3, 3], [3.0, 0.0, 1.5])
 
 
-def test_unknown_field_names_the_log_and_file(split):
-    stream = FrameStream(split.root, split.split, fields=("no_such_column",))
-    with pytest.raises(StreamError, match=r"log 2021\..*no_such_column"):
-        next(iter(stream))
+def test_unknown_field_is_refused_when_the_stream_is_built(split):
+    with pytest.raises(StreamError, match=r"unknown field 'no_such_column'.*meta/2021\..*parquet") as exc:
+        FrameStream(split.root, split.split, fields=("no_such_column",))
+    message = str(exc.value)
+    assert "valid fields: points, images, semantics, flow, mask_lidar, token," in message
+    assert "did you mean" not in message and "\n" not in message
+    with pytest.raises(StreamError, match=r"unknown field 'semantic'.*did you mean 'semantics'\?"):
+        FrameStream(split.root, split.split, fields=("semantic", "flow"))
+    with pytest.raises(StreamError, match=r"did you mean 'scene_token'"):
+        FrameStream(split.root, split.split, fields=("scene_tokn",))
 
 
 def test_missing_occupancy_shard_names_the_log(tmp_path):
     info = build_split(tmp_path, scenes_per_log=((3,), (4,)))
     victim = info.log_names[1]
     shutil.rmtree(tmp_path / "mini" / "occ" / f"{victim}.zarr")
-    with pytest.raises(StreamError, match=f"log {victim}: occupancy shard .* is missing"):
+    with pytest.raises(StreamError, match=f"log {victim}: .*occ/{victim}.zarr: no such Zarr group"):
         list(FrameStream(tmp_path, "mini", fields=OCC))
     # Fields that do not need the labels still stream.
     assert len(list(FrameStream(tmp_path, "mini", fields=("token",)))) == 7
@@ -227,7 +238,8 @@ def test_missing_occupancy_shard_names_the_log(tmp_path):
 def test_missing_frame_rows_name_the_log(tmp_path):
     info = build_split(tmp_path, scenes_per_log=((3,), (4,)))
     (tmp_path / "mini" / "meta" / f"{info.log_names[0]}.parquet").unlink()
-    with pytest.raises(StreamError, match=f"log {info.log_names[0]}: frame rows .* are missing"):
+    name = info.log_names[0]
+    with pytest.raises(StreamError, match=f"log {name}: .*meta/{name}.parquet: frame shard missing"):
         list(FrameStream(tmp_path, "mini", fields=("semantics",)))
 
 
@@ -276,8 +288,9 @@ def _upload(fs, local: Path, remote: str) -> None:
             fs.pipe_file(f"{remote}/{path.relative_to(local).as_posix()}", path.read_bytes())
 
 
-def test_s3_streams_the_same_samples_as_disk(split, monkeypatch):
+def test_s3_streams_the_same_samples_as_disk(split, monkeypatch, tmp_path):
     pytest.importorskip("moto")
+    monkeypatch.setenv("DRIVEENGINE_CACHE_DIR", str(tmp_path / "cache"))  # remote reads go through a cache
     s3fs = pytest.importorskip("s3fs")
     from moto.server import ThreadedMotoServer
 
@@ -303,7 +316,21 @@ def test_s3_streams_the_same_samples_as_disk(split, monkeypatch):
             assert r["token"] == lo["token"]
             for key in (*OCC, "ego2global"):
                 assert torch.equal(r[key], lo[key])
+        # A filter reads the remote rows through the same handle: the same subset, the same samples.
+        import pyarrow.compute as pc
+
+        flt = dict(where=pc.field("frame_idx") >= 1, scenario_tags=["stationary", "turning"])
+        remote = FrameStream(
+            "s3://bucket/data", "mini", storage_options=options, fields=OCC, history=1, **flt
+        )
+        local = FrameStream(split.root, split.split, fields=OCC, history=1, **flt)
+        assert 0 < remote.num_frames == local.num_frames < len(split.frames)
+        assert remote.state_dict()["subset"] == local.state_dict()["subset"]
+        for r, lo in zip(remote, local, strict=True):
+            assert r["token"] == lo["token"] and np.array_equal(r["history_flow"], lo["history_flow"])
+            assert np.array_equal(remote.get(r["token"])["semantics"], lo["semantics"])
     finally:
+        s3fs.S3FileSystem(**options).rm("bucket", recursive=True)  # moto keeps buckets after it stops
         server.stop()
 
 

@@ -9,6 +9,9 @@
 Tensors are put in pinned (page-locked) memory when ``pin_memory`` is true, by default when CUDA is
 available and collation runs in the main process (workers leave pinning to the DataLoader's
 ``pin_memory=True``, which :meth:`FrameStream.loader` sets when CUDA is available).
+
+Images streamed as uint8 (``FrameStream(image_dtype="uint8")``: a quarter of the bytes through the
+loader) become the float32 [0, 1] images of the float path on the device with :func:`images_to_float`.
 """
 
 from __future__ import annotations
@@ -88,3 +91,32 @@ def collate_frames(samples: Sequence[dict[str, Any]], pin_memory: bool | None = 
     if pin_memory:
         batch = {k: _pin(v) for k, v in batch.items()}
     return batch
+
+
+def images_to_float(
+    images: torch.Tensor, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """Camera images as floats in [0, 1] on ``device``: uint8 RGB 0..255 (``image_dtype="uint8"``) are moved
+    first (a quarter of the bytes; ``non_blocking`` from pinned memory) and then divided by 255 there;
+    floating-point images (the float path) are only moved and cast. In float32 the result equals what
+    ``image_dtype="float32"`` streams, bit for bit.
+
+    Args:
+        images: (..., 3, H, W) uint8 or floating-point images (``images``, ``history_images`` of a batch).
+        device: where to put them (None: where they are).
+        dtype: the floating-point dtype wanted (float32; bfloat16/float16 for mixed precision).
+
+    Raises:
+        TypeError: images of another dtype, or a ``dtype`` that is not floating point.
+    """
+    if not dtype.is_floating_point:
+        raise TypeError(f"images_to_float: dtype must be floating point, got {dtype}")
+    if images.dtype != torch.uint8 and not images.is_floating_point():
+        raise TypeError(f"images_to_float: expected uint8 or floating-point images, got {images.dtype}")
+    if device is not None:
+        device = torch.device(device)
+        non_blocking = device.type == "cuda" and images.device.type == "cpu" and images.is_pinned()
+        images = images.to(device, non_blocking=non_blocking)
+    if images.dtype == torch.uint8:
+        return images.to(torch.float32).div_(255.0).to(dtype)
+    return images.to(dtype)
