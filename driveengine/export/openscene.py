@@ -141,18 +141,16 @@ def export_openscene_metadata(
 def export_split(
     split_dir: str | os.PathLike[str],
     out: str | os.PathLike[str],
-    fmt: str = "openscene",
     occupancy: bool = True,
 ) -> Iterator[str]:
-    """``driveengine export``: write a collected split in another format; yields progress lines.
+    """``driveengine export --format openscene``: write a collected split in OpenScene's formats; yields
+    progress lines.
 
-    ``openscene``: ``<out>/meta_datas/<split>/<log>.pkl`` and, for logs with labels and when
+    Writes ``<out>/meta_datas/<split>/<log>.pkl`` and, for logs with labels and when
     ``occupancy`` is True, OpenScene v1.0 occupancy files ``<out>/occupancy/<split>/<scene>/occ_gt/*.npy``
     whose paths (relative to ``out``) go into the frame dicts as ``occ_gt_final_path`` /
     ``flow_gt_final_path``. With ``occupancy=False`` only the metadata is written (no occupancy keys).
     """
-    if fmt != "openscene":
-        raise ExportError(f"unknown export format {fmt!r}; available: openscene")
     out = Path(out)
     split = open_split(split_dir).name
     extra: dict[str, dict[str, Any]] | None = None

@@ -2,8 +2,9 @@
 protocol, found by name in a registry.
 
 Each source turns its dataset's logs into the same columnar :class:`~driveengine.sources.logdata.LogData`,
-so everything after it is shared. Shipped sources: ``nuplan`` (SQLite logs, :mod:`.nuplan`) and
-``openscene`` (OpenScene v1.1 metadata pickles, :mod:`.openscene`).
+so everything after it is shared. Shipped sources: ``nuplan`` (SQLite logs, :mod:`.nuplan`),
+``openscene`` (OpenScene v1.1 metadata pickles, :mod:`.openscene`) and ``nuscenes`` (nuScenes v1.0 JSON
+tables, :mod:`.nuscenes`).
 
 **Adding a dataset** is one package here with a class implementing ``Source`` and one
 :func:`register_source` call (a built-in one below, or from the user's code before ``collect`` runs):
@@ -16,6 +17,7 @@ import importlib
 from collections.abc import Callable
 
 from driveengine.errors import DriveEngineError
+from driveengine.schemas.grid import GRID, VoxelGrid
 from driveengine.sources.base import InputLog, Source
 from driveengine.sources.logdata import LogData
 
@@ -23,6 +25,7 @@ from driveengine.sources.logdata import LogData
 _REGISTRY: dict[str, Callable[[], Source] | str] = {
     "nuplan": "driveengine.sources.nuplan:NuplanSource",
     "openscene": "driveengine.sources.openscene:OpenSceneSource",
+    "nuscenes": "driveengine.sources.nuscenes:NuScenesSource",
 }
 _INSTANCES: dict[str, Source] = {}
 
@@ -53,6 +56,14 @@ def source_names() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def source_label_grid(source: Source) -> VoxelGrid:
+    """The grid a source's labels use unless the user chooses one: its ``label_grid`` attribute when it
+    has one (an optional member of a source, e.g. nuScenes: Occ3D-nuScenes' grid), else OpenScene's
+    (:data:`~driveengine.schemas.grid.GRID`)."""
+    grid = getattr(source, "label_grid", None)
+    return grid if isinstance(grid, VoxelGrid) else GRID
+
+
 def get_source(name: str) -> Source:
     """The source registered as ``name``.
 
@@ -80,5 +91,6 @@ __all__ = [
     "UnknownSourceError",
     "get_source",
     "register_source",
+    "source_label_grid",
     "source_names",
 ]
