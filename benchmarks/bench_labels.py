@@ -154,7 +154,7 @@ def main() -> None:
     fps_gen = len(keys) / (time.perf_counter() - start)
     start = time.perf_counter()
     zpath = tmp / "labels.zarr"
-    stats = write_log_labels(log, keys, tmp, zpath, cfg, load_points=sweeps.get)
+    stats = write_log_labels(log, keys, zpath, cfg, load_points=sweeps.get)
     t_e2e = time.perf_counter() - start
     occ = open_occ(zpath)
     frames = [occ.frame(i) for i in range(occ.num_frames)]

@@ -39,7 +39,8 @@ class ClassTable:
         names: class name per id, ``0 .. free`` (free last).
         free: id of free (empty) voxels; ids ``0 .. free - 1`` are the evaluated classes.
         foreground: ids of object classes (OpenScene's foreground metrics use these).
-        background: id given to points in no box, or None when every point has a class of its own.
+        background: id given to points in no box that have no class of their own (e.g. without
+            nuScenes-lidarseg labels), or None when every point always has a class of its own.
         unified: per id, the name of its class in :data:`UNIFIED`.
     """
 
@@ -131,14 +132,16 @@ OPENSCENE_CLASSES: ClassTable = _table(
     unified={f"unused_{i}": "others" for i in (1, 2, 3, 11, 12, 13, 14, 15)},
 )  # fmt: skip
 
-#: Occ3D-nuScenes' class table (nuScenes-lidarseg's 16 classes, ``others`` and free).
+#: Occ3D-nuScenes' class table (nuScenes-lidarseg's 16 classes, ``others`` and free). ``others`` (0,
+#: lidarseg's ``ignore``) is also the background: the class of points in no box when a sweep has no
+#: nuScenes-lidarseg labels (points with labels keep their own class).
 OCC3D_NUSCENES_CLASSES: ClassTable = _table(
     "occ3d-nuscenes",
     ("others", "barrier", "bicycle", "bus", "car", "construction_vehicle", "motorcycle", "pedestrian",
      "traffic_cone", "trailer", "truck", "driveable_surface", "other_flat", "sidewalk", "terrain",
      "manmade", "vegetation", "free"),
     foreground=range(11),
-    background=None,
+    background=0,
     unified={"car": "vehicle"},
 )  # fmt: skip
 

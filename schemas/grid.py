@@ -92,3 +92,54 @@ class VoxelGrid:
 
 #: The grid of format version 1.
 GRID = VoxelGrid()
+
+#: Named grids (``collect --grid NAME``): OpenScene's (the default), Occ3D-nuScenes' and a fine one.
+GRID_PRESETS: dict[str, VoxelGrid] = {
+    "openscene": GRID,  # [-50, -50, -4, 50, 50, 4] m, 0.5 m (200 x 200 x 16)
+    "occ3d": VoxelGrid((-40.0, -40.0, -1.0), (40.0, 40.0, 5.4), 0.4),  # 200 x 200 x 16
+    "fine": VoxelGrid((-50.0, -50.0, -5.0), (50.0, 50.0, 3.0), 0.25),  # 400 x 400 x 32
+}
+
+#: The most voxels a grid may have (``fine`` has 5.1 M): a label frame holds ~5 bytes per voxel in memory
+#: per array, so larger grids would not fit a worker's memory budget.
+MAX_GRID_VOXELS = 64_000_000
+
+
+def parse_grid(text: str) -> VoxelGrid:
+    """The grid of a ``--grid`` value: a preset name (:data:`GRID_PRESETS`) or ``x0,y0,z0,x1,y1,z1:voxel``
+    (metres; e.g. ``-40,-40,-1,40,40,5.4:0.4``).
+
+    Raises:
+        ValueError: one line naming the value and what is wrong (unknown name, not six numbers and a voxel
+            size, a range that is not a whole number of voxels, more than :data:`MAX_GRID_VOXELS` voxels).
+    """
+    name = text.strip()
+    if name.lower() in GRID_PRESETS:
+        return GRID_PRESETS[name.lower()]
+    usage = f"use a preset ({', '.join(GRID_PRESETS)}) or x0,y0,z0,x1,y1,z1:voxel in metres, e.g. -40,-40,-1,40,40,5.4:0.4"
+    corners, sep, size = name.partition(":")
+    try:
+        values = [float(v) for v in corners.split(",")]
+        voxel = float(size)
+    except ValueError:
+        raise ValueError(f"grid {text!r}: not a preset or a range; {usage}") from None
+    if not sep or len(values) != 6:
+        raise ValueError(f"grid {text!r}: expected six corner coordinates and a voxel size; {usage}")
+    try:
+        grid = VoxelGrid(tuple(values[:3]), tuple(values[3:]), voxel)  # type: ignore[arg-type]
+    except ValueError as exc:
+        raise ValueError(f"grid {text!r}: {str(exc).split(', got')[0]}") from None
+    if grid.num_voxels > MAX_GRID_VOXELS:
+        raise ValueError(
+            f"grid {text!r}: {grid.num_voxels} voxels ({' x '.join(map(str, grid.shape))}), more than the "
+            f"{MAX_GRID_VOXELS} allowed; use a larger voxel size or a smaller range"
+        )
+    return grid
+
+
+def grid_name(grid: VoxelGrid) -> str:
+    """The preset name of ``grid``, or its ``x0,y0,z0,x1,y1,z1:voxel`` form (inverse of :func:`parse_grid`)."""
+    for name, preset in GRID_PRESETS.items():
+        if preset == grid:
+            return name
+    return ",".join(f"{v:g}" for v in (*grid.range_min_m, *grid.range_max_m)) + f":{grid.voxel_size_m:g}"

@@ -4,15 +4,17 @@ One Zarr v3 group per log, ``T`` frames (row ``i`` of ``meta/<log>.parquet`` is 
 The label arrays are a registry (:data:`LABEL_ARRAYS`); a group holds the required ones and any
 optional ones its producer wrote (group attribute ``arrays``):
 
-========== ======== ======================= ===========================================================
-array      dtype    shape                   meaning
-========== ======== ======================= ===========================================================
-semantics  uint8    (T, nx, ny, nz)         class id per voxel (the group's ``class_table``), its
-                                            ``free`` id where nothing was seen
-flow       float16  (T, nx, ny, nz, 2)      (vx, vy) m/s in the ego frame of the frame; 0 off objects
-mask_lidar bool     (T, nx, ny, nz)         True where a LiDAR ray of the frame observed the voxel
-                                            (passed through it, or ended in it)
-========== ======== ======================= ===========================================================
+=========== ======== ======================= ===========================================================
+array       dtype    shape                   meaning
+=========== ======== ======================= ===========================================================
+semantics   uint8    (T, nx, ny, nz)         class id per voxel (the group's ``class_table``), its
+                                             ``free`` id where nothing was seen
+flow        float16  (T, nx, ny, nz, 2)      (vx, vy) m/s in the ego frame of the frame; 0 off objects
+mask_lidar  bool     (T, nx, ny, nz)         True where a LiDAR ray of the frame observed the voxel
+                                             (passed through it, or ended in it)
+mask_camera bool     (T, nx, ny, nz)         optional: True where the voxel is observed from the frame's
+                                             camera views (Occ3D-nuScenes' ``mask_camera``; imported)
+=========== ======== ======================= ===========================================================
 
 The grid (the group's ``grid`` attribute, a :class:`~driveengine.schemas.grid.VoxelGrid`) is in the ego
 frame of the frame (x forward, y left, z up, rear axle), indexed ``[x, y, z]`` (so OpenScene's flat
@@ -23,10 +25,35 @@ one shard in memory. Every shard is written, fill values included: a missing sha
 Group attributes (all JSON): ``format`` (:data:`OCC_FORMAT`), ``format_version``, ``grid``
 (``VoxelGrid.to_dict()``), ``class_table`` (``ClassTable.to_dict()``), ``classes`` (``{"0": name, ...}``,
 as in version 1), ``free``, ``background``, ``flow`` (units and frame, in words), ``frames`` (T),
-``timestamps_us`` (T ints or null), ``arrays`` (the label arrays present), ``generator`` (how the labels
+``timestamps_us`` (T ints or null), ``arrays`` (the label arrays present), ``coordinate_arrays`` (the
+coordinate arrays present; absent in older groups), ``generator`` (how the labels
 were made: the label recipe, or a description of the source of imported labels), ``stats`` (free-form,
 may be absent). Version 1 groups lack ``class_table`` and ``arrays`` (OpenScene's table; the three
 required arrays).
+
+**Coordinate arrays** (:data:`COORDINATE_ARRAYS`; format version 2 groups written since DriveEngine
+0.2 have them, readers never require them): small 1-D arrays that label the axes for tools such as
+xarray (``xr.open_zarr(path)`` shows ``x``/``y``/``z`` in metres and selects frames by token), listed in
+the group attribute ``coordinate_arrays``. They are **not label arrays**: the group attribute ``arrays``
+lists the label arrays, and every DriveEngine reader reads only those.
+
+============= ========= =========== ===================================================================
+array         dtype     dimension   meaning
+============= ========= =========== ===================================================================
+frame         int64     frame       0 .. T-1: index along T = the row's ``frame_index`` in the shard
+token         string    frame       the frame row's ``token`` (variable-length UTF-8); only when the
+                                    writer was given the tokens
+timestamp_us  int64     frame       the frame row's ``timestamp``, microseconds since the Unix epoch
+                                    (UTC); only when the writer was given the timestamps
+x, y, z       float64   x, y, z     voxel centres, metres, ego frame (``range_min + (i + 0.5) * size``)
+component     string    component   ``vx``, ``vy``: the flow components
+============= ========= =========== ===================================================================
+
+Each label array's attribute ``coordinates`` names the non-dimension coordinates along its ``frame``
+axis (``"token timestamp_us"``, CF convention), so xarray makes them coordinates, not data variables.
+The group's ``zarr.json`` also holds **consolidated metadata** (zarr-python's inline
+``consolidated_metadata``, written when the writer closes) so that xarray opens the group in one read
+and without a warning; DriveEngine's own reader ignores it and reads each array's own ``zarr.json``.
 
 **Adding a label array** is one :func:`register_label_array` call here (name, dtype, per-voxel
 components, fill value, description); the writer (``driveengine.store.occ``), the readers, the loader's
@@ -96,6 +123,54 @@ register_label_array(LabelArray("flow", np.dtype(np.float16), (2,), 0.0, True,
                                 "(vx, vy) m/s in the ego frame of the frame; 0 off objects"))  # fmt: skip
 register_label_array(LabelArray("mask_lidar", np.dtype(np.bool_), (), False, True,
                                 "True where a LiDAR ray of the frame passed through or ended in the voxel"))  # fmt: skip
+register_label_array(LabelArray("mask_camera", np.dtype(np.bool_), (), False, False,
+                                "True where the voxel is observed from the frame's camera views (Occ3D's "
+                                "mask_camera); optional"))  # fmt: skip
+
+
+@dataclass(frozen=True)
+class CoordinateArray:
+    """A 1-D coordinate array of a label group (see the module doc).
+
+    Attributes:
+        name: array name inside the group (also its dimension's name for dimension coordinates).
+        dimension: the dimension it runs along (a label arrays' dimension name).
+        description: one line, stored as the array attribute ``description``.
+        units: stored as the array attribute ``units`` when not None.
+    """
+
+    name: str
+    dimension: str
+    description: str
+    units: str | None = None
+
+
+#: The coordinate arrays a label group may hold, by name (not label arrays: see the module doc).
+COORDINATE_ARRAYS: dict[str, CoordinateArray] = {
+    c.name: c
+    for c in (
+        CoordinateArray("frame", "frame", "index along T = frame_index of the row in meta/<log>.parquet"),
+        CoordinateArray("token", "frame", "token of the frame row"),
+        CoordinateArray("timestamp_us", "frame", "timestamp of the frame row, microseconds since the Unix "
+                        "epoch (UTC)", "us"),
+        CoordinateArray("x", "x", "voxel centre x, metres, ego frame (forward)", "m"),
+        CoordinateArray("y", "y", "voxel centre y, metres, ego frame (left)", "m"),
+        CoordinateArray("z", "z", "voxel centre z, metres, ego frame (up)", "m"),
+        CoordinateArray("component", "component", "flow components: vx, vy (m/s, ego frame)"),
+    )
+}  # fmt: skip
+
+#: The flow components, values of the ``component`` coordinate.
+FLOW_COMPONENTS: tuple[str, ...] = ("vx", "vy")
+
+
+def grid_axes_m(grid: VoxelGrid) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The voxel centres along x, y and z of ``grid`` (float64, metres): the ``x``/``y``/``z`` coordinates."""
+    return tuple(  # type: ignore[return-value]
+        lo + (np.arange(n, dtype=np.float64) + 0.5) * grid.voxel_size_m
+        for lo, n in zip(grid.range_min_m, grid.shape, strict=True)
+    )
+
 
 #: The arrays every group has, in order (format version 1 had exactly these).
 REQUIRED_ARRAYS: tuple[str, ...] = tuple(name for name, a in LABEL_ARRAYS.items() if a.required)
@@ -169,11 +244,13 @@ def occ_group_attributes(
     timestamps_us: list[int] | None = None,
     classes: ClassTable = OPENSCENE_CLASSES,
     arrays: tuple[str, ...] = REQUIRED_ARRAYS,
+    coordinates: tuple[str, ...] | None = None,
 ) -> dict:
-    """The JSON attributes of an ``occ/<log>.zarr`` group (see the module docstring)."""
+    """The JSON attributes of an ``occ/<log>.zarr`` group (see the module docstring); ``coordinates``:
+    the coordinate arrays the group holds (``coordinate_arrays``, left out when None)."""
     from driveengine.schemas import FORMAT_VERSION  # the package imports this module's siblings
 
-    return {
+    attrs = {
         "format": OCC_FORMAT,
         "format_version": FORMAT_VERSION,
         "grid": grid.to_dict(),
@@ -187,3 +264,6 @@ def occ_group_attributes(
         "arrays": list(arrays),
         "generator": generator,
     }
+    if coordinates is not None:
+        attrs["coordinate_arrays"] = list(coordinates)
+    return attrs

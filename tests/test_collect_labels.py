@@ -151,7 +151,10 @@ def test_same_inputs_give_byte_identical_label_groups(nuplan: Path, tmp_path: Pa
     assert a.labels["seconds"] > 0 and "frames_per_second" in a.labels
     stats = dict(zarr.open_group(tmp_path / "a" / "mini" / a.occ, mode="r").attrs)["stats"]
     assert "seconds" not in stats and "frames_per_second" not in stats
-    assert stats == {k: v for k, v in a.labels.items() if k not in ("seconds", "frames_per_second")}
+    assert stats == {k: v for k, v in a.labels.items() if k not in ("seconds", "frames_per_second", "recipe")}
+    # the manifest entry also records the recipe, the same as the group's generator attribute
+    generator = dict(zarr.open_group(tmp_path / "a" / "mini" / a.occ, mode="r").attrs)["generator"]
+    assert a.labels["recipe"] == generator and generator["recipe"] == "openscene"
 
 
 def test_export_with_and_without_occupancy(nuplan: Path, tmp_path: Path) -> None:

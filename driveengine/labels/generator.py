@@ -17,14 +17,39 @@ following the baseline of reference §5. For every key frame ``t`` (a row of ``m
    L-infinity distance to the grown box's centre; ties to the first box of the sweep). Boxes with a
    non-positive or non-finite size are ignored (counted as ``degenerate_boxes``).
 3. **Static points** (in no box) are moved rigidly into ``ego_t``:
-   ``ego_t_from_ego_k = inv(global_from_ego_t) @ global_from_ego_k`` (see :func:`relative_transform`);
-   label ``BACKGROUND`` (10), flow 0.
+   ``ego_t_from_ego_k = inv(global_from_ego_t) @ global_from_ego_k`` (see
+   :func:`~driveengine.geometry.relative_transform`); flow 0. Their label is the class table's
+   ``background`` (OpenScene: 10), unless the source gives the sweep's points classes of their own
+   (:class:`PointClassSource`, e.g. nuScenes-lidarseg on nuScenes key frames): then each static point
+   keeps its class. In a frame whose window holds such labelled sweeps, the static points of sweeps
+   without classes only fill voxels that no classed point reaches (with ``background``), so that
+   unlabelled sweeps never outvote the labelled ones; in other frames they vote for ``background``.
 4. **Object points** are expressed in their box's frame at ``k`` and re-placed at the box of the same
-   track at ``t``; label = the track's class, velocity = the box's velocity at ``t`` (global) rotated
-   into ``ego_t``. Points of tracks that have no box at ``t`` are dropped (no ghost trails).
+   track at ``t``; velocity = the box's velocity at ``t`` (global) rotated into ``ego_t``. Points of
+   tracks that have no box at ``t`` are dropped (no ghost trails).
+
+   *Whole-track objects* (``whole_track``, the default since generator version 2): an object's points
+   come from **every** sweep in which its track has a box, not only from the window: a first pass over
+   the log reads each sweep of the label sweep set (and every ``track_sweep_step``-th sweep, when set)
+   once and accumulates each track's object points in its box frame, in cubic cells of
+   ``track_cell_m`` (0.1 m): per cell the number of points and their mean position. Memory is bounded
+   by the objects' surface area, not by the log's length (a car's surface is a few thousand cells;
+   points are merged into the cells every 2 M points), so a moving object is as complete as its best
+   views allow. **Which voxels an object owns at** ``t``: its track must have a box at ``t``; each of
+   its cells is placed with that box and claims the voxel of its mean point and, with
+   ``track_cell_fill``, every voxel that the cell's cube overlaps *inside the box* (the cube clipped to
+   the box, sampled at its corners), with the cell's point count as its vote; the class is the class of
+   the box at ``t``. An object therefore never claims a voxel outside its box except through points
+   that lay outside it (within ``box_margin_m``), and the majority vote (step 5) settles voxels it
+   shares with background points (the ground under it) or with another object. Without ``whole_track``
+   (recipe ``openscene-v1``) the object points of the window's sweeps are placed one by one, each with
+   the class of its own box (generator version 1, bit for bit).
 5. **Voxelise** on the grid (half-open range, outside points dropped, never clamped), **majority vote**
-   per voxel, ties to the lowest class id; ``FREE`` (16) where no point fell. Flow = mean (vx, vy) of
-   the points carrying the winning class, 0 for background.
+   per voxel, ties to the lowest class id; the table's ``free`` id (OpenScene: 16) where no point fell.
+   Flow = mean (vx, vy) of the points carrying the winning class (static points carry 0), so 0 for
+   background. Any :class:`~driveengine.schemas.classes.ClassTable` with a ``background`` id works
+   (OpenScene's: objects 0..9 < background 10 < free 16; Occ3D-nuScenes': ``others`` 0 is the
+   background, free 17); OpenScene's output is the same as before the generalisation, bit for bit.
 6. **Visibility** (``mask_lidar``): a 3D DDA (Amanatides-Woo) from the sensor origin
    (``ego_from_lidar`` translation) of each visibility sweep to each of its returns, clipped to the
    grid: the voxels a ray crosses and the voxel it ends in are observed. ``visibility="frame"``
@@ -34,11 +59,20 @@ following the baseline of reference §5. For every key frame ``t`` (a row of ``m
    as many times slower as there are sweeps). With ``ray_dedup`` one ray per distinct end voxel is cast,
    to the voxel's centre (see :func:`~driveengine.labels.voxel_ops.cast_rays_dedup`).
 
+7. **Camera visibility** (``mask_camera``, with ``camera_mask``): rays from every camera's optical centre
+   through a pixel lattice of its image, walked through the frame's ``semantics`` up to the first
+   occupied voxel (Occ3D's meaning); see :mod:`~driveengine.labels.camera_visibility`. A log without a
+   usable camera calibration gets an all-False mask and a note.
+
 Each sweep is read, cleaned (non-finite points dropped and counted) and split into static/object
-points once, and reused by every frame whose window holds it (a sliding window over the log). Frames
-are written one shard at a time, so memory is bounded by the window of prepared sweeps (about 12 bytes
-per point: 1.4 MB for a 117k-point nuPlan sweep, so ~60 MB at 2 Hz and ~560 MB at 20 Hz for +-10 s)
-plus one shard (``shard_frames`` x 3.8 MB) plus about 12 MB of per-frame workspaces.
+points once per pass, and reused by every frame whose window holds it (a sliding window over the log;
+with whole-track objects the first pass reads every sweep once more, the first window's sweeps being
+kept for the frame pass). Frames are written one shard at a time, so memory is bounded by the window
+of prepared sweeps (about 12 bytes per point: 1.4 MB for a 117k-point nuPlan sweep, so ~60 MB at 2 Hz
+and ~560 MB at 20 Hz for +-10 s) plus one shard (``shard_frames`` x 6 bytes per voxel: 3.8 MB a frame
+on OpenScene's grid, 31 MB on ``fine``) plus the track cells (~36 bytes each) plus per-frame workspaces
+(~20 bytes per voxel: 12 MB on OpenScene's grid, 100 MB on ``fine``) plus the camera rays (~64 bytes
+per ray: 30 MB for nuPlan's eight 1920 x 1080 cameras on OpenScene's grid, 120 MB on ``fine``).
 
 Kernels are serial (see :mod:`~driveengine.labels.voxel_ops`); ``collect`` runs one log per process.
 """
@@ -47,30 +81,60 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, NamedTuple
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple, Protocol, runtime_checkable
 
 import numpy as np
 
 from driveengine.errors import DriveEngineError
-from driveengine.geometry import make_transform, yaw_to_quaternion
+from driveengine.geometry import make_transform, relative_transform, yaw_to_quaternion
 from driveengine.labels import voxel_ops as vo
 from driveengine.schemas import FORMAT_VERSION, GRID, VoxelGrid
-from driveengine.schemas.classes import BACKGROUND, FREE, OPENSCENE_CLASSES, ClassTable
+from driveengine.schemas.classes import OPENSCENE_CLASSES, ClassTable
+from driveengine.sources import source_label_grid
 from driveengine.sources.base import Source
 from driveengine.sources.logdata import LogData
 from driveengine.store.occ import OccStorage
 
 if TYPE_CHECKING:
     from driveengine.labels.base import LabelJob
+    from driveengine.labels.camera_visibility import CameraMasker
 
-#: Bumped whenever the algorithm changes its output for the same inputs and config.
-GENERATOR_VERSION = 1
+#: Bumped whenever the algorithm changes its output for the same inputs and config. Version 2 added
+#: whole-track objects and ``mask_camera`` (both settings of the recipe); with ``whole_track=False`` and
+#: ``camera_mask=False`` its arrays are version 1's, bit for bit.
+GENERATOR_VERSION = 2
 
 #: Loads the points of sweep ``k``: (n, 3) x, y, z in that sweep's ego frame, metres, or None if the
 #: sweep's point cloud is unavailable.
 PointLoader = Callable[[int], "np.ndarray | None"]
+
+#: Loads the classes of the points of sweep ``k`` given the number of points the :data:`PointLoader`
+#: returned: (n,) uint8 ids of the class table (one per point, in the same order), or None when the
+#: sweep has no per-point classes.
+PointClassLoader = Callable[[int, int], "np.ndarray | None"]
+
+
+@runtime_checkable
+class PointClassSource(Protocol):
+    """A source that can give the points of some sweeps classes of their own (optional, beside
+    :class:`~driveengine.sources.base.Source`): e.g. nuScenes-lidarseg labels of nuScenes key frames.
+    :func:`write_log_labels` asks a source that has this method."""
+
+    def point_classes(self, log: LogData, sweep: int, blob_root: Path, num_points: int) -> np.ndarray | None:
+        """(num_points,) uint8 class ids (the source's class table) of the points of sweep ``sweep`` as
+        :meth:`~driveengine.sources.base.Source.points_ego` returns them, or None when the sweep has none.
+
+        Raises:
+            SourceError: the labels exist but cannot be used (wrong size, unknown class ids, ...); the
+                generator then uses the sweep's points without classes and notes why.
+        """
+        ...
+
+
+#: The grid a source's labels use unless the user chooses one (:func:`driveengine.sources.source_label_grid`).
+default_label_grid = source_label_grid
 
 
 class LabelError(DriveEngineError):
@@ -95,6 +159,17 @@ class LabelConfig:
             aggregated sweep).
         ray_dedup: cast one ray per distinct end voxel instead of one per point.
         grid: the voxel grid.
+        whole_track: objects from every sweep of the label sweep set in which their track has a box,
+            not only the window's (see the module doc, step 4); False = version 1's window-only objects.
+        track_cell_m: edge of the box-frame cells a track's points are accumulated in (whole-track), m.
+        track_sweep_step: whole-track: 0 = the objects' points come from the label sweep set; n >= 1 = also
+            from every n-th sweep (as ``sweep_step``; 1 = every sweep): more views of each object, more
+            sweeps read.
+        track_cell_fill: a cell claims every voxel its cube overlaps inside the box, not only the voxel
+            of its points' mean (whole-track; see the module doc).
+        camera_mask: also compute ``mask_camera`` (:mod:`~driveengine.labels.camera_visibility`) from
+            the log's camera calibration.
+        recipe: the recipe's name (:mod:`~driveengine.labels.recipe`; ``custom`` for hand-made settings).
     """
 
     window_s: float = 10.0
@@ -104,17 +179,43 @@ class LabelConfig:
     visibility: Literal["frame", "window"] = "frame"
     ray_dedup: bool = True
     grid: VoxelGrid = GRID
+    whole_track: bool = False
+    track_cell_m: float = 0.1
+    track_cell_fill: bool = True
+    track_sweep_step: int = 0
+    camera_mask: bool = False
+    recipe: str = "custom"
     kind = "generator"
 
     def __post_init__(self) -> None:
         if not self.window_s >= 0:
             raise ValueError(f"LabelConfig.window_s must be >= 0, got {self.window_s}")
-        if self.sweep_step < 0:
-            raise ValueError(f"LabelConfig.sweep_step must be >= 0, got {self.sweep_step}")
+        if self.sweep_step < 0 or self.track_sweep_step < 0:
+            raise ValueError(
+                f"LabelConfig.sweep_step and track_sweep_step must be >= 0, got {self.sweep_step}, {self.track_sweep_step}"
+            )
         if self.box_margin_m < 0 or self.box_ground_clearance_m < 0:
             raise ValueError("LabelConfig.box_margin_m and box_ground_clearance_m must be >= 0")
         if self.visibility not in ("frame", "window"):
             raise ValueError(f"LabelConfig.visibility must be 'frame' or 'window', got {self.visibility!r}")
+        if not (np.isfinite(self.window_s) and np.isfinite(self.box_margin_m)
+                and np.isfinite(self.box_ground_clearance_m)):  # fmt: skip
+            raise ValueError("LabelConfig.window_s, box_margin_m and box_ground_clearance_m must be finite")
+        if not (np.isfinite(self.track_cell_m) and 0.01 <= self.track_cell_m <= 1.0):
+            raise ValueError(f"LabelConfig.track_cell_m must be within 0.01..1 m, got {self.track_cell_m}")
+        for name in ("ray_dedup", "whole_track", "track_cell_fill", "camera_mask"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"LabelConfig.{name} must be true or false, got {getattr(self, name)!r}")
+        if not isinstance(self.grid, VoxelGrid):
+            raise ValueError(f"LabelConfig.grid must be a VoxelGrid, got {type(self.grid).__name__}")
+        if not (isinstance(self.recipe, str) and self.recipe.replace("-", "").replace("_", "").isalnum()
+                and len(self.recipe) <= 64):  # fmt: skip
+            raise ValueError(
+                f"LabelConfig.recipe must be a short name (letters, digits, - and _), got {self.recipe!r}"
+            )
+
+    #: Keys of :meth:`to_dict` that are not settings.
+    RECORD_KEYS = ("generator", "generator_version", "format_version")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form, with the generator's name and versions (part of the config hash)."""
@@ -123,14 +224,77 @@ class LabelConfig:
         return {"generator": "driveengine.labels.generator", "generator_version": GENERATOR_VERSION,
                 "format_version": FORMAT_VERSION, **d}  # fmt: skip
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], where: str = "recipe") -> LabelConfig:
+        """The config of a :meth:`to_dict` record (a dataset's ``generator`` attribute or manifest entry).
+
+        A version 1 record (no ``whole_track``/``camera_mask``) gives ``whole_track=False`` and
+        ``camera_mask=False``, which this version computes bit for bit as version 1 did.
+
+        Raises:
+            ValueError: one line naming ``where``: not this generator's record, a newer generator version,
+                unknown keys or bad values.
+        """
+        if not isinstance(d, dict):
+            raise ValueError(f"{where}: expected a mapping of label settings, got {type(d).__name__}")
+        gen = d.get("generator", "driveengine.labels.generator")
+        if gen != "driveengine.labels.generator":
+            raise ValueError(
+                f"{where}: labels made by {gen!r}, not by DriveEngine's generator; no recipe to reuse"
+            )
+        version = d.get("generator_version", GENERATOR_VERSION)
+        if not isinstance(version, int) or not 1 <= version <= GENERATOR_VERSION:
+            raise ValueError(
+                f"{where}: generator version {version!r}; this DriveEngine has version {GENERATOR_VERSION} "
+                "and cannot rebuild newer labels exactly (upgrade DriveEngine)"
+            )
+        settings = {k: v for k, v in d.items() if k not in cls.RECORD_KEYS}
+        if version == 1:
+            settings.setdefault("whole_track", False)
+            settings.setdefault("camera_mask", False)
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(settings) - known)
+        if unknown:
+            raise ValueError(f"{where}: unknown label settings {unknown}; known: {sorted(known)}")
+        if "grid" in settings:
+            g = settings["grid"]
+            try:
+                if isinstance(g, str):
+                    from driveengine.schemas.grid import parse_grid
+
+                    settings["grid"] = parse_grid(g)
+                elif isinstance(g, dict):
+                    settings["grid"] = VoxelGrid.from_dict(g)
+                else:
+                    raise ValueError(f"a grid name, range or mapping, got {type(g).__name__}")
+            except (KeyError, TypeError, ValueError) as exc:
+                raise ValueError(f"{where}: bad grid: {exc}") from None
+        for name, typ in (("window_s", float), ("box_margin_m", float), ("box_ground_clearance_m", float),
+                          ("track_cell_m", float), ("sweep_step", int), ("track_sweep_step", int)):  # fmt: skip
+            if name in settings:
+                v = settings[name]
+                if (
+                    isinstance(v, bool)
+                    or not isinstance(v, int | float)
+                    or (typ is int and not isinstance(v, int))
+                ):
+                    raise ValueError(
+                        f"{where}: {name} must be a {'whole ' if typ is int else ''}number, got {v!r}"
+                    )
+                settings[name] = typ(v)
+        try:
+            return cls(**settings)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{where}: {exc}") from None
+
     def check(self, source: Source) -> None:
-        """The generator's kernels vote over OpenScene-style tables (objects below ``background``, then
-        ``background``, then ``free``): refuse another table clearly."""
+        """The generator labels the points in no box with the class table's ``background`` id (unless the
+        source gives them classes of their own): refuse a table without one, clearly."""
         table = source.class_table
-        if (table.background, table.free) != (BACKGROUND, FREE):
+        if table.background is None:
             raise LabelError(
-                f"the label generator needs a class table with background {BACKGROUND} and free {FREE}; "
-                f"source {source.name} uses {table.name} (background {table.background}, free {table.free})"
+                f"the label generator needs a class table with a background class (the class of points in "
+                f"no box); source {source.name} uses {table.name}, which has none"
             )
 
     def write(self, job: LabelJob) -> dict[str, Any]:
@@ -144,9 +308,10 @@ class LabelConfig:
 class LabelFrame(NamedTuple):
     """Dense labels of one key frame, indexed ``[x, y, z]`` on the config's grid."""
 
-    semantics: np.ndarray  #: (nx, ny, nz) uint8, FREE = 16
+    semantics: np.ndarray  #: (nx, ny, nz) uint8, the class table's ids (OpenScene: free = 16)
     flow: np.ndarray  #: (nx, ny, nz, 2) float32, (vx, vy) m/s, ego frame of the frame
     mask_lidar: np.ndarray  #: (nx, ny, nz) bool
+    mask_camera: np.ndarray | None = None  #: (nx, ny, nz) bool, or None without ``camera_mask``
 
 
 @dataclass
@@ -159,6 +324,8 @@ class LabelStats:
     sweeps_missing: int = 0  #: ... whose point cloud file does not exist (skipped)
     sweeps_unreadable: int = 0  #: ... whose point cloud could not be parsed (skipped)
     frames_without_own_sweep: int = 0  #: key frames whose own sweep was missing (empty mask)
+    point_class_sweeps: int = 0  #: sweeps whose points carry classes of their own (e.g. lidarseg)
+    point_class_unreadable: int = 0  #: ... whose per-point classes could not be used (points kept, unclassed)
     points_read: int = 0
     bad_points: int = 0  #: NaN / inf points dropped
     object_points: int = 0  #: points assigned to a box (per sweep, counted once)
@@ -172,6 +339,11 @@ class LabelStats:
     rays: int = 0
     occupied_voxels: int = 0  #: summed over frames
     observed_voxels: int = 0  #: summed over frames
+    camera_observed_voxels: int = 0  #: voxels of mask_camera, summed over frames
+    camera_rays: int = 0  #: rays per frame of mask_camera (0 without)
+    camera_visits: int = 0  #: voxel visits of mask_camera's rays, summed over frames
+    tracks: int = 0  #: whole-track: tracks with points
+    track_cells: int = 0  #: whole-track: box-frame cells holding their points (the model's size)
     seconds: float = 0.0  #: wall time of the generation (run-time only: never written to the Zarr group)
     notes: list[str] = field(default_factory=list)
 
@@ -227,17 +399,25 @@ class _Sweep:
     obj_local: np.ndarray  #: (n_obj, 3) float32, object points in their box's frame
     obj_track: np.ndarray  #: (n_obj,) int64 track id
     obj_class: np.ndarray  #: (n_obj,) uint8 class id
+    #: (num_static,) uint8 class id of each static point, or None when the sweep's points have no classes
+    static_class: np.ndarray | None = None
 
 
 class _LogBoxes:
     """Per-log box tables: track ids, classes, validity and ``global_from_box`` transforms."""
 
-    def __init__(self, log: LogData, stats: LabelStats) -> None:
+    def __init__(self, log: LogData, stats: LabelStats, classes: ClassTable = OPENSCENE_CLASSES) -> None:
         self.track_names, self.track = np.unique(log.box_track_token.astype(str), return_inverse=True)
         self.track = self.track.astype(np.int64).reshape(-1)
-        self.cls = np.asarray(log.category_class, dtype=np.uint8)[
-            np.asarray(log.box_category, dtype=np.int64)
-        ]
+        category_class = np.asarray(log.category_class)
+        bad = np.flatnonzero((category_class < 0) | (category_class >= classes.free))
+        if bad.size:
+            i = int(bad[0])
+            raise LabelError(
+                f"{log.path}: category {log.categories[i]!r} has class id {int(category_class[i])}, not one "
+                f"of the {classes.free} classes of table {classes.name}"
+            )
+        self.cls = category_class.astype(np.uint8)[np.asarray(log.box_category, dtype=np.int64)]
         size = np.asarray(log.box_size, dtype=np.float64).reshape(-1, 3)
         center = np.asarray(log.box_center, dtype=np.float64).reshape(-1, 3)
         yaw = np.asarray(log.box_yaw, dtype=np.float64).reshape(-1)
@@ -256,29 +436,6 @@ class _LogBoxes:
         self.velocity = np.where(np.isfinite(vel), vel, 0.0)
 
 
-def relative_transform(
-    global_from_a: np.ndarray, global_from_b: np.ndarray, same: bool = False
-) -> np.ndarray:
-    """``a_from_b = inv(global_from_a) @ global_from_b`` for (4, 4) or (N, 4, 4) rigid transforms.
-
-    Computed as ``R_a^T R_b`` and ``R_a^T (t_b - t_a)``: the translations (UTM, ~1e6 m) are subtracted
-    before rotating, which keeps the full float64 precision of the (small) relative offset. ``same``
-    returns the exact identity (a sweep seen from its own frame stays bit-identical).
-    """
-    a = np.asarray(global_from_a, dtype=np.float64)
-    b = np.asarray(global_from_b, dtype=np.float64)
-    shape = np.broadcast_shapes(a.shape, b.shape)
-    out = np.zeros(shape)
-    if same:
-        out[..., :, :] = np.eye(4)
-        return out
-    ra_t = np.swapaxes(a[..., :3, :3], -1, -2)
-    out[..., :3, :3] = ra_t @ b[..., :3, :3]
-    out[..., :3, 3] = np.einsum("...ij,...j->...i", ra_t, b[..., :3, 3] - a[..., :3, 3])
-    out[..., 3, 3] = 1.0
-    return out
-
-
 class LabelGenerator:
     """Labels of the key frames of one log, computed frame by frame over a sliding window of sweeps.
 
@@ -287,10 +444,20 @@ class LabelGenerator:
         key_sweeps: (T,) increasing indices into the log's sweeps of the key frames (the frame rows).
         load_points: reads sweep ``k``'s points, (n, 3) in its ego frame, or None when unavailable.
         config: the settings.
+        classes: the class table of the labels (ids of ``log.category_class`` and of point classes).
+        load_point_classes: reads the classes of sweep ``k``'s points (see :data:`PointClassLoader`), or
+            None when no sweep has any.
     """
 
     def __init__(
-        self, log: LogData, key_sweeps: np.ndarray, load_points: PointLoader, config: LabelConfig
+        self,
+        log: LogData,
+        key_sweeps: np.ndarray,
+        load_points: PointLoader,
+        config: LabelConfig,
+        *,
+        classes: ClassTable = OPENSCENE_CLASSES,
+        load_point_classes: PointClassLoader | None = None,
     ) -> None:
         key_sweeps = np.asarray(key_sweeps, dtype=np.int64).reshape(-1)
         if key_sweeps.size and (
@@ -299,24 +466,36 @@ class LabelGenerator:
             raise LabelError(
                 f"{log.path}: key frame sweep indices must be increasing and within 0..{log.num_sweeps - 1}"
             )
+        if classes.background is None:
+            raise LabelError(f"class table {classes.name} has no background class; the generator needs one")
         self.log = log
         self.key_sweeps = key_sweeps
         self.config = config
+        self.classes = classes
         self.load_points = load_points
+        self.load_point_classes = load_point_classes
         self.stats = LabelStats()
         self.lo, self.vs, self.shape = vo.grid_params(config.grid)
-        self.boxes = _LogBoxes(log, self.stats)
+        self.boxes = _LogBoxes(log, self.stats, classes)
         self.global_from_ego = log.global_from_ego()
         self.sweep_set = label_sweep_set(log, key_sweeps, config.sweep_step)
+        #: the sweeps whose object points the whole-track pass reads
+        self.track_sweeps = (
+            self.sweep_set if config.track_sweep_step == 0 or config.track_sweep_step == config.sweep_step
+            else np.union1d(self.sweep_set, label_sweep_set(log, key_sweeps, config.track_sweep_step))
+        )  # fmt: skip
         self.sensor_origin = np.asarray(log.ego_from_lidar, dtype=np.float64)[:3, 3]
         c = config
         self._half_lo_extra = np.array([-c.box_margin_m, -c.box_margin_m, 0.0])
         self._half_hi_extra = np.array([c.box_margin_m, c.box_margin_m, c.box_margin_m])
+        self._counted: set[int] = set()  # sweeps counted in the stats by the whole-track pass
+        self._unavailable: set[int] = set()  # ... whose point cloud could not be read
 
     # -- per sweep, once ----------------------------------------------------------------------------
 
-    def _prepare(self, k: int) -> _Sweep | None:
-        st = self.stats
+    def _prepare(self, k: int, st: LabelStats | None = None) -> _Sweep | None:
+        """Sweep ``k`` read and split (None when unavailable); counted in ``st`` (default: the log's)."""
+        st = self.stats if st is None else st
         st.sweeps_in_set += 1
         raw = self.load_points(k)
         if raw is None:
@@ -324,14 +503,21 @@ class LabelGenerator:
         st.sweeps_used += 1
         pts = np.asarray(raw).reshape(-1, 3)
         st.points_read += pts.shape[0]
+        point_class = self._point_classes(k, pts.shape[0], st)
+        finite = None
+        if point_class is not None:
+            finite = np.isfinite(pts).all(axis=1)
         pts, bad = vo.finite_points(pts)
         st.bad_points += bad
+        if point_class is not None and bad:
+            point_class = point_class[finite]
         b = self.log.boxes(k)
         idx = np.arange(b.start, b.stop)[self.boxes.valid[b]]
         if idx.size == 0 or pts.shape[0] == 0:
             return _Sweep(
-                pts, pts.shape[0], np.zeros((0, 3), np.float32), np.zeros(0, np.int64), np.zeros(0, np.uint8)
-            )
+                pts, pts.shape[0], np.zeros((0, 3), np.float32), np.zeros(0, np.int64), np.zeros(0, np.uint8),
+                point_class,
+            )  # fmt: skip
         box_from_ego = relative_transform(self.boxes.global_from_box[idx], self.global_from_ego[k])
         half = 0.5 * self.boxes.size[idx]
         box_of, local = vo.points_in_boxes(
@@ -348,9 +534,102 @@ class LabelGenerator:
         st.ground_band_points += band
         st.object_points += obj_box.size
         owner = idx[obj_box]
-        return _Sweep(ordered, num_static, obj_local, self.boxes.track[owner], self.boxes.cls[owner])
+        static_class = None if point_class is None else point_class[box_of < 0]
+        return _Sweep(
+            ordered, num_static, obj_local, self.boxes.track[owner], self.boxes.cls[owner], static_class
+        )
+
+    def _point_classes(self, k: int, n: int, st: LabelStats) -> np.ndarray | None:
+        """The classes of sweep ``k``'s ``n`` points, checked, or None (none, or unusable: counted, noted)."""
+        if self.load_point_classes is None:
+            return None
+        from driveengine.errors import SourceError
+
+        try:
+            cls = self.load_point_classes(k, n)
+        except SourceError as exc:
+            st.point_class_unreadable += 1
+            st.notes.append(f"{exc}; the sweep's points are used without their classes")
+            return None
+        if cls is None:
+            return None
+        cls = np.asarray(cls)
+        why = None
+        if cls.shape != (n,):
+            why = f"{cls.shape[0] if cls.ndim == 1 else cls.shape} classes for {n} points"
+        elif cls.size and (cls.min() < 0 or cls.max() >= self.classes.free):
+            why = f"class ids outside 0..{self.classes.free - 1} of table {self.classes.name}"
+        if why is not None:
+            st.point_class_unreadable += 1
+            st.notes.append(f"sweep {self.log.sweep_token[k]}: {why}; its points are used without classes")
+            return None
+        st.point_class_sweeps += 1
+        return cls.astype(np.uint8, copy=False)
 
     # -- per frame ------------------------------------------------------------------------------------
+
+    def _track_model(self, keep_until_us: int) -> tuple[_TrackModel, dict[int, _Sweep | None]]:
+        """Whole-track pass: every sweep of :attr:`track_sweeps` read once (the label sweep set, plus
+        every ``track_sweep_step``-th sweep); the object points accumulated per track in box-frame cells of
+        ``track_cell_m`` (count and mean position per cell).
+
+        Returns the model and the prepared sweeps up to ``keep_until_us`` (the first frame's window), so
+        that the frame pass does not read them again.
+        """
+        cell = self.config.track_cell_m
+        keys_parts: list[np.ndarray] = []
+        xyz_parts: list[np.ndarray] = []
+        pending = 0
+        model = _CellAccumulator()
+        kept: dict[int, _Sweep | None] = {}
+        ts = self.log.sweep_timestamp_us
+        in_set = set(self.sweep_set.tolist())
+        for k in self.track_sweeps:
+            k = int(k)
+            if k in in_set:
+                sw = self._prepare(k)
+                self._counted.add(k)
+                if sw is None:
+                    self._unavailable.add(k)
+            else:  # a sweep for the objects only: not counted (the stats describe the label sweep set)
+                sw = self._prepare(k, LabelStats())
+            if sw is not None and sw.obj_track.size:
+                q = np.floor(sw.obj_local / cell).astype(np.int64) + _CELL_OFFSET
+                np.clip(q, 0, _CELL_MASK, out=q)
+                key = (
+                    (sw.obj_track << (3 * _CELL_BITS))
+                    | (q[:, 0] << (2 * _CELL_BITS))
+                    | (q[:, 1] << _CELL_BITS)
+                    | q[:, 2]
+                )
+                keys_parts.append(key)
+                xyz_parts.append(sw.obj_local.astype(np.float64))
+                pending += key.size
+                if pending >= _CELL_FLUSH_POINTS:
+                    model.add(np.concatenate(keys_parts), np.concatenate(xyz_parts))
+                    keys_parts, xyz_parts, pending = [], [], 0
+            if k in in_set and ts[k] <= keep_until_us:
+                kept[k] = sw
+        if keys_parts:
+            model.add(np.concatenate(keys_parts), np.concatenate(xyz_parts))
+        tracks = model.finish(len(self.boxes.track_names))
+        self.stats.tracks = int(np.count_nonzero(np.diff(tracks.track_start)))
+        self.stats.track_cells = int(tracks.count.size)
+        return tracks, kept
+
+    def _camera_masker(self) -> CameraMasker | None:
+        """The camera visibility of this log's rig (None without a usable camera: noted)."""
+        from driveengine.labels.camera_visibility import CameraMasker, camera_rays
+
+        rays, notes = camera_rays(self.log, self.config.grid)
+        self.stats.notes.extend(notes)
+        if rays is None:
+            self.stats.notes.append(
+                f"{self.log.path}: no camera with a usable calibration; mask_camera is empty"
+            )
+            return None
+        self.stats.camera_rays = rays.num_rays
+        return CameraMasker(rays, self.config.grid, self.classes.free)
 
     def frames(self) -> Iterator[LabelFrame]:
         """Yield the labels of every key frame in order. The yielded arrays are reused: copy to keep."""
@@ -365,9 +644,11 @@ class LabelGenerator:
         state = np.zeros(nv, dtype=np.uint8)
         slot_ws = np.full(nv, -1, dtype=np.int32)
         end_ws = np.zeros(nv, dtype=np.uint8)
+        camera = np.zeros(nv, dtype=bool) if cfg.camera_mask else None
         obj_vox = np.empty(0, np.int64)
         obj_cls = np.empty(0, np.uint8)
         obj_vel = np.empty((0, 2), np.float64)
+        obj_w = np.empty(0, np.int32)
         ts = self.log.sweep_timestamp_us
         set_ts = ts[self.sweep_set]
         half_window_us = round(cfg.window_s * 1e6)
@@ -375,6 +656,17 @@ class LabelGenerator:
         next_load = 0  # position in sweep_set of the next sweep to prepare
         n_tracks = len(self.boxes.track_names)
         started = time.perf_counter()
+        tracks: _TrackModel | None = None
+        if cfg.whole_track and self.key_sweeps.size:
+            tracks, cache = self._track_model(int(ts[self.key_sweeps[0]]) + half_window_us)
+        masker = self._camera_masker() if cfg.camera_mask else None
+        quiet = LabelStats()  # counters of sweeps read a second time (counted by the whole-track pass)
+
+        def prepare(k: int) -> _Sweep | None:
+            if k in self._unavailable:
+                return None
+            return self._prepare(k, quiet if k in self._counted else None)
+
         for kt in self.key_sweeps:
             kt = int(kt)
             w0 = int(np.searchsorted(set_ts, ts[kt] - half_window_us, side="left"))
@@ -385,10 +677,11 @@ class LabelGenerator:
             next_load = max(next_load, w0)
             while next_load < w1:
                 k = int(self.sweep_set[next_load])
-                cache[k] = self._prepare(k)
+                if k not in cache:
+                    cache[k] = prepare(k)
                 next_load += 1
             if kt not in cache:  # cannot happen (key sweeps are in the set), kept for safety
-                cache[kt] = self._prepare(kt)
+                cache[kt] = prepare(kt)
 
             global_from_ego_t = self.global_from_ego[kt]
             # tracks present at t: their box transforms into ego_t and velocities
@@ -407,17 +700,27 @@ class LabelGenerator:
             windowed = [
                 (int(k), sw) for k, sw in ((int(k), cache.get(int(k))) for k in window) if sw is not None
             ]
-            capacity = sum(sw.obj_track.size for _, sw in windowed)
+            # static points with classes of their own vote like object points (after them)
+            classed = [(k, sw) for k, sw in windowed if sw.static_class is not None]
+            slot_track = self.boxes.track[idx_t]
+            if tracks is None:
+                capacity = sum(sw.obj_track.size for _, sw in windowed)
+            else:
+                capacity = 9 * int(
+                    (tracks.track_start[slot_track + 1] - tracks.track_start[slot_track]).sum()
+                )
+            capacity += sum(sw.num_static for _, sw in classed)
             if obj_vox.shape[0] < capacity:  # grow the object buffers (amortised)
                 obj_vox = np.empty(2 * capacity, np.int64)
                 obj_cls = np.empty(2 * capacity, np.uint8)
                 obj_vel = np.empty((2 * capacity, 2), np.float64)
+                obj_w = np.ones(2 * capacity, np.int32)
             n_obj = 0
             transforms = {}
             for k, sw in windowed:
                 m = relative_transform(global_from_ego_t, self.global_from_ego[k], same=k == kt)
                 transforms[k] = (np.ascontiguousarray(m[:3, :3]), np.ascontiguousarray(m[:3, 3]))
-                if sw.obj_track.size:
+                if tracks is None and sw.obj_track.size:
                     end, dropped = vo.place_objects(
                         sw.obj_local, sw.obj_track, sw.obj_class, track_slot, slot_rot, slot_trans, slot_vel,
                         self.lo, self.vs, self.shape, obj_vox, obj_cls, obj_vel, n_obj,
@@ -426,18 +729,52 @@ class LabelGenerator:
                     st.aggregated_points += sw.obj_track.size - dropped
                     st.points_in_grid += end - n_obj
                     n_obj = end
+                elif sw.obj_track.size:
+                    st.object_points_dropped += int(np.count_nonzero(track_slot[sw.obj_track] < 0))
+            if tracks is not None:
+                obj_w[: obj_w.shape[0]] = 1
+                end, points = vo.place_track_cells(
+                    tracks.local, tracks.count, tracks.track_start, slot_track, self.boxes.cls[idx_t],
+                    slot_rot, slot_trans, slot_vel, 0.5 * self.boxes.size[idx_t],
+                    cfg.track_cell_m if cfg.track_cell_fill else 0.0, self.lo, self.vs, self.shape,
+                    obj_vox, obj_cls, obj_vel, obj_w, n_obj,
+                )  # fmt: skip
+                st.aggregated_points += int((tracks.count_of_tracks[slot_track]).sum())
+                st.points_in_grid += points
+                n_obj = end
+            for k, sw in classed:
+                rot, trans = transforms[k]
+                st.aggregated_points += sw.num_static
+                end = vo.place_static(
+                    sw.points[: sw.num_static], sw.static_class, rot, trans, self.lo, self.vs, self.shape,
+                    obj_vox, obj_cls, obj_vel, n_obj,
+                )  # fmt: skip
+                st.points_in_grid += end - n_obj
+                n_obj = end
             ov, oc, ovel = obj_vox[:n_obj], obj_cls[:n_obj], obj_vel[:n_obj]
             occupied.fill(0)
             contested.fill(0)
-            vo.mark_voxels(ov, contested)
+            if not classed:  # unclassed static points vote for background against object points
+                vo.mark_voxels(ov, contested)
             for k, sw in windowed:
+                if sw.static_class is not None:
+                    continue
                 rot, trans = transforms[k]
                 static = sw.points[: sw.num_static]
                 st.aggregated_points += static.shape[0]
                 st.points_in_grid += vo.accumulate_static(
                     static, rot, trans, self.lo, self.vs, self.shape, occupied, contested, counts
                 )
-            vo.vote(occupied, counts, ov, oc, ovel, semantics, flow, slot_ws)  # resets counts to 0
+            if tracks is None:
+                vo.vote(
+                    occupied, counts, ov, oc, ovel, semantics, flow, slot_ws,
+                    self.classes.background, self.classes.free, self.classes.free,
+                )  # resets counts to 0  # fmt: skip
+            else:
+                vo.vote_weighted(
+                    occupied, counts, ov, oc, ovel, obj_w[:n_obj], semantics, flow, slot_ws,
+                    self.classes.background, self.classes.free, self.classes.free,
+                )  # resets counts to 0  # fmt: skip
 
             # visibility
             state.fill(0)
@@ -462,13 +799,79 @@ class LabelGenerator:
                     vo.cast_rays(origin, ends, self.lo, self.vs, self.shape, state)
                 st.rays += int(rays)
             mask = state > 0
-            st.occupied_voxels += int(np.count_nonzero(semantics != FREE))
+            camera_grid = None
+            if camera is not None:
+                if masker is None:
+                    camera.fill(False)
+                else:
+                    masker.mask(semantics, out=camera)
+                    st.camera_visits += masker.visits
+                st.camera_observed_voxels += int(np.count_nonzero(camera))
+                camera_grid = camera.reshape(grid_shape)
+            st.occupied_voxels += int(np.count_nonzero(semantics != self.classes.free))
             st.observed_voxels += int(np.count_nonzero(mask))
             st.frames += 1
             st.seconds = time.perf_counter() - started
             yield LabelFrame(
-                semantics.reshape(grid_shape), flow.reshape((*grid_shape, 2)), mask.reshape(grid_shape)
+                semantics.reshape(grid_shape),
+                flow.reshape((*grid_shape, 2)),
+                mask.reshape(grid_shape),
+                camera_grid,
             )
+
+
+#: Whole-track cells: bits per axis of a cell index (box-frame coordinates within +-819 m at 0.1 m cells),
+#: the offset of index 0 and the mask; the track id sits above the three axes.
+_CELL_BITS = 14
+_CELL_OFFSET = 1 << (_CELL_BITS - 1)
+_CELL_MASK = (1 << _CELL_BITS) - 1
+#: Object points gathered before they are merged into the cells (bounds the pass's memory: ~32 bytes each).
+_CELL_FLUSH_POINTS = 2_000_000
+
+
+@dataclass
+class _TrackModel:
+    """The whole-track object points of a log: cells sorted by track (see :meth:`LabelGenerator._track_model`)."""
+
+    local: np.ndarray  #: (C, 3) float32 mean box-frame position of the points of each cell, m
+    count: np.ndarray  #: (C,) int32 points per cell
+    track_start: (
+        np.ndarray
+    )  #: (num_tracks + 1,) int64: track t's cells are rows track_start[t]:track_start[t+1]
+    count_of_tracks: np.ndarray  #: (num_tracks,) int64 points per track
+
+
+class _CellAccumulator:
+    """Sums of box-frame positions and point counts per (track, cell) key, merged in batches."""
+
+    def __init__(self) -> None:
+        self.keys = np.empty(0, np.int64)
+        self.sums = np.empty((0, 3), np.float64)
+        self.counts = np.empty(0, np.int64)
+
+    def add(self, keys: np.ndarray, xyz: np.ndarray) -> None:
+        """Merge points (keys (n,), box-frame xyz (n, 3)) into the cells."""
+        all_keys = np.concatenate([self.keys, keys])
+        uniq, inverse = np.unique(all_keys, return_inverse=True)
+        n_old = self.keys.size
+        sums = np.zeros((uniq.size, 3), np.float64)
+        counts = np.zeros(uniq.size, np.int64)
+        old, new = inverse[:n_old], inverse[n_old:]
+        sums[old] += self.sums  # old keys are distinct: plain indexing adds once each
+        counts[old] += self.counts
+        for a in range(3):
+            sums[:, a] += np.bincount(new, weights=xyz[:, a], minlength=uniq.size)
+        counts += np.bincount(new, minlength=uniq.size)
+        self.keys, self.sums, self.counts = uniq, sums, counts
+
+    def finish(self, num_tracks: int) -> _TrackModel:
+        """The model, cells sorted by track (keys are sorted, the track id is their top bits)."""
+        track = self.keys >> (3 * _CELL_BITS)
+        start = np.searchsorted(track, np.arange(num_tracks + 1), side="left").astype(np.int64)
+        count = np.minimum(self.counts, np.iinfo(np.int32).max).astype(np.int32)
+        local = (self.sums / np.maximum(self.counts, 1)[:, None]).astype(np.float32)
+        per_track = np.bincount(track, weights=self.counts, minlength=num_tracks).astype(np.int64)
+        return _TrackModel(np.ascontiguousarray(local), count, start, per_track[:num_tracks])
 
 
 def source_point_loader(source: Source, log: LogData, blob_root: Path, stats: LabelStats) -> PointLoader:
@@ -496,6 +899,15 @@ def source_point_loader(source: Source, log: LogData, blob_root: Path, stats: La
     return load
 
 
+def source_point_class_loader(source: PointClassSource, log: LogData, blob_root: Path) -> PointClassLoader:
+    """A :data:`PointClassLoader` asking ``source.point_classes`` (files under ``blob_root``)."""
+
+    def load(k: int, n: int) -> np.ndarray | None:
+        return source.point_classes(log, k, Path(blob_root), n)
+
+    return load
+
+
 def write_log_labels(
     log: LogData,
     key_sweeps: np.ndarray,
@@ -505,6 +917,7 @@ def write_log_labels(
     source: Source | None = None,
     blob_root: Path | None = None,
     load_points: PointLoader | None = None,
+    load_point_classes: PointClassLoader | None = None,
     classes: ClassTable = OPENSCENE_CLASSES,
     storage: OccStorage = OccStorage(),
     progress: Callable[[int], None] | None = None,
@@ -520,36 +933,50 @@ def write_log_labels(
         source, blob_root: read the sweeps through ``source`` from under ``blob_root`` (the sensor root
             ``log.sweep_lidar_path`` is relative to) ...
         load_points: ... or through this loader (tests, other point sources).
-        classes: the class table of the dataset (recorded with the labels).
+        load_point_classes: classes of the sweeps' points (see :data:`PointClassLoader`); by default
+            the source's (:class:`PointClassSource`) when it has them, else none.
+        classes: the class table of the dataset (of the labels, the boxes' and the points' class ids).
         storage: shard size and compression of the group.
         progress: called with the number of frames finished since the last call (e.g. ``tqdm.update``).
 
     Returns:
-        JSON-ready statistics (:class:`LabelStats`). The group attribute ``stats`` holds the same without
-        the run-time measurements (:data:`TIMING_KEYS`), so the same inputs and config give
-        byte-identical groups; the returned dict keeps them (``collect`` records it in the manifest).
+        JSON-ready statistics (:class:`LabelStats`) and, under ``recipe``, the settings
+        (:meth:`LabelConfig.to_dict`, also the group's ``generator`` attribute). The group attribute
+        ``stats`` holds the statistics without the run-time measurements (:data:`TIMING_KEYS`), so the
+        same inputs and config give byte-identical groups; the returned dict keeps them (``collect``
+        records it in the manifest entry's ``labels``, so the manifest carries the recipe too).
     """
     from driveengine.store.occ import create_occ
 
     key_sweeps = np.asarray(key_sweeps, dtype=np.int64).reshape(-1)
-    gen = LabelGenerator(log, key_sweeps, lambda k: None, config)
+    gen = LabelGenerator(
+        log, key_sweeps, lambda k: None, config, classes=classes, load_point_classes=load_point_classes
+    )
     if load_points is None:
         if source is None or blob_root is None:
             raise ValueError("write_log_labels needs load_points, or a source and a blob_root")
         load_points = source_point_loader(source, log, Path(blob_root), gen.stats)
+        if load_point_classes is None and isinstance(source, PointClassSource):
+            gen.load_point_classes = source_point_class_loader(source, log, Path(blob_root))
     gen.load_points = load_points
+    from driveengine.schemas.occ import REQUIRED_ARRAYS
+
+    arrays = (*REQUIRED_ARRAYS, "mask_camera") if config.camera_mask else REQUIRED_ARRAYS
     with create_occ(
         zarr_path,
         int(key_sweeps.size),
         generator=config.to_dict(),
         grid=config.grid,
         classes=classes,
+        arrays=arrays,
         storage=storage,
         timestamps_us=log.sweep_timestamp_us[key_sweeps],
+        tokens=log.sweep_token[key_sweeps],
     ) as writer:
         for frame in gen.frames():
-            writer.append(semantics=frame.semantics, flow=frame.flow, mask_lidar=frame.mask_lidar)
+            extra = {} if frame.mask_camera is None else {"mask_camera": frame.mask_camera}
+            writer.append(semantics=frame.semantics, flow=frame.flow, mask_lidar=frame.mask_lidar, **extra)
             if progress is not None:
                 progress(1)
         writer.set_stats(gen.stats.to_dict(timing=False))
-    return gen.stats.to_dict()
+    return {**gen.stats.to_dict(), "recipe": config.to_dict()}

@@ -47,6 +47,7 @@ def import_openscene_labels(
     storage: OccStorage = OccStorage(),
     timestamps_us: Sequence[int] | np.ndarray | None = None,
     source: str = "",
+    tokens: Sequence[str] | np.ndarray | None = None,
 ) -> int:
     """Write OpenScene v1.0 label files as one log's ``occ/<log>.zarr`` group.
 
@@ -58,6 +59,7 @@ def import_openscene_labels(
         storage: shard size and compression of the group.
         timestamps_us: optional (T,) frame timestamps, microseconds, stored with the group.
         source: free text naming where the files came from (stored in the ``generator`` attribute).
+        tokens: optional (T,) frame-row tokens, stored as the group's ``token`` coordinate.
 
     Returns:
         The number of frames written.
@@ -73,6 +75,7 @@ def import_openscene_labels(
     with create_occ(
         out_path, len(files), generator=generator, grid=grid, classes=classes, storage=storage,
         timestamps_us=timestamps_us,
+        tokens=tokens,
     ) as w:  # fmt: skip
         for f in files:
             sem, flow = read_label_file(f.occ, f.flow, grid)
@@ -122,6 +125,7 @@ class OpenSceneImport:
             storage=job.storage,
             timestamps_us=job.log.sweep_timestamp_us[job.key_sweeps],
             source=str(self.folder),
+            tokens=job.log.sweep_token[job.key_sweeps],
         )
         if job.progress is not None:
             job.progress(frames)

@@ -15,9 +15,13 @@ Conventions:
   runner parallelises over logs, one process per log.
 
 Per frame the generator calls :func:`place_objects` for the object points of every window sweep,
+:func:`place_static` for static points with classes of their own (e.g. nuScenes-lidarseg),
 :func:`mark_voxels` on their voxels, :func:`accumulate_static` for the background points,
 :func:`vote`, then :func:`cast_rays_dedup` (or :func:`cast_rays`) for visibility; per sweep, once,
 :func:`finite_points`, :func:`points_in_boxes` and :func:`partition_points`.
+
+Class ids are arguments (the class table's ``background``, ``free`` and number of classes; OpenScene's
+by default), so any :class:`~driveengine.schemas.classes.ClassTable` with a background id works.
 """
 
 from __future__ import annotations
@@ -30,7 +34,8 @@ import numpy as np
 from driveengine.schemas.classes import BACKGROUND, FREE
 from driveengine.schemas.grid import VoxelGrid
 
-#: Number of class ids an object point can carry (0..9 are foreground; see schemas/classes.py).
+#: Number of class ids an object point carries in OpenScene's table (0..9 are foreground; see
+#: schemas/classes.py). The kernels take any class table's ids as arguments (:func:`vote`).
 NUM_OBJECT_CLASSES = BACKGROUND
 
 #: ``mask`` / ray-state values written by :func:`cast_rays`.
@@ -491,6 +496,51 @@ def accumulate_static(
 
 
 @numba.njit(cache=True)
+def place_static(
+    points: np.ndarray,
+    cls: np.ndarray,
+    rotation: np.ndarray,
+    translation: np.ndarray,
+    lo: np.ndarray,
+    vs: float,
+    shape: np.ndarray,
+    out_voxel: np.ndarray,
+    out_class: np.ndarray,
+    out_velocity: np.ndarray,
+    offset: int,
+) -> int:
+    """Append static points that carry a class of their own (e.g. nuScenes-lidarseg) to the vote's point
+    list: their voxel under ``points @ rotation.T + translation``, their class, zero velocity.
+
+    Such points vote like object points (:func:`vote`), for their own class; points outside the grid
+    are skipped.
+
+    Args:
+        points: (N, 3) static points in their sweep's ego frame, metres.
+        cls: (N,) uint8 class id of each point.
+        rotation, translation: ``grid_from_sweep`` (3, 3) and (3,), float64.
+        out_voxel, out_class, out_velocity: outputs as in :func:`place_objects`, written from ``offset``.
+
+    Returns:
+        The end of the written rows (``offset`` + points in the grid).
+    """
+    nx, ny, nz = shape[0], shape[1], shape[2]
+    fnx, fny, fnz = float(nx), float(ny), float(nz)
+    a = _voxel_units_affine(rotation, translation, lo, vs)
+    j = offset
+    for i in range(points.shape[0]):
+        px, py, pz = np.float64(points[i, 0]), np.float64(points[i, 1]), np.float64(points[i, 2])
+        v = _scaled_voxel(px, py, pz, a, fnx, fny, fnz, ny, nz)
+        if v >= 0:
+            out_voxel[j] = v
+            out_class[j] = cls[i]
+            out_velocity[j, 0] = 0.0
+            out_velocity[j, 1] = 0.0
+            j += 1
+    return j
+
+
+@numba.njit(cache=True)
 def vote(
     occupied: np.ndarray,
     static_counts: np.ndarray,
@@ -500,32 +550,68 @@ def vote(
     semantics: np.ndarray,
     flow: np.ndarray,
     slot_ws: np.ndarray,
+    background: int = BACKGROUND,
+    free: int = FREE,
+    num_classes: int = FREE,
 ) -> int:
-    """Majority vote per voxel between background points and object points, and the voxel flow.
+    """Majority vote per voxel between background points and classed points, and the voxel flow.
 
-    A voxel's class is the class with the most points in it (background points count for
-    ``BACKGROUND``); ties go to the lowest class id; voxels with no point are ``FREE``. Its flow is the
-    mean (vx, vy) of the points carrying the winning class, 0 for background and free voxels.
+    A voxel's class is the class with the most points in it: points of ``obj_*`` (object points, and
+    static points with a class of their own from :func:`place_static`) count for their class, background
+    points (``occupied`` / ``static_counts``) for ``background``; ties go to the lowest class id; voxels
+    with no point are ``free``. Its flow is the mean (vx, vy) of the points carrying the winning class
+    (background and :func:`place_static` points carry 0), 0 for free voxels.
+
+    With OpenScene's table (the defaults: objects 0..9, background 10, free 16) this is OpenScene's
+    rule: an object class beats background on a tie (its id is lower).
 
     Args:
         occupied: (W,) uint64 bitset of the voxels holding background points.
         static_counts: (V,) int32 background points per voxel; read (and reset to 0) only at voxels
-            holding object points, so it may be zero elsewhere (see :func:`accumulate_static`).
-        obj_voxel: (M,) int64 voxel of each object point, -1 to ignore it.
-        obj_class: (M,) uint8 class id (< BACKGROUND) of each object point.
-        obj_velocity: (M, 2) float (vx, vy) of each object point, m/s.
+            holding ``obj_*`` points, so it may be zero elsewhere (see :func:`accumulate_static`).
+        obj_voxel: (M,) int64 voxel of each classed point, -1 to ignore it.
+        obj_class: (M,) uint8 class id of each classed point; ids ``>= num_classes`` are ignored.
+        obj_velocity: (M, 2) float (vx, vy) of each classed point, m/s.
         semantics: (V,) uint8 output.
         flow: (V, 2) float32 output.
         slot_ws: (V,) int32 workspace, all -1 on entry and on return.
+        background, free: the class table's background and free ids.
+        num_classes: the number of voted class ids (``0 .. num_classes - 1``; the table's free id).
 
     Returns:
-        The number of voxels that hold at least one object point.
+        The number of voxels that hold at least one classed point.
     """
+    return vote_weighted(
+        occupied, static_counts, obj_voxel, obj_class, obj_velocity, np.ones(obj_voxel.shape[0], np.int32),
+        semantics, flow, slot_ws, background, free, num_classes,
+    )  # fmt: skip
+
+
+@numba.njit(cache=True)
+def vote_weighted(
+    occupied: np.ndarray,
+    static_counts: np.ndarray,
+    obj_voxel: np.ndarray,
+    obj_class: np.ndarray,
+    obj_velocity: np.ndarray,
+    obj_weight: np.ndarray,
+    semantics: np.ndarray,
+    flow: np.ndarray,
+    slot_ws: np.ndarray,
+    background: int = BACKGROUND,
+    free: int = FREE,
+    num_classes: int = FREE,
+) -> int:
+    """:func:`vote` where classed entry ``i`` counts as ``obj_weight[i]`` points (a whole-track cell
+    stands for the points that fell into it, :func:`place_track_cells`); weights of 1 give :func:`vote`
+    bit for bit. ``obj_weight`` is (M,) int32, >= 1."""
     nv = semantics.shape[0]
+    bg = np.uint8(background)
+    fr = np.uint8(free)
     for w in range(occupied.shape[0]):
         word = occupied[w]
         for b in range(min(64, nv - 64 * w)):
-            semantics[64 * w + b] = BACKGROUND if (word >> np.uint64(b)) & np.uint64(1) else FREE
+            semantics[64 * w + b] = bg if (word >> np.uint64(b)) & np.uint64(1) else fr
     flow[:] = 0.0
     m = obj_voxel.shape[0]
     # pass 1: a slot per distinct voxel (so the tables below are sized by voxels, not points)
@@ -533,37 +619,156 @@ def vote(
     ns = 0
     for i in range(m):
         v = obj_voxel[i]
-        if v >= 0 and slot_ws[v] < 0:
+        if v >= 0 and obj_class[i] < num_classes and slot_ws[v] < 0:
             slot_ws[v] = ns
             slot_voxel[ns] = v
             ns += 1
-    # pass 2: points and velocity sums per (slot, class)
-    counts = np.zeros((ns, NUM_OBJECT_CLASSES), dtype=np.int32)
-    vsum = np.zeros((ns, NUM_OBJECT_CLASSES, 2), dtype=np.float64)
+    # pass 2: points per (slot, class)
+    counts = np.zeros((ns, num_classes), dtype=np.int32)
+    for i in range(m):
+        v = obj_voxel[i]
+        c = obj_class[i]
+        if v < 0 or c >= num_classes:
+            continue
+        counts[slot_ws[v], c] += obj_weight[i]
+    # the winner of each slot (ascending ids, so '>' keeps the lowest id on ties)
+    winner = np.empty(ns, dtype=np.int64)
+    total = np.empty(ns, dtype=np.int64)
+    for s in range(ns):
+        v = slot_voxel[s]
+        sc = static_counts[v]
+        static_counts[v] = 0
+        best = -1
+        best_n = 0
+        for c in range(num_classes):
+            n = counts[s, c] + (sc if c == background else 0)
+            if n > best_n:
+                best = c
+                best_n = n
+        winner[s] = best
+        total[s] = best_n
+        semantics[v] = best
+    # pass 3: the winners' velocity sums, in point order (mean = sum / points of the winning class)
+    vsum = np.zeros((ns, 2), dtype=np.float64)
     for i in range(m):
         v = obj_voxel[i]
         if v < 0:
             continue
         s = slot_ws[v]
-        c = obj_class[i]
-        counts[s, c] += 1
-        vsum[s, c, 0] += obj_velocity[i, 0]
-        vsum[s, c, 1] += obj_velocity[i, 1]
+        if s >= 0 and obj_class[i] == winner[s]:
+            if obj_weight[i] == 1:
+                vsum[s, 0] += obj_velocity[i, 0]
+                vsum[s, 1] += obj_velocity[i, 1]
+            else:
+                vsum[s, 0] += obj_weight[i] * obj_velocity[i, 0]
+                vsum[s, 1] += obj_weight[i] * obj_velocity[i, 1]
     for s in range(ns):
         v = slot_voxel[s]
         slot_ws[v] = -1
-        best = BACKGROUND
-        best_n = static_counts[v]
-        static_counts[v] = 0
-        for c in range(NUM_OBJECT_CLASSES - 1, -1, -1):  # descending, so '>=' keeps the lowest id on ties
-            if counts[s, c] > 0 and counts[s, c] >= best_n:
-                best = c
-                best_n = counts[s, c]
-        semantics[v] = best
-        if best < BACKGROUND:
-            flow[v, 0] = vsum[s, best, 0] / best_n
-            flow[v, 1] = vsum[s, best, 1] / best_n
+        flow[v, 0] = vsum[s, 0] / total[s]
+        flow[v, 1] = vsum[s, 1] / total[s]
     return ns
+
+
+@numba.njit(cache=True)
+def place_track_cells(
+    cell_local: np.ndarray,
+    cell_count: np.ndarray,
+    track_start: np.ndarray,
+    slot_track: np.ndarray,
+    slot_class: np.ndarray,
+    slot_rotation: np.ndarray,
+    slot_translation: np.ndarray,
+    slot_velocity: np.ndarray,
+    slot_half: np.ndarray,
+    cell_m: float,
+    lo: np.ndarray,
+    vs: float,
+    shape: np.ndarray,
+    out_voxel: np.ndarray,
+    out_class: np.ndarray,
+    out_velocity: np.ndarray,
+    out_weight: np.ndarray,
+    offset: int,
+) -> tuple[int, int]:
+    """Place the whole-track cells of the tracks present at the target frame (see the generator's
+    module doc, step 4): the cells of track ``slot_track[s]`` (rows ``track_start[t]:track_start[t + 1]``)
+    are moved by ``R[s], t[s]`` (box frame to grid frame). A cell claims the voxel of its points' mean and,
+    with ``cell_m > 0``, every voxel that its cube (the box-frame cell of edge ``cell_m`` holding its
+    points) overlaps *inside the box* (the cube clipped to ``[-half, half]`` of the slot's box, sampled
+    at its 8 corners); each claimed voxel gets one entry with the slot's class and velocity and the
+    cell's point count as weight.
+
+    Args:
+        cell_local: (C, 3) float32 mean position of the points of each cell, box frame, metres.
+        cell_count: (C,) int32 points per cell; track_start: (num_tracks + 1,) int64.
+        slot_track: (S,) int64 track of each slot; slot_class: (S,) uint8 its box's class at the frame.
+        slot_rotation, slot_translation, slot_velocity: as in :func:`place_objects`.
+        slot_half: (S, 3) half size of each slot's box, metres.
+        cell_m: edge of the cells, metres (0: claim the mean's voxel only).
+        out_voxel, out_class, out_velocity, out_weight: outputs written from ``offset`` (capacity >=
+            offset + 9 x the cells of the slots' tracks).
+
+    Returns:
+        ``(new_offset, points)``: the end of the written rows and the points of the cells placed in the grid.
+    """
+    inv_vs = 1.0 / vs
+    j = offset
+    points = 0
+    seen = np.empty(9, np.int64)
+    eps = 1e-6
+    for s in range(slot_track.shape[0]):
+        tr = slot_track[s]
+        r = slot_rotation[s]
+        t = slot_translation[s]
+        hx, hy, hz = slot_half[s, 0], slot_half[s, 1], slot_half[s, 2]
+        for i in range(track_start[tr], track_start[tr + 1]):
+            mx, my, mz = float(cell_local[i, 0]), float(cell_local[i, 1]), float(cell_local[i, 2])
+            n = 0
+            x = r[0, 0] * mx + r[0, 1] * my + r[0, 2] * mz + t[0]
+            y = r[1, 0] * mx + r[1, 1] * my + r[1, 2] * mz + t[1]
+            z = r[2, 0] * mx + r[2, 1] * my + r[2, 2] * mz + t[2]
+            v = _voxel_of(x, y, z, lo, inv_vs, shape)
+            if v >= 0:
+                seen[0] = v
+                n = 1
+            if cell_m > 0.0:
+                # the cell's cube clipped to the box
+                x0 = max(math.floor(mx / cell_m) * cell_m, -hx) + eps
+                x1 = min((math.floor(mx / cell_m) + 1.0) * cell_m, hx) - eps
+                y0 = max(math.floor(my / cell_m) * cell_m, -hy) + eps
+                y1 = min((math.floor(my / cell_m) + 1.0) * cell_m, hy) - eps
+                z0 = max(math.floor(mz / cell_m) * cell_m, -hz) + eps
+                z1 = min((math.floor(mz / cell_m) + 1.0) * cell_m, hz) - eps
+                if x0 <= x1 and y0 <= y1 and z0 <= z1:
+                    for c in range(8):
+                        px = x1 if c & 1 else x0
+                        py = y1 if c & 2 else y0
+                        pz = z1 if c & 4 else z0
+                        x = r[0, 0] * px + r[0, 1] * py + r[0, 2] * pz + t[0]
+                        y = r[1, 0] * px + r[1, 1] * py + r[1, 2] * pz + t[1]
+                        z = r[2, 0] * px + r[2, 1] * py + r[2, 2] * pz + t[2]
+                        v = _voxel_of(x, y, z, lo, inv_vs, shape)
+                        if v < 0:
+                            continue
+                        new = True
+                        for q in range(n):
+                            if seen[q] == v:
+                                new = False
+                                break
+                        if new:
+                            seen[n] = v
+                            n += 1
+            if n:
+                points += cell_count[i]
+            for q in range(n):
+                out_voxel[j] = seen[q]
+                out_class[j] = slot_class[s]
+                out_velocity[j, 0] = slot_velocity[s, 0]
+                out_velocity[j, 1] = slot_velocity[s, 1]
+                out_weight[j] = cell_count[i]
+                j += 1
+    return j, points
 
 
 # -- ray casting ------------------------------------------------------------------------------------------
@@ -790,3 +995,173 @@ def cast_rays_dedup(
         visits += _cast_one(ox, oy, oz, cx, cy, cz, end_ws[v] == 2, lo, vs, shape, state)
         end_ws[v] = 0
     return nu, visits
+
+
+# -- camera visibility ----------------------------------------------------------------------------------
+
+
+@numba.njit(cache=True)
+def occupied_bits(semantics: np.ndarray, free: int, bits: np.ndarray) -> None:
+    """Set ``bits`` (a voxel bitset, :func:`bitset_words`) to the voxels of ``semantics`` (V,) that are not ``free``."""
+    bits[:] = 0
+    fr = np.uint8(free)
+    one = np.uint64(1)
+    for v in range(semantics.shape[0]):
+        if semantics[v] != fr:
+            bits[v >> 6] |= one << np.uint64(v & 63)
+
+
+@numba.njit(cache=True)
+def dilate_bits(bits: np.ndarray, shape: np.ndarray, out: np.ndarray) -> None:
+    """``out`` = the voxel bitset ``bits`` dilated by one voxel (the 26-neighbourhood), on a grid of ``shape``."""
+    nx, ny, nz = shape[0], shape[1], shape[2]
+    out[:] = 0
+    one = np.uint64(1)
+    for w in range(bits.shape[0]):
+        word = bits[w]
+        if word == 0:
+            continue
+        for b in range(64):
+            if not (word >> np.uint64(b)) & one:
+                continue
+            v = 64 * w + b
+            x = v // (ny * nz)
+            y = (v // nz) % ny
+            z = v % nz
+            for i in range(max(x - 1, 0), min(x + 2, nx)):
+                for j in range(max(y - 1, 0), min(y + 2, ny)):
+                    for k in range(max(z - 1, 0), min(z + 2, nz)):
+                        u = (i * ny + j) * nz + k
+                        out[u >> 6] |= one << np.uint64(u & 63)
+
+
+@numba.njit(cache=True)
+def bits_to_mask(bits: np.ndarray, out: np.ndarray) -> None:
+    """``out[v] = True`` for the voxels set in the bitset ``bits``, False elsewhere; ``out`` is (V,) bool."""
+    one = np.uint64(1)
+    for v in range(out.shape[0]):
+        out[v] = (bits[v >> 6] >> np.uint64(v & 63)) & one
+
+
+@numba.njit(cache=True)
+def cast_camera_rays(
+    origin: np.ndarray,
+    direction: np.ndarray,
+    start: np.ndarray,
+    exit_m: np.ndarray,
+    parent: np.ndarray,
+    occupied: np.ndarray,
+    near: np.ndarray,
+    lo: np.ndarray,
+    vs: float,
+    shape: np.ndarray,
+    observed: np.ndarray,
+    t_near: np.ndarray,
+    restart_m: float,
+) -> int:
+    """Trace camera rays through the labels, marking the voxels they enter up to the first occupied one.
+
+    Rays come parents first (see :mod:`driveengine.labels.camera_visibility`): ray ``r`` starts at
+    ``start[r]`` metres along its direction, or ``restart_m`` before the point where its parent first
+    entered a voxel of ``near`` (a voxel within one voxel of an occupied one) if that comes earlier (at
+    0 at the earliest); level-0 rays (``parent == -1``) start at ``start[r]`` (0). A ray is walked
+    (Amanatides-Woo) from its start, or from where it enters the grid box, to ``exit_m[r]`` where it
+    leaves the box: every voxel it enters is set in ``observed``; it stops after the first voxel set in
+    ``occupied``.
+
+    Args:
+        origin, direction: (R, 3) optical centre and unit direction of each ray, ego frame, metres.
+        start: (R,) start distance along the ray; exit_m: (R,) distance where it leaves the grid box
+            (the ray's start is clipped to the box's entry point by the walk); parent: (R,) index or -1.
+        occupied: voxel bitset (:func:`occupied_bits`) of the frame's occupied voxels.
+        near: ``occupied`` dilated by one voxel (:func:`dilate_bits`).
+        observed: voxel bitset, updated in place.
+        t_near: (R,) float64 output: distance at which each ray first entered a voxel of ``near``, or
+            1e30 when it never did (a ray that stops has entered one: its occupied voxel).
+        restart_m: see above, metres.
+
+    Returns:
+        The number of voxel visits (the work done; for benchmarks).
+    """
+    nx, ny, nz = shape[0], shape[1], shape[2]
+    inv = 1.0 / vs
+    one = np.uint64(1)
+    visits = 0
+    for r in range(direction.shape[0]):
+        s = start[r]
+        p = parent[r]
+        if p >= 0 and not (t_near[p] > s):
+            s = max(0.0, t_near[p] - restart_m)
+        t_near[r] = 1e30
+        ox, oy, oz = origin[r, 0], origin[r, 1], origin[r, 2]
+        dx, dy, dz = direction[r, 0], direction[r, 1], direction[r, 2]
+        # clip the start to where the ray enters the box (the camera may sit outside the grid)
+        s0 = s
+        for a in range(3):
+            o = ox if a == 0 else (oy if a == 1 else oz)
+            d = dx if a == 0 else (dy if a == 1 else dz)
+            if d > 0.0:
+                s0 = max(s0, (lo[a] - o) / d)
+            elif d < 0.0:
+                s0 = max(s0, (lo[a] + shape[a] * vs - o) / d)
+        if not (s0 < exit_m[r]):
+            continue
+        ix = math.floor((ox + s0 * dx - lo[0]) * inv)
+        iy = math.floor((oy + s0 * dy - lo[1]) * inv)
+        iz = math.floor((oz + s0 * dz - lo[2]) * inv)
+        if ix < -1 or iy < -1 or iz < -1 or ix > nx or iy > ny or iz > nz:
+            continue  # the ray misses the box (only the faces' rounding is clamped below)
+        ix = min(max(ix, 0), nx - 1)
+        iy = min(max(iy, 0), ny - 1)
+        iz = min(max(iz, 0), nz - 1)
+        sx = 1 if dx > 0 else -1
+        sy = 1 if dy > 0 else -1
+        sz = 1 if dz > 0 else -1
+        tmx = (lo[0] + (ix + (1 if sx > 0 else 0)) * vs - ox) / dx if dx != 0.0 else np.inf
+        tmy = (lo[1] + (iy + (1 if sy > 0 else 0)) * vs - oy) / dy if dy != 0.0 else np.inf
+        tmz = (lo[2] + (iz + (1 if sz > 0 else 0)) * vs - oz) / dz if dz != 0.0 else np.inf
+        tdx = vs / abs(dx) if dx != 0.0 else np.inf
+        tdy = vs / abs(dy) if dy != 0.0 else np.inf
+        tdz = vs / abs(dz) if dz != 0.0 else np.inf
+        # steps left along each axis before the ray leaves the grid
+        rx = (nx - 1 - ix) if sx > 0 else ix
+        ry = (ny - 1 - iy) if sy > 0 else iy
+        rz = (nz - 1 - iz) if sz > 0 else iz
+        sxv = sx * ny * nz
+        syv = sy * nz
+        v = (ix * ny + iy) * nz + iz
+        t = s0
+        tn = 1e30
+        while True:
+            visits += 1
+            w = v >> 6
+            bit = one << np.uint64(v & 63)
+            observed[w] |= bit
+            if near[w] & bit:
+                if tn > 1e29:
+                    tn = t
+                if occupied[w] & bit:
+                    break
+            if tmx <= tmy and tmx <= tmz:
+                if rx == 0:
+                    break
+                rx -= 1
+                t = tmx
+                tmx += tdx
+                v += sxv
+            elif tmy <= tmz:
+                if ry == 0:
+                    break
+                ry -= 1
+                t = tmy
+                tmy += tdy
+                v += syv
+            else:
+                if rz == 0:
+                    break
+                rz -= 1
+                t = tmz
+                tmz += tdz
+                v += sz
+        t_near[r] = tn
+    return visits

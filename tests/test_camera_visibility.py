@@ -1,0 +1,206 @@
+"""Camera visibility (``mask_camera``, driveengine/labels/camera_visibility.py) against geometric truth.
+
+A hand-made scene (a wall in front of one camera) has an exact answer: voxels between the camera and the
+wall are seen, the wall's near face is seen, voxels behind it are not, and nothing outside the image is.
+The levelled lattice is compared with casting every lattice ray from the camera, and the rig from a
+synthetic nuPlan log is checked against the synthetic world's exact occupancy.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from driveengine.schemas.grid import GRID_PRESETS, VoxelGrid
+
+from driveengine.geometry import make_transform
+from driveengine.labels import camera_visibility as cv
+from driveengine.labels import voxel_ops as vo
+
+FREE = 16
+GRID = VoxelGrid((-20.0, -20.0, -2.0), (20.0, 20.0, 4.0), 0.5)
+
+
+def _front_camera(width: int = 160, height: int = 90, fov_deg: float = 70.0, yaw: float = 0.0) -> tuple:
+    """One pinhole camera at (0, 0, 1) m looking along +x rotated by ``yaw`` (OpenCV axes)."""
+    forward = np.array([np.cos(yaw), np.sin(yaw), 0.0])
+    right = np.array([np.sin(yaw), -np.cos(yaw), 0.0])
+    down = np.cross(forward, right)
+    ego_from_camera = make_transform(np.stack([right, down, forward], axis=1), [0.0, 0.0, 1.0])
+    f = 0.5 * width / np.tan(0.5 * np.radians(fov_deg))
+    k = np.array([[f, 0.0, width / 2], [0.0, f, height / 2], [0.0, 0.0, 1.0]])
+    return k, ego_from_camera, np.array([width, height])
+
+
+def _index(grid: VoxelGrid, x: float, y: float, z: float) -> tuple[int, int, int]:
+    lo = np.asarray(grid.range_min_m)
+    return tuple(int(v) for v in np.floor((np.array([x, y, z]) - lo) / grid.voxel_size_m))
+
+
+def _wall_scene(grid: VoxelGrid = GRID) -> np.ndarray:
+    sem = np.full(grid.shape, FREE, np.uint8)
+    i = _index(grid, 10.2, 0, 0)[0]
+    j0, j1 = _index(grid, 0, -6, 0)[1], _index(grid, 0, 6, 0)[1]
+    sem[i, j0 : j1 + 1, :] = 10  # a wall at x ~ 10 m, 12 m wide, floor to ceiling
+    return sem
+
+
+def test_wall_hides_what_is_behind_it() -> None:
+    k, m, size = _front_camera()
+    rays = cv.rig_rays(k[None], m[None], size[None], GRID)
+    sem = _wall_scene()
+    seen = cv.mask_camera(sem, FREE, rays, GRID)
+    assert seen[_index(GRID, 5.0, 0.0, 1.0)]  # in front of the wall, in view
+    assert seen[_index(GRID, 10.2, 0.0, 1.0)]  # the wall's face
+    for x in (12.0, 15.0, 19.0):
+        assert not seen[_index(GRID, x, 0.0, 1.0)]  # behind the wall
+    assert not seen[_index(GRID, -5.0, 0.0, 1.0)]  # behind the camera: outside the image
+    assert not seen[_index(GRID, 3.0, 10.0, 1.0)]  # 73 degrees to the left: outside a 70 degree image
+    # every voxel behind the wall (within its width) is hidden, every one in front (inside the image) seen
+    i_wall = _index(GRID, 10.2, 0, 0)[0]
+    assert not seen[i_wall + 1 :, _index(GRID, 0, -4, 0)[1] : _index(GRID, 0, 4, 0)[1], :].any()
+    centres = GRID.voxel_centres()
+    cam = centres - m[:3, 3]
+    in_image = np.zeros(GRID.shape, bool)
+    depth = cam @ m[:3, :3][:, 2]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        uv = (cam @ m[:3, :3]) @ k.T
+        u, v = uv[..., 0] / uv[..., 2], uv[..., 1] / uv[..., 2]
+    in_image = (depth > 0.5) & (u >= 1) & (u < size[0] - 1) & (v >= 1) & (v < size[1] - 1)
+    in_front = np.zeros(GRID.shape, bool)
+    in_front[:i_wall, :, :] = True
+    assert seen[in_image & in_front & (centres[..., 0] > 2.0)].mean() > 0.99  # coverage in front
+    # a voxel 2 m or more away subtends under 10 degrees: past 46 degrees from the axis it is outside the image
+    away = np.hypot(centres[..., 0], centres[..., 1]) > 2.0
+    assert not seen[away & (np.abs(np.arctan2(centres[..., 1], centres[..., 0])) > np.radians(46))].any()
+
+
+def test_the_empty_scene_is_seen_inside_the_image_only_and_a_camera_outside_the_grid_works() -> None:
+    k, m, size = _front_camera(yaw=np.pi / 2)  # looking left (+y)
+    rays = cv.rig_rays(k[None], m[None], size[None], GRID)
+    seen = cv.mask_camera(np.full(GRID.shape, FREE, np.uint8), FREE, rays, GRID)
+    assert seen[_index(GRID, 0.0, 15.0, 1.0)] and not seen[_index(GRID, 0.0, -15.0, 1.0)]
+    # the same camera 30 m outside the grid, looking into it
+    far = m.copy()
+    far[:3, 3] = (0.0, -50.0, 1.0)
+    rays = cv.rig_rays(k[None], far[None], size[None], GRID)
+    seen = cv.mask_camera(np.full(GRID.shape, FREE, np.uint8), FREE, rays, GRID)
+    assert seen[_index(GRID, 0.0, 0.0, 1.0)] and seen.sum() > 1000
+
+
+def test_levels_match_casting_every_lattice_ray_from_the_camera() -> None:
+    k, m, size = _front_camera(width=1600, height=900)
+    rays = cv.rig_rays(k[None], m[None], size[None], GRID)
+    assert rays.strides[0] > 1  # a large image is sampled, not cast at every pixel
+    # reference: every lattice ray from the camera (no parents)
+    flat = cv.CameraRays(
+        rays.origin, rays.direction, np.zeros(rays.num_rays), rays.exit_m, np.full(rays.num_rays, -1),
+        rays.strides, rays.cameras,
+    )  # fmt: skip
+    rng = np.random.default_rng(0)
+    for clutter in (0.0, 0.002, 0.01):  # up to 1 % random occupied voxels: silhouettes everywhere
+        sem = _wall_scene()
+        sem[:, :, 3] = 10  # a ground layer
+        sem[rng.random(GRID.shape) < clutter] = 3
+        masker, flat_masker = cv.CameraMasker(rays, GRID, FREE), cv.CameraMasker(flat, GRID, FREE)
+        levelled, reference = masker.mask(sem).copy(), flat_masker.mask(sem)
+        differ = np.count_nonzero(levelled != reference)
+        assert differ <= 0.003 * np.count_nonzero(reference), (clutter, differ, np.count_nonzero(reference))
+        if clutter == 0.0:  # open space: far fewer voxel visits
+            assert masker.visits < 0.5 * flat_masker.visits, (masker.visits, flat_masker.visits)
+
+
+def test_distortion_is_undone() -> None:
+    dist = np.array([-0.3, 0.1, 0.001, -0.002, 0.02])
+    x = np.linspace(-0.6, 0.6, 25)
+    xx, yy = np.meshgrid(x, x * 0.6)
+    r2 = xx**2 + yy**2
+    radial = 1 + r2 * (dist[0] + r2 * (dist[1] + r2 * dist[4]))
+    xd = xx * radial + 2 * dist[2] * xx * yy + dist[3] * (r2 + 2 * xx**2)
+    yd = yy * radial + dist[2] * (r2 + 2 * yy**2) + 2 * dist[3] * xx * yy
+    ux, uy = cv.undistort_normalised(xd, yd, dist)
+    assert np.abs(ux - xx).max() < 1e-6 and np.abs(uy - yy).max() < 1e-6
+
+
+def test_lattice_stride_keeps_rays_within_a_voxel_over_sqrt2() -> None:
+    grid = GRID_PRESETS["openscene"]
+    f = 1545.0  # nuPlan's cameras, 1920 x 1080
+    s = cv.lattice_stride(f, grid, 72.0)
+    assert s >= 1 and s / f * 72.0 <= grid.voxel_size_m / np.sqrt(2) + 1e-12
+    assert (s + 1) / f * 72.0 > grid.voxel_size_m / np.sqrt(2)
+    assert cv.lattice_stride(100.0, grid, 72.0) == 1  # a coarse image: every pixel
+
+
+def test_camera_rays_of_a_log_skip_cameras_without_calibration() -> None:
+    pytest.importorskip("driveengine.synth.sensors")
+    import tempfile
+    from pathlib import Path
+
+    from driveengine.sources.nuplan.reader import read_nuplan_log
+    from driveengine.synth import synthesize
+
+    with tempfile.TemporaryDirectory() as tmp:
+        synth = synthesize(Path(tmp), logs=1, seconds=1.0, seed=2, blobs=False)[0]
+        log = read_nuplan_log(synth.db_path)
+    rays, notes = cv.camera_rays(log, GRID)
+    assert rays is not None and len(rays.cameras) == len(log.camera_channels) and not notes
+    log.camera_intrinsic[2] = np.nan
+    rays, notes = cv.camera_rays(log, GRID)
+    assert rays is not None and len(rays.cameras) == len(log.camera_channels) - 1
+    assert len(notes) == 1 and log.camera_channels[2] in notes[0]
+    log.camera_size[:] = 0
+    rays, notes = cv.camera_rays(log, GRID)
+    assert rays is None and len(notes) == len(log.camera_channels)
+
+
+def test_synthetic_world_buildings_hide_what_is_behind_them(tmp_path) -> None:
+    """The rig of a synthetic log on the world's exact occupancy: every voxel the cameras see is free or on
+    the near side of a solid (a seen occupied voxel has a seen or camera-side free neighbour), and the
+    inside of the buildings beside the road is never seen."""
+    pytest.importorskip("driveengine.synth.sensors")
+    from driveengine.sources.nuplan.reader import read_nuplan_log
+    from driveengine.synth import synthesize
+
+    synth = synthesize(tmp_path, logs=1, seconds=2.0, seed=0, blobs=False, image_size=(640, 360))[0]
+    log = read_nuplan_log(synth.db_path)
+    grid = GRID_PRESETS["openscene"]
+    ts = int(log.sweep_timestamp_us[20])
+    truth = synth.world.occupancy(ts, grid)
+    rays, _ = cv.camera_rays(log, grid)
+    seen = cv.mask_camera(truth, FREE, rays, grid)
+    occupied = truth != FREE
+    assert seen.any() and (seen & occupied).any() and (seen & ~occupied).any()
+    # a voxel whose six face neighbours are all occupied (inside a solid or under the ground) is never seen
+    inner = occupied.copy()
+    for axis in range(3):
+        for shift in (1, -1):
+            inner &= np.roll(occupied, shift, axis=axis)
+    inner[[0, -1], :, :] = inner[:, [0, -1], :] = inner[:, :, [0, -1]] = False
+    assert inner.sum() > 1000 and not (seen & inner).any()
+    # nothing under the ground layer is seen (the ground is a closed floor)
+    ground = int(np.floor((-0.3 - grid.range_min_m[2]) / grid.voxel_size_m))
+    assert not seen[:, :, :ground].any()
+
+
+def test_kernel_marks_the_stopping_voxel_and_reports_where_it_came_near() -> None:
+    grid = VoxelGrid((0.0, 0.0, 0.0), (10.0, 1.0, 1.0), 1.0)
+    lo, vs, shape = vo.grid_params(grid)
+    occupied = np.zeros(vo.bitset_words(grid.num_voxels), np.uint64)
+    vo.mark_voxels(np.array([6]), occupied)  # voxel x = 6
+    near = np.zeros_like(occupied)
+    vo.dilate_bits(occupied, shape, near)
+    near_mask = np.zeros(grid.num_voxels, bool)
+    vo.bits_to_mask(near, near_mask)
+    assert near_mask.tolist() == [False] * 5 + [True] * 3 + [False] * 2
+    observed = np.zeros_like(occupied)
+    t_near = np.empty(2)
+    origin = np.array([[0.5, 0.5, 0.5], [0.5, 0.5, 0.5]])
+    # ray 1 is ray 0's child, starting at 8 m: ray 0 came near at 4.5 m, so ray 1 starts at 4.5 - 1 m
+    visits = vo.cast_camera_rays(
+        origin, np.array([[1.0, 0.0, 0.0], [1.0, 0.0, 0.0]]), np.array([0.0, 8.0]), np.array([9.5, 9.5]),
+        np.array([-1, 0]), occupied, near, lo, vs, shape, observed, t_near, 1.0,
+    )  # fmt: skip
+    mask = np.zeros(grid.num_voxels, bool)
+    vo.bits_to_mask(observed, mask)
+    assert mask.tolist() == [True] * 7 + [False] * 3
+    assert t_near[0] == pytest.approx(4.5) and t_near[1] == pytest.approx(4.5)
+    assert visits == 7 + 3  # the child walked from x = 4 m (voxel 4) to the occupied voxel 6
