@@ -13,23 +13,38 @@
   (goal <= 1.3x). The blobs are sparse files of real sizes (150 000-point binary PCD, ~400 KB JPEG)
   with real heads and tails, in the page cache: this measures the check's own cost (a few small reads
   per file), not the disk.
+- **object store vs local disk**: the same logs collected with labels (the real workload: frame rows
+  and occupancy/flow Zarr groups) to ``s3://`` on a moto server (its own process on 127.0.0.1) and to a
+  local folder, same run, in this process: the rate ratio (goal >= 0.7x). The object store's run
+  uploads every object under per-attempt keys and reads it all back to verify it, puts the manifest
+  after each log, and holds the lock object (a heartbeat). Also without labels (frame rows only: the
+  Parquet shards and the manifest puts), for information.
 
 ``BENCH_COLLECT_SECONDS`` (default 1200 = 20 min, nuPlan's typical log length) and ``BENCH_COLLECT_LOGS``
-(default 2) size the synthetic input (databases only, no blobs).
+(default 2) size the synthetic input (databases only, no blobs). ``BENCH_COLLECT_S3_SECONDS`` (default
+20) and ``BENCH_COLLECT_S3_LOGS`` (default 2) size the labelled logs of the object-store comparison
+(with point clouds and images: 40 key frames per log by default).
 """
 
 from __future__ import annotations
 
 import os
+import socket
 import sqlite3
+import subprocess
+import sys
 import tempfile
 import time
+import urllib.request
+from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 from benchmarks.harness import best_time, report, section
 from driveengine.collect.frames import FrameOptions, select_frames
-from driveengine.collect.job import read_log
 from driveengine.collect.runner import CollectConfig, collect
+from driveengine.sources import get_source
+from driveengine.sources.base import InputLog
 from driveengine.synth import SynthLog, synthesize
 
 #: The tables the nuPlan reader queries.
@@ -48,12 +63,23 @@ def raw_sql_scan(db: Path) -> int:
         con.close()
 
 
-def _collect(root: Path, out: Path, workers: int, logs: list[str] | None = None, check_blobs: bool = False):
+def _collect(
+    root: Path,
+    out: Path | str,
+    workers: int,
+    logs: list[str] | None = None,
+    check_blobs: bool = False,
+    labels: bool = False,
+):
     config = CollectConfig.from_options(
-        source="nuplan", root=root, out=out, split="mini", labels=False, check_blobs=check_blobs,
-        overwrite=True, workers=workers, logs=logs, progress=False,
+        source="nuplan", root=root, out=Path(os.fspath(out)), split="mini", labels=labels,
+        check_blobs=check_blobs, overwrite=True, workers=workers, logs=logs, progress=False,
     )  # fmt: skip
-    return collect(config, echo=lambda _: None)
+    if isinstance(out, str):  # a URL, as the command line passes it
+        config = replace(config, run=replace(config.run, out=out))
+    summary = collect(config, echo=lambda _: None)
+    assert summary.ok, summary.format()
+    return summary
 
 
 #: Sizes of the sparse placeholder blobs: a full nuPlan sweep (150 000 points of 5 float32 + ring) and a
@@ -64,8 +90,12 @@ JPEG_BYTES = 400_000
 
 def write_key_frame_blobs(log: SynthLog) -> int:
     """Sparse ``.pcd``/``.jpg`` files of real sizes for every key frame of ``log``; returns files written."""
-    data = read_log("nuplan", log.db_path)
-    keys = select_frames(data, FrameOptions(split="mini", check_blobs=False), None).key_sweeps
+    source = get_source("nuplan")
+    data = source.read_log(InputLog(log.log_name, log.db_path))
+    candidates = source.key_frame_candidates(data, FrameOptions(split="mini").sample_interval)
+    keys = select_frames(
+        data, FrameOptions(split="mini", check_blobs=False), None, candidates=candidates
+    ).key_sweeps
     header = (
         "# .PCD v0.7\nVERSION 0.7\nFIELDS x y z intensity ring lidar_info\nSIZE 4 4 4 4 4 4\n"
         f"TYPE F F F F F F\nCOUNT 1 1 1 1 1 1\nWIDTH {PCD_POINTS}\nHEIGHT 1\nVIEWPOINT 0 0 0 1 0 0 0\n"
@@ -141,6 +171,91 @@ def main() -> None:
             f"({two[1].frames / two[0]:.0f} frames/s, {two[1].frames / two[0] / 2:.0f} per worker); "
             f"peak RSS per worker {two[1].peak_rss_mib:.0f} MiB"
         )
+
+        object_store_vs_local(tmp)
+
+
+@contextmanager
+def moto_server(seconds: float = 30.0):
+    """A moto S3 server in its own process on 127.0.0.1 (a free port); yields its s3fs options."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    endpoint = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + seconds
+        while True:
+            try:
+                urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise RuntimeError(f"the moto server on {endpoint} did not start") from None
+                time.sleep(0.1)
+        yield {"endpoint_url": endpoint, "key": "bench", "secret": "bench"}
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
+def object_store_vs_local(tmp: Path) -> None:
+    """The section of the module doc: labelled logs to moto S3 vs to a local folder, same run."""
+    import fsspec
+    import s3fs
+
+    seconds = float(os.environ.get("BENCH_COLLECT_S3_SECONDS", "20"))
+    n_logs = int(os.environ.get("BENCH_COLLECT_S3_LOGS", "2"))
+    root = tmp / "labelled"
+    synthesize(root, logs=n_logs, seconds=seconds, seed=1, split="mini", image_size=(64, 36))
+    with moto_server() as options:
+        os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+        fsspec.config.conf["s3"] = dict(options)  # as FSSPEC_S3 in the environment would
+        s3fs.S3FileSystem(**options).mkdir("bench")
+        for labels in (True, False):
+            _compare_to_local(root, tmp, options, n_logs, seconds, labels)
+        fsspec.config.conf.pop("s3", None)
+
+
+def _compare_to_local(
+    root: Path, tmp: Path, options: dict, n_logs: int, seconds: float, labels: bool
+) -> None:
+    import s3fs
+
+    what = "rows + labels" if labels else "rows only"
+    section(f"{n_logs} logs of {seconds:.0f} s ({what}), in this process: to moto S3 vs to local disk")
+    runs: dict[str, list] = {"local": [], "s3": []}
+    local = best_time(
+        lambda: runs["local"].append(_collect(root, tmp / "out_local", 1, labels=labels)), repeat=3
+    )
+    remote = best_time(
+        lambda: runs["s3"].append(_collect(root, "s3://bench/out", 1, labels=labels)), repeat=3
+    )
+    frames = runs["s3"][-1].frames
+    assert frames == runs["local"][-1].frames
+    report(
+        f"collect to s3 ({what}; rate vs local disk)",
+        local / remote,
+        1.0,
+        "x",
+        goal=">= 0.7x" if labels else "",
+        higher_is_better=True,
+    )
+    stored = sum(
+        info["size"] for info in s3fs.S3FileSystem(**options).find("bench/out", detail=True).values()
+    )
+    print(
+        f"  local {local:.2f} s, s3 {remote:.2f} s for {frames} frames "
+        f"({frames / local:.1f} vs {frames / remote:.1f} frames/s); {stored / 2**20:.1f} MiB stored"
+    )
 
 
 def _timed(fn):

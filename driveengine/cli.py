@@ -75,10 +75,15 @@ def version() -> None:
 
 @app.command("inspect")
 def inspect_command(
-    path: Path = typer.Argument(..., help="A nuPlan log database (.db) or a point cloud (.pcd)."),
+    path: Path = typer.Argument(
+        ...,
+        help="A nuPlan log (.db), point cloud (.pcd), OpenScene metadata (.pkl), frame shard (.parquet) or "
+        "label group (.zarr).",
+    ),
     json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ) -> None:
-    """One-screen summary of an input file: a log's sweeps, key frames, boxes, cameras; a PCD's fields."""
+    """One-screen summary of a file: a log's sweeps and boxes, a PCD's fields, OpenScene metadata (read with a
+    restricted unpickler), a frame shard's logs and times, a label group's grid, classes and arrays."""
     import json
 
     from driveengine.inspect import format_summary, inspect_path
@@ -89,36 +94,66 @@ def inspect_command(
 
 @app.command()
 def synth(
-    out: Path = typer.Option(..., "--out", help="Output root (splits/<split>/*.db, sensor_blobs/<log>/)."),
-    logs: int = typer.Option(2, "--logs", min=0, help="Number of logs."),
+    out: Path = typer.Option(
+        ...,
+        "--out",
+        help="Output root (nuplan: splits/<split>/*.db, sensor_blobs/<log>/; nuscenes: <version>/*.json, "
+        "samples/, sweeps/, maps/).",
+    ),
+    fmt: str = typer.Option(
+        "nuplan", "--format", help="nuplan (SQLite logs) or nuscenes (a v1.0 release: JSON tables, .pcd.bin)."
+    ),
+    logs: int = typer.Option(2, "--logs", min=0, help="Number of logs (nuscenes: scenes)."),
     seconds: float = typer.Option(20.0, "--seconds", min=0.05, help="Duration of each log, seconds."),
     seed: int = typer.Option(0, "--seed", help="Seed: the same seed writes identical files."),
-    split: str = typer.Option("mini", "--split", help="Split directory name under splits/."),
+    split: str = typer.Option("mini", "--split", help="nuplan: split directory name under splits/."),
+    version: str = typer.Option(
+        "v1.0-mini",
+        "--version",
+        help="nuscenes: the table folder (v1.0-mini, v1.0-trainval, v1.0-test, ...).",
+    ),
+    lidarseg: bool = typer.Option(False, "--lidarseg", help="nuscenes: also write nuScenes-lidarseg labels."),
     points: int = typer.Option(32_768, "--points", min=64, help="LiDAR rays per sweep (full size: 150016)."),
     image_size: str = typer.Option("160x90", "--image-size", help="Camera image size WIDTHxHEIGHT, pixels."),
-    key_frames_only: bool = typer.Option(False, "--key-frames-only", help=".pcd only every 10th sweep."),
+    key_frames_only: bool = typer.Option(
+        False,
+        "--key-frames-only",
+        help="nuplan: .pcd only every 10th sweep; nuscenes: key-frame images only.",
+    ),
     no_blobs: bool = typer.Option(False, "--no-blobs", help="Databases only (no .pcd/.jpg)."),
     static_only: bool = typer.Option(False, "--static-only", help="Objects never move (the ego does)."),
 ) -> None:
-    """Write synthetic nuPlan logs with exactly known geometry (demo data and test oracle)."""
+    """Write synthetic nuPlan logs or a nuScenes release with exactly known geometry (demo data, test oracle).
+
+    The same --seed gives the same world in both formats (scene i of nuscenes = log i of nuplan).
+    """
     from driveengine.synth import synthesize
     from driveengine.synth.api import format_summary
+    from driveengine.synth.nuscenes import format_nuscenes_summary, write_nuscenes
 
-    width, height = parse_image_size(image_size)
-    results = synthesize(
-        out,
-        logs=logs,
-        seconds=seconds,
-        seed=seed,
-        split=split,
-        points=points,
-        image_size=(width, height),
-        key_frames_only=key_frames_only,
-        blobs=not no_blobs,
-        static_only=static_only,
-        progress=True,
-    )
-    typer.echo(format_summary(results))
+    size = parse_image_size(image_size)
+
+    def nuplan_logs() -> str:
+        return format_summary(
+            synthesize(
+                out, logs=logs, seconds=seconds, seed=seed, split=split, points=points, image_size=size,
+                key_frames_only=key_frames_only, blobs=not no_blobs, static_only=static_only, progress=True,
+            )
+        )  # fmt: skip
+
+    def nuscenes_release() -> str:
+        return format_nuscenes_summary(
+            write_nuscenes(
+                out, scenes=logs, seconds=seconds, seed=seed, version=version, points=points, image_size=size,
+                blobs=not no_blobs, camera_sweeps=not key_frames_only, lidarseg=lidarseg,
+                static_only=static_only, progress=True,
+            )
+        )  # fmt: skip
+
+    writers = {"nuplan": nuplan_logs, "nuscenes": nuscenes_release}
+    if fmt not in writers:
+        raise DriveEngineError(f"--format {fmt!r}: use one of {', '.join(writers)}")
+    typer.echo(writers[fmt]())
 
 
 # -- download, verify, md5 (driveengine.download) ------------------------------------------------
@@ -314,19 +349,28 @@ def collect(
     split: str = typer.Option(
         "mini", "--split", help="Split name (see `driveengine splits`) or a split YAML file."
     ),
-    out: Path = typer.Option(..., "--out", help="Output root; the split is written to OUT/<split>/."),
+    out: str = typer.Option(
+        ...,
+        "--out",
+        help="Output root, a folder or an fsspec URL (s3://bucket/prefix, gs://...; no shared file system "
+        "needed with --scheduler); the split is written to OUT/<split>/. A URL's endpoint and credentials "
+        "come from the environment of every process (FSSPEC_S3_ENDPOINT_URL=..., AWS_ACCESS_KEY_ID...).",
+    ),
     source: str = typer.Option(
         "nuplan",
         "--source",
-        help="Dataset source: nuplan (SQLite logs) or openscene (v1.1 metadata pickles).",
+        help="Dataset source: nuplan (SQLite logs), openscene (v1.1 metadata pickles) or nuscenes (v1.0 "
+        "JSON tables; logs are scenes, splits nuscenes_*).",
     ),
     root: Path | None = typer.Option(
         None,
         "--root",
         "--nuplan-root",
         "--openscene-root",
+        "--nuscenes-root",
         help="The source's input root: nuplan: splits/<folder>/*.db + sensor_blobs/; openscene: "
-        "meta_datas/<folder>/*.pkl + sensor_blobs/<folder>/.",
+        "meta_datas/<folder>/*.pkl + sensor_blobs/<folder>/; nuscenes: v1.0-*/*.json + samples/, sweeps/ "
+        "(+ lidarseg/).",
     ),
     blob_root: Path | None = typer.Option(
         None, "--blob-root", help="Sensor blob folder, if not the source's default under the root."
@@ -370,10 +414,44 @@ def collect(
         "--label-visibility",
         help="Labels: mask_lidar from the key frame's own sweep (frame, default) or every sweep (window).",
     ),
+    label_whole_track: bool | None = typer.Option(
+        None,
+        "--label-whole-track/--no-label-whole-track",
+        help="Labels: objects from every sweep of their track (default) or only the window's.",
+    ),
+    label_camera_mask: bool | None = typer.Option(
+        None,
+        "--label-camera-mask/--no-label-camera-mask",
+        help="Labels: also compute mask_camera, the voxels the cameras see (default on).",
+    ),
+    grid: str | None = typer.Option(
+        None,
+        "--grid",
+        help="Labels: the voxel grid: openscene ([-50,-50,-4,50,50,4] m, 0.5 m), occ3d ([-40,-40,-1,40,40,5.4] "
+        "m, 0.4 m), fine (0.25 m over [-50,-50,-5,50,50,3]) or X0,Y0,Z0,X1,Y1,Z1:VOXEL in metres (default: the "
+        "recipe's).",
+    ),
+    recipe: str | None = typer.Option(
+        None,
+        "--recipe",
+        help="Labels: a shipped recipe (openscene, occ3d, fine, openscene-v1) or a recipe YAML file (default: the "
+        "source's: occ3d for nuscenes, else openscene); --grid and --label-* override it.",
+    ),
+    recipe_from: Path | None = typer.Option(
+        None,
+        "--recipe-from",
+        help="Labels: the recipe recorded with another collected split OUT/<split> (rebuild its labels exactly).",
+    ),
     openscene_occupancy: Path | None = typer.Option(
         None,
         "--openscene-occupancy",
         help="Import OpenScene v1.0 occupancy labels from this folder instead of building them.",
+    ),
+    occ3d_labels: Path | None = typer.Option(
+        None,
+        "--occ3d-labels",
+        help="nuscenes: import Occ3D-nuScenes labels (gts/<scene>/<sample_token>/labels.npz) from this "
+        "folder instead of building them.",
     ),
     check_blobs: bool = typer.Option(
         True,
@@ -385,7 +463,11 @@ def collect(
     ),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
 ) -> None:
-    """Collect nuPlan logs / OpenScene metadata into per-log frame shards (and labels); resumable."""
+    """Collect nuPlan logs / OpenScene metadata / nuScenes scenes into per-log frame shards (and labels); resumable.
+
+    nuScenes labels default to Occ3D-nuScenes' grid and classes; nuScenes-lidarseg labels, when present,
+    give the points in no box their class.
+    """
     from driveengine.collect.runner import CollectConfig, CollectError, CollectInterrupted
     from driveengine.collect.runner import collect as run_collect
 
@@ -396,10 +478,17 @@ def collect(
         sample_interval=sample_interval, is_test=is_test, filter_instance=filter_instance,
         check_blobs=check_blobs, labels=labels, label_window_s=label_window_s,
         label_sweep_step=label_sweep_step, label_box_margin_m=label_box_margin_m,
-        label_visibility=label_visibility, openscene_occupancy=openscene_occupancy, overwrite=overwrite,
+        label_visibility=label_visibility, label_whole_track=label_whole_track,
+        label_camera_mask=label_camera_mask, grid=grid, recipe=recipe, recipe_from=recipe_from,
+        openscene_occupancy=openscene_occupancy, occ3d_labels=occ3d_labels,
+        overwrite=overwrite,
         logs=[x.strip() for x in logs.split(",") if x.strip()] if logs else None,
         workers=workers, scheduler=scheduler, progress=progress,
     )  # fmt: skip
+    if "://" in out:  # from_options makes --out a Path, which would fold a URL's "//"
+        from dataclasses import replace
+
+        config = replace(config, run=replace(config.run, out=out))
     try:
         summary = run_collect(config, echo=typer.echo)
     except KeyboardInterrupt as exc:  # Ctrl-C: one line, exit 130 (128 + SIGINT)
@@ -427,13 +516,18 @@ def schema() -> None:
 
 @app.command()
 def splits() -> None:
-    """List the shipped splits with their input folder and log / token counts."""
+    """List the shipped splits with their dataset, input folder and log / token counts (nuScenes: logs are scenes)."""
     from driveengine.splits import list_splits
 
-    for s in list_splits():
+    shown = list_splits()
+    width = max((len(s.name) for s in shown), default=0)
+    folder = max((len(s.folder) for s in shown), default=0)
+    for s in shown:
         logs = "all logs" if s.log_names is None else f"{len(s.log_names)} logs"
         tokens = "" if s.tokens is None else f", {len(s.tokens)} key frames"
-        typer.echo(f"{s.name:<14} folder {s.folder:<9} {logs}{tokens}  {s.description}")
+        typer.echo(
+            f"{s.name:<{width}}  {s.dataset:<8} folder {s.folder:<{folder}}  {logs}{tokens}  {s.description}"
+        )
 
 
 @app.command()
@@ -455,16 +549,19 @@ def export(
     split_dir: Path = typer.Argument(..., help="A collected split folder OUT/<split>."),
     out: Path = typer.Option(..., "--out", help="Folder for the exported files."),
     fmt: str = typer.Option(
-        "openscene", "--format", help="Export format: openscene (per-log .pkl as OpenScene v1.1)."
+        "openscene",
+        "--format",
+        help="Export format: openscene (per-log .pkl as OpenScene v1.1) or occ3d (Occ3D-nuScenes "
+        "gts/<scene>/<sample_token>/labels.npz of a nuScenes split's labels).",
     ),
     occupancy: bool = typer.Option(
         True,
         "--occupancy/--no-occupancy",
-        help="Also export the labels as OpenScene v1.0 occupancy/flow .npy files (logs with labels).",
+        help="openscene: also export the labels as OpenScene v1.0 occupancy/flow .npy files (logs with labels).",
     ),
 ) -> None:
-    """Export a collected split in OpenScene's formats (per-log metadata .pkl, occupancy .npy)."""
-    from driveengine.export.openscene import export_split
+    """Export a collected split in OpenScene's formats (metadata .pkl, occupancy .npy) or Occ3D-nuScenes'."""
+    from driveengine.export import export_split
 
     for line in export_split(split_dir, out, fmt, occupancy=occupancy):
         typer.echo(line)
@@ -481,10 +578,16 @@ def evaluate(
     gt: Path = typer.Option(
         ..., "--gt", help="Ground-truth labels: a collected split folder or OpenScene v1.0 .npy folder."
     ),
+    mask: str | None = typer.Option(
+        None,
+        "--mask",
+        help="Count only the ground truth's observed voxels: lidar (mask_lidar), camera (mask_camera, Occ3D's "
+        "camera protocol), both, or none (default: lidar when the ground truth has mask_lidar, else none).",
+    ),
     mask_lidar: bool | None = typer.Option(
         None,
         "--mask-lidar/--no-mask-lidar",
-        help="Count only voxels in the ground truth's mask_lidar (default: when it has one).",
+        help="Older form of --mask lidar / --mask none.",
     ),
     json_out: bool = typer.Option(False, "--json", help="Print the metrics as JSON."),
     workers: int = typer.Option(4, "--workers", min=1, help="Threads loading and scoring frames."),
@@ -496,12 +599,12 @@ def evaluate(
     from driveengine.evaluation.evaluate import to_json_ready
     from driveengine.evaluation.metrics import format_metrics_table
 
-    result = run_evaluate(pred, gt, mask_lidar=mask_lidar, workers=workers, progress=not json_out)
+    result = run_evaluate(pred, gt, mask_lidar=mask_lidar, mask=mask, workers=workers, progress=not json_out)
     if json_out:  # undefined values are null: strict JSON has no NaN
         typer.echo(json.dumps(to_json_ready(result), indent=1, allow_nan=False))
     else:
         typer.echo(
-            f"pred {result['pred']}\ngt   {result['gt']}\nmask_lidar {result['mask_lidar']}, matched by {result['matched_by']}"
+            f"pred {result['pred']}\ngt   {result['gt']}\nmask {result['mask']}, matched by {result['matched_by']}"
         )
         typer.echo(format_metrics_table(result))
 
@@ -510,32 +613,48 @@ def evaluate(
 def show(
     split_dir: Path = typer.Argument(..., help="Collected split folder <out>/<split>."),
     log: str = typer.Option(..., "--log", help="Log name (as listed in the manifest)."),
-    frame: int = typer.Option(0, "--frame", min=0, help="Row index of the frame in the log."),
+    frame: int = typer.Option(0, "--frame", min=0, help="Row index of the frame in the log (frame_index)."),
     out: Path | None = typer.Option(
         None,
         "--out",
-        help="Picture to write (default frame.png; with --video <log>.gif, or a folder for PNGs).",
+        help="Picture to write (default frame.png); with --video a .mp4 or .gif (default <log>.mp4).",
     ),
     blob_root: Path | None = typer.Option(
         None,
         "--blob-root",
-        help="Sensor-blob root for the camera image (default: from the manifest's source).",
+        help="Sensor-blob root for the camera images (default: from the manifest's source).",
     ),
-    camera: str = typer.Option("CAM_F0", "--camera", help="Camera of the side panel, or 'none'."),
+    camera: str = typer.Option(
+        "all",
+        "--camera",
+        help="Cameras to show: all (laid out as on the car), none (BEV only), or names, e.g. CAM_F0,CAM_B0.",
+    ),
     video: bool = typer.Option(
-        False, "--video", help="Render every frame of the log as a GIF (or PNGs into a folder)."
+        False, "--video", help="Render every frame of the log as a video: MP4 or GIF by the --out suffix."
     ),
     three_d: bool = typer.Option(
         False, "--3d", help="Open an Open3D voxel view of the frame (needs a display and the o3d extra)."
     ),
     size: int | None = typer.Option(
-        None, "--size", min=100, help="Panel edge in pixels (default 800, 400 for --video)."
+        None, "--size", min=100, help="Picture height in pixels (default 800, 400 for --video)."
+    ),
+    diff: Path | None = typer.Option(
+        None,
+        "--diff",
+        help="Another collected split with labels of the same frames (e.g. another recipe): picture the voxels "
+        "where the two label sets differ (SPLIT_DIR is A, this one B).",
     ),
 ) -> None:
-    """Picture of a frame: BEV of occupancy classes, flow arrows, boxes and ego, next to a camera image."""
+    """Picture of a frame: BEV of occupancy, flow (with a m/s scale), boxes, ego and unobserved voxels, next to
+    the cameras as they sit on the car with the boxes projected into them; local time in the title."""
     from driveengine.viz import bev
 
-    cam = None if camera.lower() == "none" else camera
+    if diff is not None:
+        from driveengine.viz.diff import show_diff
+
+        target = show_diff(split_dir, diff, log, frame, out or Path("diff.png"), size_px=size or 600)
+        typer.echo(f"wrote {target}")
+        return
     if three_d:
         try:
             bev.show_frame_3d(split_dir, log, frame)
@@ -544,7 +663,7 @@ def show(
         return
     if video:
         target = bev.show_video(
-            split_dir, log, out or Path(f"{log}.gif"), blob_root=blob_root, camera=cam, size_px=size or 400
+            split_dir, log, out or Path(f"{log}.mp4"), blob_root=blob_root, camera=camera, size_px=size or 400
         )
     else:
         target = bev.show_frame(
@@ -553,10 +672,76 @@ def show(
             frame,
             out or Path("frame.png"),
             blob_root=blob_root,
-            camera=cam,
+            camera=camera,
             size_px=size or 800,
         )
     typer.echo(f"wrote {target}")
+
+
+@app.command()
+def qa(
+    split_dir: Path = typer.Argument(..., help="A collected split folder OUT/<split> with labels."),
+    out: Path | None = typer.Option(
+        None, "--out", help="Folder for qa.json and qa.png (default: print only; --json prints the JSON)."
+    ),
+    threshold: list[str] | None = typer.Option(
+        None,
+        "--threshold",
+        help="NAME=VALUE overriding a threshold (repeatable), e.g. flicker=0.1, empty_boxes=2, box_range_m=30.",
+    ),
+    logs: str | None = typer.Option(
+        None, "--logs", help="Comma-separated log names to check (default: all)."
+    ),
+    json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+    print_recipe: bool = typer.Option(
+        False, "--print-recipe", help="Print the split's label recipe as a recipe YAML file and exit."
+    ),
+) -> None:
+    """Check a split's labels without ground truth: occupied voxels outside the observed masks, flow on static
+    classes, observed boxes without voxels, static voxels that flicker between frames, class-share outliers
+    across logs. Exit 1 when a check fails its threshold."""
+    import json
+
+    from driveengine.labels.qa import QAThresholds, format_qa, run_qa, write_qa_png
+
+    if print_recipe:
+        from driveengine.labels.recipe import recipe_from_split, recipe_yaml
+
+        typer.echo(recipe_yaml(recipe_from_split(split_dir)), nl=False)
+        return
+    thresholds = QAThresholds.with_overrides(list(threshold or []))
+    chosen = [x.strip() for x in logs.split(",") if x.strip()] if logs else None
+    result = run_qa(split_dir, thresholds, logs=chosen)
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "qa.json").write_text(json.dumps(result, indent=1, allow_nan=False) + "\n")
+        write_qa_png(result, out / "qa.png")
+    typer.echo(json.dumps(result, indent=1, allow_nan=False) if json_out else format_qa(result))
+    if out is not None and not json_out:
+        typer.echo(f"wrote {out / 'qa.json'} and {out / 'qa.png'}")
+    if not result["ok"]:
+        raise typer.Exit(1)
+
+
+@app.command()
+def report(
+    split_dir: Path = typer.Argument(..., help="A collected split folder OUT/<split>."),
+    out: Path = typer.Option(Path("report.html"), "--out", help="The HTML file to write (self-contained)."),
+    frames_per_log: int = typer.Option(
+        8,
+        "--frames-per-log",
+        min=1,
+        help="Label frames per log read for the voxel statistics (evenly spaced).",
+    ),
+    thumbnails: bool = typer.Option(
+        True, "--thumbnails/--no-thumbnails", help="A BEV thumbnail of the middle frame of each log."
+    ),
+) -> None:
+    """One self-contained HTML page about a collected split: voxels per class, boxes per category, frames per log,
+    dropped frames by reason, label statistics and generator settings, a BEV thumbnail per log."""
+    from driveengine.viz.report import write_report
+
+    typer.echo(f"wrote {write_report(split_dir, out, frames_per_log=frames_per_log, thumbnails=thumbnails)}")
 
 
 # -- pretrain (driveengine.train) -------------------------------------------------------------------
@@ -564,23 +749,45 @@ def show(
 
 @app.command()
 def pretrain(
-    data: str | None = typer.Option(
+    data: list[str] | None = typer.Option(
         None,
         "--data",
-        help="Collect output folder OUT (local or s3://...); default: the demo data, made if missing.",
+        help="Collect output folder OUT (local or s3://...), or a split folder OUT/SPLIT; required. Repeat to "
+        "train on a mix of splits. Demo data: `make pretrain`, or `python -m driveengine.demo --data-only` "
+        "then --data demo_data/dataset.",
     ),
-    split: str = typer.Option("mini", "--split", help="Split folder under --data to train on."),
+    split: list[str] | None = typer.Option(
+        None,
+        "--split",
+        help="Split folder under --data to train on (default mini, or the split of --data OUT/SPLIT); once "
+        "for every --data, or once per --data in the same order.",
+    ),
+    weights: str | None = typer.Option(
+        None,
+        "--weights",
+        help="Mix weights, one per --data, e.g. 0.7,0.3: each split's expected share of the samples (default: "
+        "every frame of every split once per epoch).",
+    ),
+    classes: str = typer.Option(
+        "auto",
+        "--classes",
+        help="Label classes: native (the splits' own table, which they must share), unified (mapped onto the "
+        "unified table), auto (native if the splits share a table, else unified).",
+    ),
+    samples_per_epoch: int | None = typer.Option(
+        None,
+        "--samples-per-epoch",
+        min=1,
+        help="Weighted mixes: samples per epoch (default: all the frames).",
+    ),
     eval_split: str | None = typer.Option(
-        None, "--eval-split", help="Split to evaluate on (default: --split)."
+        None, "--eval-split", help="Split to evaluate on (default: --split; with several --data, for each)."
     ),
     blob_root: str | None = typer.Option(
         None, "--blob-root", help="Folder the sensor paths start from (default: as each log was collected)."
     ),
     sensor_root: str | None = typer.Option(
         None, "--sensor-root", hidden=True, help="Old name of --blob-root."
-    ),
-    demo_dir: str = typer.Option(
-        "demo_data", "--demo-dir", help="Where the demo data lives or is made (without --data)."
     ),
     name: str = typer.Option("pretrain", "--name", help="Run name: outputs go to <run-dir>/<name>/."),
     run_dir: str = typer.Option("runs", "--run-dir", help="Parent folder of runs."),
@@ -590,7 +797,9 @@ def pretrain(
         help="Start from the defaults of a real GPU run (full-width ResNet, long schedule).",
     ),
     modality: str = typer.Option(
-        "lidar", "--modality", help="lidar (points -> BEV) or camera (8 images -> image backbone + lift)."
+        "lidar",
+        "--modality",
+        help="A registered pre-training task: lidar (points -> BEV) or camera (images -> image backbone + lift).",
     ),
     backbone: str | None = typer.Option(
         None,
@@ -648,18 +857,19 @@ def pretrain(
 ) -> None:
     """Occupancy/flow pre-training from LiDAR or 8 cameras (ResNet, VoVNet-99); DDP under torchrun; resumable."""
     from driveengine.models.backbones import camera_backbone_option
-    from driveengine.train.config import PretrainConfig
+    from driveengine.train.config import PretrainConfig, data_options, data_sources
     from driveengine.train.loop import pretrain as run_pretrain
 
     overrides = {
         "depth": depth, "width": width, "stem_stride": stem_stride, "batch_size": batch_size, "grad_accum": grad_accum,
         "max_steps": max_steps, "lr": lr, "warmup_steps": warmup_steps, "num_workers": num_workers,
         "eval_every": eval_every, "eval_frames": eval_frames, "ckpt_every": ckpt_every, "cpu_threads": cpu_threads,
-        "seed": seed,
+        "seed": seed, "samples_per_epoch": samples_per_epoch,
     }  # fmt: skip
     chosen = {k: v for k, v in overrides.items() if v is not None}
+    chosen.update(data_options(data_sources(data or [], split or [], weights)))
     chosen.update(
-        data=data, split=split, eval_split=eval_split, blob_root=blob_root or sensor_root, demo_dir=demo_dir, name=name,
+        classes=classes, eval_split=eval_split, blob_root=blob_root or sensor_root, name=name,
         run_dir=run_dir, resume=resume, device=device, compile=compile_model, progress=not no_progress,
         modality=modality, image_size=parse_image_size(image_size) if image_size else None,
         lift_voxel_size_m=lift_voxel, camera_history=history, backbone_weights=backbone_weights,
@@ -667,17 +877,17 @@ def pretrain(
     )  # fmt: skip
     config = PretrainConfig.for_gpu(**chosen) if gpu_defaults else PretrainConfig(**chosen)
     summary = run_pretrain(config)
-    if summary["world_size"] > 1 and summary.get("rank", 0) != 0:
+    if summary.world_size > 1 and summary.rank != 0:
         return
-    last = summary["train_loss"][-1][1] if summary["train_loss"] else float("nan")
+    last = summary.train_loss[-1][1] if summary.train_loss else float("nan")
     typer.echo(
-        f"pretrain: {summary['step']} steps on {summary['device']} x{summary['world_size']}, last loss {last:.4f}"
+        f"pretrain: {summary.step} steps on {summary.device} x{summary.world_size}, last loss {last:.4f}"
     )
-    if summary["eval"]:
+    if summary.eval:
         from driveengine.evaluation.metrics import summary_line
 
-        typer.echo(f"eval: {summary_line(summary['eval'])}")
-    typer.echo(f"run folder {summary['run_dir']} (metrics.csv, config.json, checkpoints)")
+        typer.echo(f"eval: {summary_line(summary.eval)}")
+    typer.echo(f"run folder {summary.run_dir} (metrics.csv, config.json, checkpoints)")
 
 
 @app.command("export-backbone")

@@ -3,6 +3,10 @@
 Synthesises a small nuPlan world, inspects it, collects it into frame shards and occupancy labels,
 prints statistics, renders a BEV picture and runs a few pre-training steps. Every step is the real
 ``driveengine`` command a user would type, printed before it runs.
+
+``--data-only`` (what ``make pretrain`` runs first) only makes the demo dataset, and only what is
+missing: the world is synthesised when it is not there, collected when the split has no manifest;
+then it prints the ``driveengine pretrain`` arguments that train on it.
 """
 
 from __future__ import annotations
@@ -55,13 +59,16 @@ def run_step(title: str, args: list[str]) -> None:
     print(f"--- {title}: {time.perf_counter() - start:.1f} s", flush=True)
 
 
-def ensure_demo_dataset(out: Path) -> Path:
-    """The collected demo dataset root under ``out``, synthesised and collected first if missing."""
+def ensure_demo_dataset(out: Path, seed: int = 0) -> Path:
+    """The collected demo dataset root under ``out``, synthesised (with ``seed``) and collected first if
+    missing; each step that runs is printed as the command a user would type."""
     nuplan, dataset = demo_paths(out)
-    if not (dataset / DEMO_SPLIT / "manifest.json").exists():
-        if not (nuplan / "splits" / DEMO_SPLIT).is_dir():
-            run_step("synthesise the demo world", synth_args(out))
-        run_step("collect the demo world", collect_args(out))
+    if (dataset / DEMO_SPLIT / "manifest.json").exists():
+        print(f"demo data: {dataset / DEMO_SPLIT} is already collected (delete {out} to make it again)")
+        return dataset
+    if not (nuplan / "splits" / DEMO_SPLIT).is_dir():
+        run_step("synthesise the demo world", synth_args(out, seed))
+    run_step("collect the demo world", collect_args(out))
     return dataset
 
 
@@ -72,7 +79,18 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic world")
     parser.add_argument("--steps", type=int, default=12, help="pre-training steps at the end")
+    parser.add_argument(
+        "--data-only",
+        action="store_true",
+        help="only make the demo dataset (synthesise and collect what is missing) and print how to train on it",
+    )
     args = parser.parse_args(argv)
+    if args.data_only:
+        dataset = ensure_demo_dataset(args.out, args.seed)
+        print(
+            f"demo dataset ready; train on it with: driveengine pretrain --data {dataset} --split {DEMO_SPLIT}"
+        )
+        return
 
     nuplan, dataset = demo_paths(args.out)
     split_dir = dataset / DEMO_SPLIT

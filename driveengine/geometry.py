@@ -134,6 +134,36 @@ def invert_transform(target_from_source: ArrayLike) -> FloatArray:
     return out
 
 
+def relative_transform(global_from_a: ArrayLike, global_from_b: ArrayLike, same: bool = False) -> FloatArray:
+    """``a_from_b = inv(global_from_a) @ global_from_b`` of rigid transforms (4, 4) or (N, 4, 4), broadcast.
+
+    With two ego poses ``global_from_ego_t`` and ``global_from_ego_k`` this is ``ego_t_from_ego_k``: the
+    transform that moves points of the ego frame at ``k`` into the ego frame at ``t`` (the labels'
+    sweep aggregation, the loader's ``ego_from_history`` and ``point_sweeps``).
+
+    Computed as ``R_a^T R_b`` and ``R_a^T (t_b - t_a)``: the translations (UTM, ~1e6 m) are subtracted
+    before rotating, which keeps the full float64 precision of the (small) relative offset, where
+    ``invert_transform(a) @ b`` loses about 1e-10 m to the cancellation of two large numbers.
+
+    Args:
+        global_from_a, global_from_b: rigid transforms, shapes broadcastable to each other.
+        same: ``a`` and ``b`` are the same frame: return the exact identity (a sweep seen from its own
+            frame stays bit-identical).
+    """
+    a = np.asarray(global_from_a, dtype=np.float64)
+    b = np.asarray(global_from_b, dtype=np.float64)
+    shape = np.broadcast_shapes(a.shape, b.shape)
+    out = np.zeros(shape)
+    if same:
+        out[..., :, :] = np.eye(4)
+        return out
+    ra_t = np.swapaxes(a[..., :3, :3], -1, -2)
+    out[..., :3, :3] = ra_t @ b[..., :3, :3]
+    out[..., :3, 3] = np.einsum("...ij,...j->...i", ra_t, b[..., :3, 3] - a[..., :3, 3])
+    out[..., 3, 3] = 1.0
+    return out
+
+
 def transform_points(target_from_source: ArrayLike, points: ArrayLike) -> FloatArray:
     """Points (N, 3) in frame ``source`` expressed in frame ``target``: ``points @ R.T + t``."""
     m = np.asarray(target_from_source, dtype=np.float64)

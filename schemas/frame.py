@@ -58,7 +58,12 @@ along the key-frame path, expressed in the current ego frame, has a lateral offs
 left, ``y < -2 m`` right, otherwise forward; ``unknown`` when the log ends before 20 m of travel.
 
 Columns DriveEngine adds: ``scenario_tags`` (nuPlan ``scenario_tag.type`` of the frame's ``lidar_pc``,
-sorted, unique), ``source`` (the source's registry name: ``nuplan``, ``openscene``, ...) and ``split``.
+sorted, unique), ``source`` (the source's registry name: ``nuplan``, ``openscene``, ...), ``split`` and
+``frame_index`` (int32, never null: the row's position in its log's shard, ``0 .. T-1``, which is its
+index along the ``frame`` axis of every array of ``occ/<log>.zarr``: the explicit link between a row and
+its labels; the label group's ``frame`` coordinate holds the same numbers). Shards of format version 1
+(and of version 2 written before this column was added) lack ``frame_index``; readers must not require
+it (the row's position is the same number).
 Which columns mean what for a given dataset beyond this is documented by its source package.
 
 :data:`FRAME_SCHEMA_VERSION` is :data:`driveengine.schemas.FORMAT_VERSION`; it is stored in the
@@ -165,6 +170,7 @@ _FIELDS: list[tuple[str, pa.DataType | None, bool, str]] = [
     ("scenario_tags", pa.list_(pa.string()), False, "nuPlan scenario_tag types of the lidar_pc (sorted, unique); DriveEngine addition"),
     ("source", pa.string(), False, "the source that read the input (registry name: nuplan, openscene, ...); DriveEngine addition"),
     ("split", pa.string(), False, "split name the frame was collected for; DriveEngine addition"),
+    ("frame_index", pa.int32(), False, "index of the row within its log's shard (0, 1, ...) = index along the frame axis (T) of occ/<log>.zarr; DriveEngine addition, absent in format-1 shards"),
 ]  # fmt: skip
 
 

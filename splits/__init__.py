@@ -8,6 +8,10 @@ A split says which input folder to read and, optionally, which logs and key fram
   ``nuplan_test``, from nuplan-devkit's splitter config);
 * **log + token splits**: NAVSIM's ``navtrain``, ``navtest``, ``navmini`` (log names and key-frame
   tokens, from NAVSIM's scene filters);
+* **nuScenes scene splits** (``dataset: nuscenes``): the devkit's official scene lists
+  (``nuscenes_mini_train``, ``nuscenes_mini_val``, ``nuscenes_train``, ``nuscenes_val``, ``nuscenes_test``,
+  ``nuscenes_train_detect``, ``nuscenes_train_track``); a nuScenes log is a scene, ``folder`` the table
+  folder (``v1.0-mini``, ``v1.0-trainval``, ``v1.0-test``);
 * **user splits**: any YAML file passed as ``--split path/to/my_split.yaml``.
 
 YAML keys (all optional except ``folder``, which may also be given as NAVSIM's ``openscene_split``)::
@@ -20,6 +24,7 @@ YAML keys (all optional except ``folder``, which may also be given as NAVSIM's `
     log_names: [log_a, log_b]       # or, compact: {"<date>_<vehicle>": "<seg> <seg> ..."} where
                                     #   each log name is "<date>_<vehicle>_<seg>"
     tokens: [16hex, ...]            # or one whitespace-separated string; keep only these key frames
+                                    #   (nuPlan lidar_pc tokens, 16 hex; nuScenes sample tokens, 32 hex)
 
 Key frames are the lidar_pc tokens OpenScene's metadata uses, so NAVSIM's tokens select the same frames.
 """
@@ -100,15 +105,30 @@ def _parse_log_names(value: Any, path: str) -> frozenset[str] | None:
     raise SplitError(f"{path}: log_names must be a list of log names or a mapping drive -> segments")
 
 
-def _parse_tokens(value: Any, path: str) -> frozenset[str] | None:
+#: Length (hex characters) of a key-frame token, per dataset: nuPlan's ``lidar_pc`` tokens are 8 bytes,
+#: nuScenes' sample tokens 16 bytes. Other datasets' tokens may be any even length of 8 to 64.
+TOKEN_HEX_CHARS: dict[str, int] = {"nuplan": 16, "nuscenes": 32}
+
+
+def _parse_tokens(value: Any, path: str, dataset: str = "nuplan") -> frozenset[str] | None:
     if value is None:
         return None
+    width = TOKEN_HEX_CHARS.get(dataset)
+    what = f"{width}-hex" if width else "hex"
     tokens = value.split() if isinstance(value, str) else value
     if not isinstance(tokens, list) or not all(isinstance(t, str) for t in tokens):
-        raise SplitError(f"{path}: tokens must be a list of 16-hex tokens or one whitespace-separated string")
-    bad = [t for t in tokens if len(t) != 16 or any(ch not in "0123456789abcdef" for ch in t)]
+        raise SplitError(f"{path}: tokens must be a list of {what} tokens or one whitespace-separated string")
+    bad = [
+        t
+        for t in tokens
+        if (len(t) != width if width else not (8 <= len(t) <= 64 and len(t) % 2 == 0))
+        or any(ch not in "0123456789abcdef" for ch in t)
+    ]
     if bad:
-        raise SplitError(f"{path}: tokens must be 16 lowercase hex characters; e.g. {bad[0]!r} is not")
+        raise SplitError(
+            f"{path}: {dataset} tokens must be {width or 'an even number (8-64) of'} lowercase hex characters; "
+            f"e.g. {bad[0]!r} is not"
+        )
     return frozenset(tokens)
 
 
@@ -131,7 +151,7 @@ def split_from_dict(data: dict[str, Any], path: str, default_name: str) -> Split
         folder=folder,
         dataset=dataset,
         log_names=_parse_log_names(data.get("log_names"), path),
-        tokens=_parse_tokens(data.get("tokens"), path),
+        tokens=_parse_tokens(data.get("tokens"), path, dataset),
         description=str(data.get("description", "")),
         provenance=str(data.get("provenance", data.get("source", ""))),
         path=path,
@@ -177,6 +197,8 @@ def load_split(name_or_path: str | os.PathLike[str]) -> SplitDef:
 def dump_split(split: SplitDef, path: str | os.PathLike[str], tokens_per_line: int = 6) -> None:
     """Write ``split`` as a compact YAML file (log names grouped by drive, tokens as a text block)."""
     lines = [f"name: {split.name}", f"folder: {split.folder}"]
+    if split.dataset != "nuplan":
+        lines.append(f"dataset: {split.dataset}")
     if split.description:
         lines.append(f"description: {yaml.safe_dump(split.description, width=10_000).splitlines()[0]}")
     if split.provenance:

@@ -14,7 +14,7 @@ import math
 
 import numpy as np
 import pytest
-from driveengine.schemas.classes import FREE
+from driveengine.schemas.classes import FREE, OCC3D_NUSCENES_CLASSES, OPENSCENE_CLASSES, ClassTable
 from driveengine.schemas.grid import VoxelGrid
 
 from driveengine.evaluation.metrics import OccupancyMetrics, distance_xy_m, format_metrics_table, summary_line
@@ -435,6 +435,116 @@ def test_edge_cases_where_openscene_crashes_give_none_with_a_note():
     assert not any(isinstance(v, float) and not math.isfinite(v) for v in r.values())
 
 
+# -- other class tables (the dataset's, recorded in its manifest) -----------------------------------------
+
+
+def reference_for_table(preds, gts, pflows, gflows, table, grid=SMALL, split_m=SPLIT_M):
+    """The same definitions as :func:`reference`, for any class table: per-id loops over its evaluated
+    ids ``0 .. free - 1``, its free id and its foreground ids (written here, not derived from the code)."""
+    dist = np.repeat(distance_xy_m(grid)[:, :, None], grid.shape[2], axis=2)
+    regions = {"all": np.ones(dist.shape, bool), "near": dist < split_m, "far": dist > split_m}
+    fg = list(table.foreground)
+    out = {}
+    for name, region in regions.items():
+        ids = range(table.free) if name == "all" else fg
+        iou = []
+        for j in ids:
+            tp = sum(int(np.sum((g == j) & (p == j) & region)) for p, g in zip(preds, gts, strict=True))
+            fp = sum(int(np.sum((g != j) & (p == j) & region)) for p, g in zip(preds, gts, strict=True))
+            fn = sum(int(np.sum((g == j) & (p != j) & region)) for p, g in zip(preds, gts, strict=True))
+            iou.append(tp / (tp + fp + fn + 1e-5) * 100.0)
+        out[f"{name}_iou_ssc"] = iou
+        fg_g = [np.isin(g, fg) & region for g in gts]
+        fg_p = [np.isin(p, fg) & region for p in preds]
+        tp = sum(int(np.sum(a & b)) for a, b in zip(fg_g, fg_p, strict=True))
+        den = tp + sum(int(np.sum(~a & b)) + int(np.sum(a & ~b)) for a, b in zip(fg_g, fg_p, strict=True))
+        out[f"{name}_fg_iou"] = tp / den * 100.0 if den else None
+    occ_g, occ_p = [g != table.free for g in gts], [p != table.free for p in preds]
+    tp = sum(int(np.sum(a & b)) for a, b in zip(occ_g, occ_p, strict=True))
+    den = tp + sum(int(np.sum(~a & b)) + int(np.sum(a & ~b)) for a, b in zip(occ_g, occ_p, strict=True))
+    out["completion_iou"] = tp / den * 100.0 if den else None
+    errors = []
+    for p, g, pf, gf in zip(preds, gts, pflows, gflows, strict=True):
+        both = np.isin(g, fg) & np.isin(p, fg)
+        speed = np.linalg.norm(gf.astype(np.float32)[both], axis=-1)
+        err = np.linalg.norm(gf.astype(np.float32)[both] - pf.astype(np.float32)[both], axis=-1)
+        errors.append(err[speed < np.float32(100.0)])
+    flat = np.concatenate(errors).astype(np.float64)
+    out["epe"] = float(flat.mean()) if len(flat) else None
+    return out
+
+
+#: A made-up table whose foreground ids are not 0 .. k - 1 (free = 5).
+SCATTERED = ClassTable(
+    "scattered", ("road", "car", "wall", "person", "bike", "free"), 5, (1, 3, 4), 0,
+    ("driveable_surface", "vehicle", "manmade", "pedestrian", "bicycle", "free"),
+)  # fmt: skip
+
+
+@pytest.mark.parametrize("table", [OCC3D_NUSCENES_CLASSES, SCATTERED], ids=lambda t: t.name)
+def test_metrics_follow_the_class_table(table):
+    """Evaluated ids, free, foreground and names come from the table: Occ3D-nuScenes' 17 classes + free 17,
+    and a table whose foreground ids are scattered."""
+    rng = np.random.default_rng(11)
+    ids = np.arange(table.free + 1, dtype=np.uint8)
+    preds, gts, pfs, gfs = [], [], [], []
+    for _ in range(3):
+        gt = rng.choice(ids, size=SMALL.shape)
+        gt[rng.random(SMALL.shape) < 0.5] = table.free
+        pred = np.where(rng.random(SMALL.shape) < 0.6, gt, rng.choice(ids, size=SMALL.shape)).astype(np.uint8)
+        gf = rng.normal(0, 1.0, size=(*SMALL.shape, 2)).astype(np.float16)
+        preds.append(pred), gts.append(gt), pfs.append(gf + np.float16(0.25)), gfs.append(gf)
+    m = OccupancyMetrics(grid=SMALL, near_far_m=SPLIT_M, classes=table)
+    for args in zip(preds, gts, pfs, gfs, strict=True):
+        m.update(*args)
+    r = m.compute()
+    want = reference_for_table(preds, gts, pfs, gfs, table)
+    assert m.confusion.shape == (3, table.free + 1, table.free + 1)
+    assert list(r["iou_per_class"]) == list(table.names[: table.free])
+    assert list(r["iou_per_class"].values()) == want["all_iou_ssc"]  # integer counts: bit for bit
+    assert r["miou"] == pytest.approx(np.mean(want["all_iou_ssc"]), rel=1e-12)
+    assert r["foreground_miou"] == pytest.approx(np.mean([want["all_iou_ssc"][j] for j in table.foreground]))
+    assert list(r["near_iou_ssc"]) == [table.names[j] for j in table.foreground]
+    assert list(r["near_iou_ssc"].values()) == want["near_iou_ssc"]
+    assert list(r["far_iou_ssc"].values()) == want["far_iou_ssc"]
+    assert r["completion_iou"] == want["completion_iou"]
+    assert r["foreground_iou"] == want["all_fg_iou"]
+    assert r["near_iou"] == want["near_fg_iou"] and r["far_iou"] == want["far_fg_iou"]
+    assert r["epe"] == pytest.approx(want["epe"], rel=1e-6)
+    assert r["flow_voxels_stationary"] + r["flow_voxels_moving"] == sum(
+        int(np.sum(np.isin(g, table.foreground) & np.isin(p, table.foreground)))
+        for p, g in zip(preds, gts, strict=True)
+    )
+    n = table.free
+    fg = "0-10" if table is OCC3D_NUSCENES_CLASSES else "1, 3, 4"
+    line = summary_line(r)
+    assert (
+        line.startswith(f"mIoU {r['miou']:.2f} % over all {n} ids")
+        and f"over the {n} classes present" in line
+    )
+    text = format_metrics_table(r)
+    assert f"mIoU (all {n} ids)" in text and f"foreground mIoU (ids {fg})" in text
+    assert f"near_miou / far_miou (ids {fg})" in text and f"mIoU near / far ({n} ids)" in text
+    # ids of the table are checked against its free id
+    with pytest.raises(ValueError, match=f"ids outside 0..{n}"):
+        m.update(gts[0], np.full_like(gts[0], n + 1))
+
+
+def test_the_default_table_is_openscenes_and_tables_do_not_mix():
+    assert OccupancyMetrics(grid=SMALL).classes == OPENSCENE_CLASSES
+    occ3d = OccupancyMetrics(grid=SMALL, classes=OCC3D_NUSCENES_CLASSES)
+    free17 = np.full(SMALL.shape, 17, np.uint8)
+    occ3d.update(free17, free17)  # 17 is Occ3D's free id: no occupied voxel
+    assert occ3d.compute()["completion_iou"] is None
+    with pytest.raises(ValueError, match=r"predicted class ids must be in 0\.\.16"):
+        OccupancyMetrics(grid=SMALL).update(free17, np.zeros_like(free17))
+    openscene = OccupancyMetrics(grid=SMALL)
+    with pytest.raises(ValueError, match="cannot merge metrics of class table occ3d-nuscenes into openscene"):
+        openscene.merge(occ3d)
+    with pytest.raises(ValueError, match="do not fit the class table openscene"):
+        openscene.add(occ3d.frame_stats(free17, free17))
+
+
 # -- the evaluate stage ------------------------------------------------------------------------------
 
 
@@ -559,6 +669,19 @@ def test_evaluate_mismatched_inputs_fail_clearly(two_splits, tmp_path, monkeypat
         evaluate(pred, gt)
     with pytest.raises(EvaluationError, match=r"no manifest\.json and no"):
         evaluate(tmp_path, gt)
+    from dataclasses import replace
+
+    from driveengine.schemas.classes import OCC3D_NUSCENES_CLASSES
+
+    m = load_manifest(pred)
+    m.dataset = replace(m.dataset, classes=OCC3D_NUSCENES_CLASSES)  # labels of another dataset's table
+    save_manifest(pred, m)
+    with pytest.raises(
+        EvaluationError, match="class table occ3d-nuscenes differs from the ground truth's openscene"
+    ):
+        evaluate(pred, gt)
+    m.dataset = replace(m.dataset, classes=load_manifest(gt).dataset.classes)
+    save_manifest(pred, m)
 
     def run_cli(*args):
         monkeypatch.setattr("sys.argv", ["driveengine", "evaluate", *map(str, args)])

@@ -393,7 +393,9 @@ def _open3d():
     try:
         import open3d
     except Exception as exc:  # broken native dependencies (libusb) raise OSError/ImportError
-        pytest.skip(f"open3d cannot be imported here ({type(exc).__name__}: {exc}); CI installs libusb")
+        pytest.skip(
+            f"open3d cannot be imported here ({type(exc).__name__}: {exc}); `make install-full` adds it, CI runs it"
+        )
     return open3d
 
 

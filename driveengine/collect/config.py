@@ -23,6 +23,17 @@ from driveengine.labels.base import LabelProducer
 from driveengine.splits import SplitDef
 from driveengine.store.occ import OccStorage
 
+#: The command-line option of each label setting ``from_options`` takes (for messages).
+_OPTION_OF = {
+    "window_s": "--label-window-s",
+    "sweep_step": "--label-sweep-step",
+    "box_margin_m": "--label-box-margin-m",
+    "visibility": "--label-visibility",
+    "whole_track": "--label-whole-track",
+    "camera_mask": "--label-camera-mask",
+    "grid": "--grid",
+}
+
 
 class CollectError(DriveEngineError):
     """``collect`` cannot start: bad input folder, unknown logs, bad scheduler, bad settings, ..."""
@@ -106,7 +117,13 @@ class CollectConfig:
         label_sweep_step: int | None = None,
         label_box_margin_m: float | None = None,
         label_visibility: str | None = None,
+        label_whole_track: bool | None = None,
+        label_camera_mask: bool | None = None,
+        grid: str | None = None,
+        recipe: str | None = None,
+        recipe_from: Path | str | None = None,
         openscene_occupancy: Path | str | None = None,
+        occ3d_labels: Path | str | None = None,
         overwrite: bool = False,
         workers: int = 1,
         scheduler: str | None = None,
@@ -115,41 +132,86 @@ class CollectConfig:
         """The composed config of the command line's flat options (names as ``driveengine collect``'s).
 
         ``labels=False`` collects frame rows only; ``openscene_occupancy`` imports OpenScene v1.0 labels
-        instead of generating them; otherwise the ``label_*`` settings override the generator's
-        defaults (None keeps one).
+        and ``occ3d_labels`` Occ3D-nuScenes labels instead of generating them; otherwise the labels
+        follow a recipe (:mod:`driveengine.labels.recipe`): ``recipe`` (a shipped name or a YAML file),
+        or the one recorded with the split ``recipe_from``, or the source's default (``occ3d`` for a
+        source whose labels default to Occ3D's grid, else ``openscene``); ``grid`` (a preset name or
+        ``x0,y0,z0,x1,y1,z1:voxel``) and the ``label_*`` settings override it (None keeps the recipe's;
+        a recipe changed so is recorded as ``custom``).
 
         Raises:
             CollectError: a bad label setting, or label settings together with imported labels.
         """
-        from driveengine.labels.generator import LabelConfig
+        from driveengine.labels.occ3d_import import Occ3DImport
         from driveengine.labels.openscene_import import OpenSceneImport
+        from driveengine.sources import UnknownSourceError, get_source, source_label_grid
 
-        chosen = {
+        importers = {"--openscene-occupancy": OpenSceneImport, "--occ3d-labels": Occ3DImport}
+
+        chosen: dict[str, object] = {
             "window_s": label_window_s,
             "sweep_step": label_sweep_step,
             "box_margin_m": label_box_margin_m,
             "visibility": label_visibility,
+            "whole_track": label_whole_track,
+            "camera_mask": label_camera_mask,
         }
         chosen = {k: v for k, v in chosen.items() if v is not None}
-        producer: LabelProducer | None = None
-        if openscene_occupancy is not None:
-            if chosen:
-                raise CollectError(
-                    f"--label-* options ({', '.join(sorted(chosen))}) set the label generator; they do not "
-                    "apply to labels imported with --openscene-occupancy"
-                )
-            producer = OpenSceneImport(Path(openscene_occupancy))
-        elif labels:
+        if grid is not None:
+            from driveengine.schemas.grid import parse_grid
+
             try:
-                producer = LabelConfig(**chosen)
+                chosen["grid"] = parse_grid(grid)
+            except ValueError as exc:
+                raise CollectError(f"--grid: {exc}") from None
+        recipe_options = {"--recipe": recipe, "--recipe-from": recipe_from}
+        recipe_options = {k: v for k, v in recipe_options.items() if v is not None}
+        if len(recipe_options) > 1:
+            raise CollectError("--recipe and --recipe-from both choose the label recipe; choose one")
+        producer: LabelProducer | None = None
+        imports = {"--openscene-occupancy": openscene_occupancy, "--occ3d-labels": occ3d_labels}
+        imports = {option: folder for option, folder in imports.items() if folder is not None}
+        if len(imports) > 1:
+            raise CollectError(f"{' and '.join(imports)} both import labels; choose one")
+        if imports:
+            option, folder = next(iter(imports.items()))
+            if chosen or recipe_options:
+                what = sorted([*recipe_options, *(_OPTION_OF[k] for k in chosen)])
+                raise CollectError(
+                    f"{', '.join(what)} set the label generator; they do not apply to labels imported with "
+                    f"{option}"
+                )
+            producer = importers[option](Path(folder))
+        elif labels:
+            from dataclasses import replace
+
+            from driveengine.labels.recipe import (
+                RECIPES,
+                default_recipe_name,
+                load_recipe,
+                recipe_from_split,
+            )
+
+            try:
+                base = default_recipe_name(source_label_grid(get_source(source)))
+            except UnknownSourceError:
+                base = "openscene"  # planning names the unknown source
+            if recipe is not None:
+                config = load_recipe(recipe, default_base=base)
+            elif recipe_from is not None:
+                config = recipe_from_split(recipe_from)
+            else:
+                config = RECIPES[base]
+            changed = {k: v for k, v in chosen.items() if getattr(config, k) != v}
+            try:
+                producer = replace(config, **changed, **({"recipe": "custom"} if changed else {}))
             except (TypeError, ValueError) as exc:
                 raise CollectError(
                     f"bad label setting: {exc} (see the --label-* options of `driveengine collect --help`)"
                 ) from None
-        elif chosen:
-            raise CollectError(
-                f"--label-* options ({', '.join(sorted(chosen))}) need labels; drop --no-labels"
-            )
+        elif chosen or recipe_options:
+            what = sorted([*recipe_options, *(_OPTION_OF[k] for k in chosen)])
+            raise CollectError(f"{', '.join(what)} need labels; drop --no-labels")
         return cls(
             source=SourceSelection(
                 name=source,

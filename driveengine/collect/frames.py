@@ -528,6 +528,7 @@ def build_frame_table(log: LogData, selection: FrameSelection, options: FrameOpt
         "scenario_tags": tags,
         "source": pa.array([log.source] * k, type=pa.string()),
         "split": pa.array([options.split] * k, type=pa.string()),
+        "frame_index": pa.array(np.arange(k, dtype=np.int32)),
     }
     schema = frame_schema(log.camera_channels)
     return pa.Table.from_arrays([columns[f.name] for f in schema], schema=schema)

@@ -2,22 +2,23 @@
 
 :func:`run_log` is what a process-pool worker or a Dask worker runs. It never raises: any failure
 comes back as a :class:`LogResult` with ``status="failed"`` and a reason that names the file, and its
-temporaries are removed. It commits the log's files itself (rename into place); the manifest is
-updated by the client alone, from the returned :class:`~driveengine.store.manifest.LogEntry`.
+temporaries are removed. It makes the log's files durable itself (:func:`~driveengine.store.commit.log_output`:
+in a local folder, temporaries renamed into place; on an object store, a local scratch folder uploaded
+under per-attempt keys and read back to verify them); the manifest is updated by the client alone, from
+the returned :class:`~driveengine.store.manifest.LogEntry`, which names the files as committed.
 
 The log is read through its source (``driveengine.sources``, by name: the task travels to other
 processes, the source is looked up there), its key frames chosen by the source, its rows built and
 written by the store's frame writer, its labels made by the task's label producer. Before anything is
 written the rows are checked for NaN/inf in the schema's finite columns
 (:func:`~driveengine.collect.frames.check_finite`: the log fails, naming column, row and token). In a
-pool worker, ``may_commit`` is asked right before the rename: a worker whose client is gone (killed)
-commits nothing.
+pool worker, ``may_commit`` is asked right before the rename (or the upload of the labels): a worker
+whose client is gone (killed) commits nothing.
 """
 
 from __future__ import annotations
 
 import resource
-import shutil
 import time
 import traceback
 from collections.abc import Callable
@@ -30,7 +31,7 @@ from driveengine.errors import DriveEngineError
 from driveengine.labels.base import LabelJob, LabelProducer
 from driveengine.sources import get_source
 from driveengine.sources.base import InputLog
-from driveengine.store.commit import commit_log_files, meta_relpath, occ_relpath, temporary_path
+from driveengine.store.commit import log_output, meta_relpath, occ_relpath
 from driveengine.store.frames import write_frames
 from driveengine.store.manifest import LogEntry, SourceRef
 from driveengine.store.occ import OccStorage
@@ -38,14 +39,15 @@ from driveengine.store.occ import OccStorage
 
 @dataclass(frozen=True)
 class LogTask:
-    """Everything a worker needs to collect one log (picklable; paths must be visible to the worker).
+    """Everything a worker needs to collect one log (picklable; input paths must be visible to the worker).
 
     Attributes:
         source: the source's registry name (looked up in the worker).
         input: the log's input (``input.name`` is the output name ``meta/<name>.parquet``).
         blob_root: folder the log's relative sensor paths are relative to (recorded, absolute, in the
             manifest entry, where the loader and ``show`` find the sensor files).
-        split_dir: ``<out>/<split>``.
+        split_dir: ``<out>/<split>``: a folder, or an fsspec URL (``s3://bucket/prefix/<split>``; the
+            worker then needs only local scratch space, no shared file system).
         frames: frame settings.
         labels: the label producer, or None for frame rows only.
         storage: how the label group is stored.
@@ -126,10 +128,10 @@ def run_log(
     Never raises; see :class:`LogResult`.
     """
     start = time.perf_counter()
-    split_dir = Path(task.split_dir)
-    temporaries: list[Path] = []
     result = LogResult(log_name=task.log_name, status="failed")
+    output = None
     try:
+        output = log_output(task.split_dir)
         source = get_source(task.source)
         log = source.read_log(task.input)
         blob_root = Path(task.blob_root)
@@ -144,18 +146,14 @@ def run_log(
         table = build_frame_table(log, selection, task.frames)
         check_finite(table, str(task.input.path), task.log_name)
         meta_rel = meta_relpath(task.log_name)
-        meta_tmp = temporary_path(split_dir / meta_rel)
-        meta_tmp.parent.mkdir(parents=True, exist_ok=True)
-        temporaries.append(meta_tmp)
+        meta_tmp = output.stage(meta_rel)
         write_frames(table, meta_tmp)
-        files = {meta_rel: meta_tmp}
+        output.finish(meta_rel)
         label_stats = None
         occ_rel = None
         if task.labels is not None and table.num_rows > 0:
             occ_rel = occ_relpath(task.log_name)
-            occ_tmp = temporary_path(split_dir / occ_rel)
-            occ_tmp.parent.mkdir(parents=True, exist_ok=True)
-            temporaries.append(occ_tmp)
+            occ_tmp = output.stage(occ_rel)
             label_stats = task.labels.write(
                 LabelJob(
                     log=log,
@@ -169,9 +167,7 @@ def run_log(
                     progress=progress,
                 )
             )
-            files[occ_rel] = occ_tmp
-        checksums = commit_log_files(split_dir, files, may_commit)
-        temporaries.clear()
+        committed = output.commit(may_commit)
         timestamps = table.column("timestamp").to_numpy()
         notes = list(selection.notes) + list(log.notes)
         result = LogResult(
@@ -183,9 +179,9 @@ def run_log(
             broken=list(selection.broken),
             entry=LogEntry(
                 frames=table.num_rows,
-                meta=meta_rel,
-                occ=occ_rel,
-                checksums=checksums,
+                meta=committed.paths[meta_rel],
+                occ=None if occ_rel is None else committed.paths[occ_rel],
+                checksums=committed.checksums,
                 source=SourceRef(
                     name=task.source,
                     path=str(task.input.path),
@@ -212,11 +208,8 @@ def run_log(
             f"(at {Path(where.filename).name}:{where.lineno}; please report this)"
         )
     finally:
-        for tmp in temporaries:
-            if tmp.is_dir():
-                shutil.rmtree(tmp, ignore_errors=True)
-            else:
-                tmp.unlink(missing_ok=True)
+        if output is not None:
+            output.discard()
     result.seconds = time.perf_counter() - start
     result.peak_rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
     return result

@@ -16,7 +16,7 @@ from driveengine.collect.config import CollectConfig, CollectError
 from driveengine.collect.job import LogTask
 from driveengine.errors import SourceError
 from driveengine.schemas import FORMAT_VERSION
-from driveengine.sources import UnknownSourceError, get_source
+from driveengine.sources import UnknownSourceError, get_source, source_label_grid
 from driveengine.sources.base import Source
 from driveengine.splits import SplitDef, load_split
 from driveengine.store.commit import config_hash, source_fingerprint
@@ -87,7 +87,12 @@ def plan_tasks(config: CollectConfig) -> Plan:
         Path(sel.blob_root) if sel.blob_root is not None else source.default_blob_root(sel.root, split)
     )
     frames = replace(config.frames, split=split.name)
-    dataset = DatasetInfo(name=source.dataset, cameras=tuple(source.cameras), classes=source.class_table)
+    dataset = DatasetInfo(
+        name=source.dataset,
+        cameras=tuple(source.cameras),
+        classes=source.class_table,
+        grid=source_label_grid(source),
+    )
     if config.labels is not None:
         dataset = replace(dataset, grid=config.labels.grid)
     settings = {

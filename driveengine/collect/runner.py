@@ -7,8 +7,17 @@ local process pool, Dask) and records each finished log in the manifest.
 Workers write and commit their own log files (:mod:`driveengine.store.commit`); this process alone
 owns ``manifest.json`` and saves it after each finished log, so an interrupted run keeps its finished
 logs (for huge manifests, saves are spaced by :data:`MANIFEST_SAVE_BACKOFF` times their cost; a log
-whose entry was not saved yet is simply redone). A lock file refuses a second ``collect`` on the same
+whose entry was not saved yet is simply redone). A lock refuses a second ``collect`` on the same
 output. Logs about to be redone lose their entry first, so an entry never disagrees with its files.
+
+The output root is a folder, or an fsspec URL (``s3://bucket/prefix``, ``gs://...``): then workers
+upload each log under per-attempt keys and verify them, this process commits by putting the manifest,
+and removes at the start and at the end of the run the objects no entry names (attempts of crashed
+runs and killed workers, logs redone); the lock is an object with a lease (see
+:mod:`driveengine.store.commit` for the protocol and its limits). The store's endpoint and credentials
+come from the environment of every process (fsspec's ``FSSPEC_S3_ENDPOINT_URL=...`` or
+``FSSPEC_S3='{"endpoint_url": ...}'``, the back-end's ``AWS_ACCESS_KEY_ID``...).
+
 A split holds one dataset: a run whose source, cameras, class table or grid differ from the logs
 already committed there is refused (``--overwrite`` redoes them all).
 
@@ -19,10 +28,11 @@ Running the same command again resumes.
 
 from __future__ import annotations
 
+import os
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from driveengine.collect.config import CollectConfig, CollectError, RunOptions, SourceSelection
@@ -30,8 +40,8 @@ from driveengine.collect.frames import BROKEN_BLOB_REASONS
 from driveengine.collect.job import LogResult, LogTask
 from driveengine.collect.plan import Plan, plan_tasks
 from driveengine.collect.schedulers import run_tasks
-from driveengine.store.commit import CollectLock, clean_stale_temporaries, entry_files_present
-from driveengine.store.manifest import LogEntry, Manifest, load_or_create_manifest, save_manifest
+from driveengine.store.commit import ObjectStoreLock, ObjectStoreSplit, SplitOutput, split_output
+from driveengine.store.manifest import LogEntry, Manifest, is_remote
 
 __all__ = [
     "CollectConfig", "CollectError", "CollectInterrupted", "CollectSummary", "RunOptions", "SourceSelection",
@@ -64,7 +74,7 @@ class CollectSummary:
     """What a run did.
 
     Attributes:
-        split_dir: the output split folder.
+        split_dir: the output split folder (or URL).
         done: logs collected in this run.
         skipped: logs whose manifest entry already matched.
         failed: log -> reason.
@@ -73,11 +83,12 @@ class CollectSummary:
         empty: logs committed with no rows (e.g. no frame with all cameras), with the reason.
         seconds: wall time.
         peak_rss_mib: highest peak resident memory reported by a worker, MiB.
-        cleaned: stale temporaries removed at start.
+        cleaned: leftovers removed: temporaries of crashed runs (folder, at start); objects that no
+            manifest entry names (object store, at start and end: crashed or killed attempts, logs redone).
         broken: ``"<file>: <defect>"`` of the first broken sensor files met (their frames dropped).
     """
 
-    split_dir: Path
+    split_dir: Path | str
     done: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)
@@ -113,7 +124,12 @@ class CollectSummary:
             )
         for name, why in sorted(self.empty.items()):
             lines.append(f"  empty log {name}: {why}")
-        if self.cleaned:
+        if self.cleaned and is_remote(self.split_dir):
+            lines.append(
+                f"removed {len(self.cleaned)} objects that no manifest entry names (unfinished attempts of an "
+                "interrupted run or a killed worker, logs redone)"
+            )
+        elif self.cleaned:
             lines.append(f"removed {len(self.cleaned)} stale temporaries of an interrupted run")
         for name, reason in sorted(self.failed.items()):
             lines.append(f"  FAILED {name}: {reason}")
@@ -124,21 +140,27 @@ class CollectSummary:
         return "\n".join(lines)
 
 
-def _is_current(split_dir: Path, entry: LogEntry | None, task: LogTask) -> bool:
+def _is_current(output: SplitOutput, entry: LogEntry | None, task: LogTask) -> bool:
     return (
         entry is not None
         and entry.config_hash == task.config_hash
         and entry.source.fingerprint == task.fingerprint
-        and entry_files_present(split_dir, entry)
+        and output.files_present(entry)
     )
 
 
-def _adopt_dataset(manifest: Manifest, plan: Plan, overwrite: bool) -> None:
+def _output_of(config: CollectConfig, plan: Plan) -> tuple[SplitOutput, list[LogTask]]:
+    """Where the run writes, and the plan's tasks pointed there (an ``--out`` URL: its split's URL)."""
+    output = split_output(os.fspath(config.run.out), Path(plan.split_dir).name)
+    return output, [replace(task, split_dir=output.location) for task in plan.tasks]
+
+
+def _adopt_dataset(manifest: Manifest, plan: Plan, overwrite: bool, location: str) -> None:
     """Record the run's dataset in the manifest; refuse mixing datasets in one split (see the module doc)."""
     conflicts = manifest.dataset.conflicts(plan.dataset) if manifest.logs else []
     if conflicts and not overwrite:
         raise CollectError(
-            f"{plan.split_dir}: its {len(manifest.logs)} committed logs hold other data than this run would "
+            f"{location}: its {len(manifest.logs)} committed logs hold other data than this run would "
             f"write ({'; '.join(conflicts)}); collect into another --out, or pass --overwrite to redo them all"
         )
     if conflicts:
@@ -147,48 +169,57 @@ def _adopt_dataset(manifest: Manifest, plan: Plan, overwrite: bool) -> None:
 
 
 def collect(config: CollectConfig, echo: Callable[[str], None] = print) -> CollectSummary:
-    """Collect the logs of a split into ``config.run.out/<split>/`` (see the module doc).
+    """Collect the logs of a split into ``config.run.out/<split>/`` (a folder or a URL; see the module doc).
 
     Returns:
         The run's summary; ``summary.ok`` is False when a log failed.
 
     Raises:
         CollectError: the run cannot start (bad folders, unknown logs, bad scheduler, another dataset).
-        CollectLockedError: another collect holds the output's lock.
+        OutputLocationError: an output URL fsspec cannot open, or a bucket it cannot write.
+        CollectLockedError: another collect holds the output's lock (or took it over during this run).
         CollectInterrupted: Ctrl-C (the logs finished before it are committed).
     """
     start = time.perf_counter()
     plan = plan_tasks(config)
-    split_dir = plan.split_dir
+    output, tasks = _output_of(config, plan)
+    split_dir: Path | str = Path(output.location) if not is_remote(output.location) else output.location
     summary = CollectSummary(split_dir=split_dir)
-    split_dir.mkdir(parents=True, exist_ok=True)
-    manifest = Manifest(split=split_dir.name)
+    manifest = Manifest(split=plan.split_dir.name)
     run = config.run
     try:
-        with CollectLock(split_dir):
-            summary.cleaned = clean_stale_temporaries(split_dir)
-            manifest = load_or_create_manifest(split_dir, split_dir.name)
+        with output.lock() as lock:
+            if isinstance(lock, ObjectStoreLock) and lock.took_over:
+                echo(f"collect: took over the lock of a previous run ({lock.took_over})")
+            if isinstance(output, ObjectStoreSplit) and not output.atomic:
+                echo(
+                    f"collect: note: {output.location} has no conditional writes (registered in "
+                    "driveengine.store.commit); its lock cannot stop two runs started at the same instant"
+                )
+            manifest = output.load_manifest(plan.split_dir.name)
+            summary.cleaned = output.clean(manifest, at_start=True)
             before = dict(manifest.logs)
-            _adopt_dataset(manifest, plan, run.overwrite)
+            _adopt_dataset(manifest, plan, run.overwrite, output.location)
             todo = []
-            for task in plan.tasks:
-                if not run.overwrite and _is_current(split_dir, manifest.logs.get(task.log_name), task):
+            for task in tasks:
+                if not run.overwrite and _is_current(output, manifest.logs.get(task.log_name), task):
                     summary.skipped.append(task.log_name)
                 else:
                     todo.append(task)
             # An entry must never disagree with its files: forget the logs about to be redone first.
             for task in todo:
                 manifest.logs.pop(task.log_name, None)
-            if manifest.logs != before or not (split_dir / "manifest.json").exists():
-                save_manifest(split_dir, manifest)
+            if manifest.logs != before or not output.has_manifest:
+                output.save_manifest(manifest)
             if todo:
                 echo(f"collect: {len(todo)} logs to do, {len(summary.skipped)} up to date -> {split_dir}")
             bars = _Bars(len(todo), run.progress and bool(todo))
             try:
                 results = run_tasks(todo, run.workers, run.scheduler, bars.frame_progress)
-                _consume(results, manifest, split_dir, summary, bars)
+                _consume(results, manifest, output, summary, bars)
             finally:
                 bars.close()
+            summary.cleaned += output.clean(manifest, at_start=False)
     except KeyboardInterrupt:
         summary.seconds = time.perf_counter() - start
         raise CollectInterrupted(summary, len(manifest.logs)) from None
@@ -224,7 +255,11 @@ class _Bars:
 
 
 def _consume(
-    results: Iterator[LogResult], manifest: Manifest, split_dir: Path, summary: CollectSummary, bars: _Bars
+    results: Iterator[LogResult],
+    manifest: Manifest,
+    output: SplitOutput,
+    summary: CollectSummary,
+    bars: _Bars,
 ) -> None:
     """Record each finished log in the manifest (this process is its only writer) and in the summary."""
     last_save, save_cost = 0.0, 0.0
@@ -232,6 +267,9 @@ def _consume(
     try:
         for result in results:
             summary.peak_rss_mib = max(summary.peak_rss_mib, result.peak_rss_mib)
+            refused = None if result.entry is None else output.check_result(result.entry)
+            if refused is not None:
+                result.status, result.reason = "failed", refused
             if result.status == "done" and result.entry is not None:
                 manifest.logs[result.log_name] = result.entry
                 dirty = True
@@ -247,8 +285,8 @@ def _consume(
             bars.log_done(result)
             if dirty and time.monotonic() - last_save >= MANIFEST_SAVE_BACKOFF * save_cost:
                 started = time.monotonic()
-                save_manifest(split_dir, manifest)
+                output.save_manifest(manifest)
                 last_save, save_cost, dirty = time.monotonic(), time.monotonic() - started, False
     finally:
         if dirty:
-            save_manifest(split_dir, manifest)
+            output.save_manifest(manifest)

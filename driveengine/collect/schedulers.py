@@ -7,17 +7,36 @@ One log per task, dynamic scheduling, per-log error isolation; results come back
   ``forkserver``; a worker killed by the OOM killer costs one retry of its log, not the run; workers die
   with this process, even after ``kill -9``);
 * ``scheduler="local:N"``: a Dask ``LocalCluster`` of N single-threaded worker processes on 127.0.0.1;
-* ``scheduler="tcp://host:port"``: an existing Dask distributed cluster; the output folder must be on a
-  file system the workers share.
+* ``scheduler="tcp://host:port"``: an existing Dask distributed cluster; the inputs must be readable by
+  the workers at the same paths, and the output either a folder on a file system they share or an object
+  store URL (``s3://...``: no shared file system needed, see :mod:`driveengine.store.commit`; the workers
+  find the store's endpoint and credentials in their own environment, e.g. ``FSSPEC_S3_ENDPOINT_URL``,
+  ``AWS_ACCESS_KEY_ID``).
+
+A Dask worker that dies mid-log (killed, out of memory) costs a retry of the log on another worker: the
+scheduler reschedules the task (up to Dask's ``distributed.scheduler.allowed-failures``, default 3, after
+which the log fails with ``KilledWorker``). The dead attempt's files are never committed: on a folder its
+temporaries are removed at the next start, on an object store its keys are named by no manifest entry
+and the client removes them at the end of the run.
 
 Processes are started with SIGINT ignored (a terminal's Ctrl-C reaches the whole process group; only
 the client reacts, and stops them).
+
+**Test hook.** When the environment variable :data:`~driveengine.collect.pool.KILL_HOOK_ENV`
+(``DRIVEENGINE_TEST_KILL_WORKER_ON_LOG``) names a log, the process running that log SIGKILLs itself: a
+pool worker before it starts the log (see :mod:`driveengine.collect.pool`); a Dask worker, or this
+process in an in-process run (``workers=1``: the client itself dies), while working on it, at the first
+frame whose labels are made (the frame shard is written and, on an object store, uploaded by then;
+before it starts when the log has no labels). When :data:`KILL_ONCE_ENV` also names a file, only the
+process that creates that file dies (once per test), so the retry succeeds. Unset (the normal case)
+they do nothing.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import signal
 import threading
 import time
@@ -28,6 +47,49 @@ from driveengine.collect.job import LogResult, LogTask, run_log
 
 #: Called with (log name, frames just labelled) as labels are made (in-process and pool runs).
 Progress = Callable[[str, int], None]
+#: Environment variable naming a file: with the kill hook, only the process that creates it dies (tests).
+KILL_ONCE_ENV = "DRIVEENGINE_TEST_KILL_ONCE_FILE"
+
+
+def _kill_hook(task: LogTask) -> Callable[[int], None] | None:
+    """The test hook of the module doc for ``task``: a progress callback that SIGKILLs this process, or
+    None (the normal case: the environment names no log, or another one)."""
+    from driveengine.collect.pool import KILL_HOOK_ENV
+
+    if os.environ.get(KILL_HOOK_ENV) != task.log_name:
+        return None
+
+    def kill(_frames: int = 0) -> None:
+        once = os.environ.get(KILL_ONCE_ENV)
+        if once:
+            try:
+                os.close(os.open(once, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+            except FileExistsError:
+                return
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    return kill
+
+
+def _run_log_hooked(task: LogTask, progress: Callable[[int], None] | None = None) -> LogResult:
+    """:func:`~driveengine.collect.job.run_log` with the test hook of the module doc (inert when unset)."""
+    hook = _kill_hook(task)
+    if hook is None:
+        return run_log(task, progress=progress)
+    if task.labels is None:
+        hook()
+
+    def report(frames: int) -> None:
+        hook(frames)
+        if progress is not None:
+            progress(frames)
+
+    return run_log(task, progress=report)
+
+
+def run_log_on_dask_worker(task: LogTask) -> LogResult:
+    """The Dask task of one log (see the module doc)."""
+    return _run_log_hooked(task)
 
 
 def run_tasks(
@@ -52,7 +114,7 @@ def run_tasks(
 
 def _results_inline(tasks: list[LogTask], progress: Progress) -> Iterator[LogResult]:
     for task in tasks:
-        yield run_log(task, progress=lambda n, name=task.log_name: progress(name, n))
+        yield _run_log_hooked(task, progress=lambda n, name=task.log_name: progress(name, n))
 
 
 @contextlib.contextmanager
@@ -99,7 +161,9 @@ def _results_dask(tasks: list[LogTask], scheduler: str) -> Iterator[LogResult]:
         raise CollectError(f"--scheduler {scheduler!r}: expected local:N or tcp://HOST:PORT")
     try:
         futures = [
-            client.submit(run_log, task, key=f"collect-{task.log_name}-{time.time_ns()}", pure=False)
+            client.submit(
+                run_log_on_dask_worker, task, key=f"collect-{task.log_name}-{time.time_ns()}", pure=False
+            )
             for task in tasks
         ]
         by_key = {f.key: t for f, t in zip(futures, tasks, strict=True)}

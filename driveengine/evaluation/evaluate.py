@@ -14,9 +14,10 @@ evaluation is never reported as a full one.
 
 Metrics are :class:`~driveengine.evaluation.metrics.OccupancyMetrics`: OpenScene's ``SSCMetrics`` numbers bit
 for bit (frame statistics are added in ground-truth frame order whatever the number of threads), plus our
-own present-class and near/far figures. With ``mask_lidar`` the ground truth's ``mask_lidar`` array
-restricts every metric to voxels observed by LiDAR (default: on when the ground truth is a collected
-split, which has the mask).
+own present-class and near/far figures. The **mask** restricts every metric to the ground truth's observed
+voxels: ``lidar`` (``mask_lidar``: seen by the LiDAR), ``camera`` (``mask_camera``: seen by the cameras,
+Occ3D's camera-only protocol), ``both`` (seen by both) or ``none`` (every voxel). Default: ``lidar`` when
+the ground truth is a collected split (which has ``mask_lidar``), ``none`` for OpenScene files.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from driveengine.formats.openscene_labels import (
     check_label_files,
     read_label_file,
 )
+from driveengine.schemas.classes import OPENSCENE_CLASSES, ClassTable
 from driveengine.schemas.grid import GRID, VoxelGrid
 from driveengine.store.manifest import MANIFEST_NAME
 
@@ -49,8 +51,16 @@ if TYPE_CHECKING:
 
 StrPath = str | os.PathLike[str]
 
-#: A frame loader: returns (semantics (X,Y,Z) uint8, flow (X,Y,Z,2) float, mask_lidar (X,Y,Z) bool or None).
-Loader = Callable[[], tuple[np.ndarray, np.ndarray, np.ndarray | None]]
+#: A frame loader: returns (semantics (X,Y,Z) uint8, flow (X,Y,Z,2) float, {mask array name: (X,Y,Z) bool}).
+Loader = Callable[[], tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]]
+
+#: ``--mask`` values: the ground-truth mask arrays each one multiplies.
+MASKS: dict[str, tuple[str, ...]] = {
+    "lidar": ("mask_lidar",),
+    "camera": ("mask_camera",),
+    "both": ("mask_lidar", "mask_camera"),
+    "none": (),
+}
 
 
 class EvaluationError(DriveEngineError):
@@ -74,18 +84,26 @@ class LabelSource:
     """All frames of one side (prediction or ground truth)."""
 
     path: Path
-    kind: str  #: "collected" or "openscene"
+    kind: str  #: "collected" or "openscene-v1.0" (a folder of OpenScene v1.0 label files)
     grid: VoxelGrid
     frames: list[FrameRef]
     has_mask: bool
+    classes: ClassTable = (
+        OPENSCENE_CLASSES  #: the class table of its labels (OpenScene v1.0 files: OpenScene's)
+    )
+    masks: tuple[str, ...] = ()  #: the mask arrays every frame has (``mask_lidar``, ``mask_camera``)
 
 
-def _zarr_loader(occ: Any, i: int) -> Loader:
-    """A loader of frame ``i`` of an opened ``occ/<log>.zarr`` group."""
+def _zarr_loader(occ: Any, i: int, masks: tuple[str, ...] = ("mask_lidar",)) -> Loader:
+    """A loader of frame ``i`` of an opened ``occ/<log>.zarr`` group (and of its ``masks`` arrays)."""
 
-    def load() -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    def load() -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
         f = occ.frame(i)
-        return f.semantics, f.flow, f.mask_lidar
+        out = {"mask_lidar": f.mask_lidar}
+        for name in masks:
+            if name not in out:
+                out[name] = occ.array(name)[i]
+        return f.semantics, f.flow, out
 
     return load
 
@@ -93,9 +111,9 @@ def _zarr_loader(occ: Any, i: int) -> Loader:
 def _npy_loader(files: LabelFiles, grid: VoxelGrid) -> Loader:
     """A loader of one frame's OpenScene files (no mask)."""
 
-    def load() -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    def load() -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
         sem, flow = read_label_file(files.occ, files.flow, grid)
-        return sem, flow, None
+        return sem, flow, {}
 
     return load
 
@@ -105,6 +123,7 @@ def _collected_source(split_dir: Path) -> LabelSource:
 
     split = open_split(split_dir)
     frames: list[FrameRef] = []
+    masks: set[str] | None = None
     for log in split.logs:
         if not log.has_labels:
             raise EvaluationError(
@@ -113,6 +132,8 @@ def _collected_source(split_dir: Path) -> LabelSource:
             )
         rows = log.frames(["token", "scene_name", "frame_idx"]).to_pylist()
         occ = log.labels()  # checked: frame count and grid agree with the manifest and the split
+        here = {a for a in occ.arrays if a.startswith("mask_")}
+        masks = here if masks is None else masks & here
         for i, row in enumerate(rows):
             frames.append(
                 FrameRef(
@@ -120,11 +141,14 @@ def _collected_source(split_dir: Path) -> LabelSource:
                     frame_idx=int(row["frame_idx"]),
                     token=str(row["token"]),
                     log=log.name,
-                    load=_zarr_loader(occ, i),
+                    load=_zarr_loader(occ, i, tuple(sorted(here))),
                     where=f"{log.occ_path}[{i}]",
                 )
             )
-    return LabelSource(split_dir, "collected", split.grid, frames, has_mask=True)
+    return LabelSource(
+        split_dir, "collected", split.grid, frames, has_mask=True, classes=split.classes,
+        masks=tuple(sorted(masks or {"mask_lidar"})),
+    )  # fmt: skip
 
 
 def _openscene_source(folder: Path, grid: VoxelGrid) -> LabelSource:
@@ -150,7 +174,7 @@ def _openscene_source(folder: Path, grid: VoxelGrid) -> LabelSource:
     report = check_label_files(files, grid)
     if not report.ok:
         raise EvaluationError(report.message())
-    return LabelSource(folder, "openscene", grid, frames, has_mask=False)
+    return LabelSource(folder, "openscene-v1.0", grid, frames, has_mask=False)
 
 
 def open_label_source(path: StrPath, grid: VoxelGrid = GRID) -> LabelSource:
@@ -203,10 +227,15 @@ def match_frames(pred: LabelSource, gt: LabelSource) -> list[tuple[FrameRef, Fra
         raise EvaluationError(
             f"{pred.path}: grid {pred.grid} differs from the ground truth's {gt.grid} ({gt.path})"
         )
+    if pred.classes != gt.classes:
+        raise EvaluationError(
+            f"{pred.path}: class table {pred.classes.name} differs from the ground truth's {gt.classes.name} "
+            f"({gt.path}); compare labels of the same dataset"
+        )
     by_token = pred.kind == "collected" and gt.kind == "collected"
     if by_token or pred.kind == gt.kind:
         pi, gi = _index(pred, by_token), _index(gt, by_token)
-    elif pred.kind == "openscene":
+    elif pred.kind == "openscene-v1.0":
         pi = _index(pred, False)
         gi = _index(gt, False, other=pi)
     else:
@@ -247,6 +276,7 @@ def evaluate(
     gt: StrPath,
     *,
     mask_lidar: bool | None = None,
+    mask: str | None = None,
     grid: VoxelGrid = GRID,
     workers: int = 4,
     progress: bool = False,
@@ -256,7 +286,9 @@ def evaluate(
     Args:
         pred: collected split folder or OpenScene v1.0 folder with the predicted labels.
         gt: the same for the ground truth.
-        mask_lidar: restrict to voxels of the ground truth's ``mask_lidar``; None = when it has one.
+        mask_lidar: the older way to choose the mask: True = ``lidar``, False = ``none``.
+        mask: ``lidar``, ``camera``, ``both`` or ``none`` (:data:`MASKS`, see the module doc); None = the
+            default (``lidar`` when the ground truth has ``mask_lidar``, else ``none``).
         grid: grid of OpenScene files (collected splits carry their own).
         workers: threads loading and scoring frames (Zarr decompression and numpy release the GIL);
             their statistics are added in ground-truth frame order, so the result does not depend on it
@@ -264,32 +296,52 @@ def evaluate(
         progress: show a progress bar (tqdm) on stderr.
 
     Returns:
-        :meth:`OccupancyMetrics.compute`'s dict plus ``pred``, ``gt``, ``mask_lidar`` (bool) and
-        ``matched_by`` (``token`` or ``scene_frame``).
+        :meth:`OccupancyMetrics.compute`'s dict plus ``pred``, ``gt``, ``mask`` (the mask used),
+        ``mask_lidar`` (bool: whether ``mask_lidar`` restricted the metrics) and ``matched_by`` (``token`` or
+        ``scene_frame``).
 
     Raises:
-        EvaluationError: mismatched inputs (see :func:`match_frames`), or ``mask_lidar=True`` with a
-            ground truth that has no mask.
+        EvaluationError: mismatched inputs (see :func:`match_frames`), an unknown mask, or a mask the
+            ground truth does not have.
     """
     from tqdm import tqdm
 
     from driveengine.evaluation.metrics import OccupancyMetrics
 
+    if mask is not None and mask not in MASKS:
+        raise EvaluationError(f"--mask {mask!r}: use one of {', '.join(MASKS)}")
+    if mask is not None and mask_lidar is not None and (mask == "lidar") != mask_lidar:
+        raise EvaluationError("--mask and --mask-lidar/--no-mask-lidar disagree; use --mask alone")
     pred_src = open_label_source(pred, grid)
     gt_src = open_label_source(gt, grid)
-    if mask_lidar and not gt_src.has_mask:
-        raise EvaluationError(
-            f"{gt_src.path}: OpenScene v1.0 files carry no mask_lidar; use --no-mask-lidar, or a collected "
-            "split as ground truth"
+    if mask is None:
+        mask = (
+            ("lidar" if gt_src.has_mask else "none")
+            if mask_lidar is None
+            else ("lidar" if mask_lidar else "none")
         )
-    use_mask = gt_src.has_mask if mask_lidar is None else mask_lidar
+    missing = [a for a in MASKS[mask] if a not in gt_src.masks]
+    if missing:
+        if gt_src.kind != "collected":
+            raise EvaluationError(
+                f"{gt_src.path}: OpenScene v1.0 files carry no mask_lidar or mask_camera (--mask {mask}); use "
+                "--mask none (or --no-mask-lidar), or a collected split as ground truth"
+            )
+        raise EvaluationError(
+            f"{gt_src.path}: the ground truth has no {' and '.join(missing)} (--mask {mask}); re-collect it "
+            "with --label-camera-mask, or choose another --mask"
+        )
+    names = MASKS[mask]
     pairs = match_frames(pred_src, gt_src)
-    metrics = OccupancyMetrics(grid=gt_src.grid)
+    metrics = OccupancyMetrics(grid=gt_src.grid, classes=gt_src.classes)
 
     def score(pair: tuple[FrameRef, FrameRef]) -> FrameStats:
         p_sem, p_flow, _ = pair[0].load()
-        g_sem, g_flow, g_mask = pair[1].load()
-        return metrics.frame_stats(p_sem, g_sem, p_flow, g_flow, mask=g_mask if use_mask else None)
+        g_sem, g_flow, g_masks = pair[1].load()
+        keep = None
+        for name in names:
+            keep = g_masks[name] if keep is None else keep & g_masks[name]
+        return metrics.frame_stats(p_sem, g_sem, p_flow, g_flow, mask=keep)
 
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         for stats in tqdm(
@@ -302,7 +354,8 @@ def evaluate(
         {
             "pred": str(pred_src.path),
             "gt": str(gt_src.path),
-            "mask_lidar": bool(use_mask),
+            "mask": mask,
+            "mask_lidar": "mask_lidar" in names,
             "matched_by": "token" if pred_src.kind == gt_src.kind == "collected" else "scene_frame",
         }
     )

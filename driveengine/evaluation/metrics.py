@@ -5,6 +5,12 @@ as ``NuPlanDataset.evaluate_occ_iou`` runs it: 16 class ids, near and far distan
 ``add_batch``. On the same arrays, every number below that carries OpenScene's name (or is mapped to one)
 is the number ``SSCMetrics.get_stats`` returns, bit for bit, wherever that number is defined.
 
+The ids come from a class table (:class:`~driveengine.schemas.classes.ClassTable`, the dataset's, recorded
+in a split's manifest; default OpenScene's). The description below is for OpenScene's table (16 evaluated
+ids 0..15, free = 16, foreground ids 0..9); for another table read "16" as its evaluated ids ``0 .. free -
+1``, "FREE = 16" as its ``free`` and "ids 0..9" / "id < 10" as its ``foreground`` ids (Occ3D-nuScenes: 17
+ids, free = 17, foreground 0..10), with the same definitions.
+
 Inputs are dense grids ``(..., X, Y, Z)`` of class ids indexed ``[x, y, z]``, FREE = 16 for empty voxels
 (sparse files are densified with 16 first, see :mod:`driveengine.formats.openscene_labels`). Voxels whose
 ground truth is ``ignore_index`` (255, OpenScene's ignored value) are left out, as are voxels outside
@@ -63,11 +69,9 @@ from typing import Any
 
 import numpy as np
 
-from driveengine.schemas.classes import CLASS_NAMES, FOREGROUND_BELOW, FREE, NUM_CLASSES
+from driveengine.schemas.classes import OPENSCENE_CLASSES, ClassTable
 from driveengine.schemas.grid import GRID, VoxelGrid
 
-#: Class ids in the confusion matrix: 0..15 and FREE.
-_NUM_IDS = NUM_CLASSES + 1
 #: Distance (m, xy, from the ego origin) separating near from far voxels (OpenScene: 25 for both).
 NEAR_FAR_SPLIT_M = 25.0
 #: Ground-truth speed (m/s) separating stationary from moving voxels in the flow EPE.
@@ -121,7 +125,8 @@ class FrameStats:
     """The statistics of one or more frames (:meth:`OccupancyMetrics.frame_stats`), frames in order.
 
     Attributes:
-        confusion: (3, 17, 17) int64 counts [region (below, at, above the split distance), gt, pred].
+        confusion: (3, K, K) int64 counts [region (below, at, above the split distance), gt, pred] over the
+            K = free + 1 ids of the class table (17 for OpenScene's).
         flow_sums: (F, 2) float64 per frame: the float32 sum of end-point errors (m/s) over its
             stationary / moving voxels (0 where there is none).
         flow_counts: (F, 2) int64 per frame: stationary / moving voxel counts.
@@ -147,6 +152,8 @@ class OccupancyMetrics:
         moving_speed_mps: ground-truth speed (m/s) at or above which a voxel counts as moving (0.2).
         max_speed_mps: ground-truth speed (m/s) at or above which a voxel is left out of the EPE (100).
         ignore_index: ground-truth value excluded from all metrics.
+        classes: the class table of the labels (a split's ``classes``; default OpenScene's): the evaluated
+            ids ``0 .. free - 1``, ``free``, the foreground ids and the class names in the results.
 
     Example::
 
@@ -166,8 +173,20 @@ class OccupancyMetrics:
         moving_speed_mps: float = MOVING_SPEED_MPS,
         max_speed_mps: float = MAX_SPEED_MPS,
         ignore_index: int = IGNORE_INDEX,
+        classes: ClassTable = OPENSCENE_CLASSES,
     ) -> None:
         self.grid = grid
+        self.classes = classes
+        #: Ids in the confusion matrices: the evaluated ids and free.
+        self._num_ids = classes.free + 1
+        #: The foreground ids, ascending.
+        self._foreground = np.array(sorted(classes.foreground), dtype=np.int64)
+        #: ``k`` when the foreground ids are ``0 .. k - 1`` (found by one comparison), else None.
+        self._foreground_below = (
+            len(self._foreground)
+            if np.array_equal(self._foreground, np.arange(len(self._foreground)))
+            else None
+        )
         self.near_far_m = float(near_far_m)
         self.moving_speed_mps = float(moving_speed_mps)
         self.max_speed_mps = float(max_speed_mps)
@@ -183,8 +202,8 @@ class OccupancyMetrics:
 
     def reset(self) -> None:
         """Forget everything accumulated so far."""
-        #: (3, 17, 17) int64 confusion matrices [region, gt, pred] (below, at, above the split distance).
-        self.confusion = np.zeros((_NUM_REGIONS, _NUM_IDS, _NUM_IDS), dtype=np.int64)
+        #: (3, K, K) int64 confusion matrices [region, gt, pred] (below, at, above the split distance).
+        self.confusion = np.zeros((_NUM_REGIONS, self._num_ids, self._num_ids), dtype=np.int64)
         #: Flow EPE sums (m/s; float64 sums of per-frame float32 sums) and voxel counts, [stationary, moving].
         self.epe_sum = np.zeros(2, dtype=np.float64)
         self.epe_count = np.zeros(2, dtype=np.int64)
@@ -197,7 +216,14 @@ class OccupancyMetrics:
 
         Counts add exactly; the EPE sums are float sums, so merging in another order than the frames'
         can change their last bits (``driveengine evaluate`` adds frame statistics in frame order).
+
+        Raises:
+            ValueError: ``other`` counts the ids of another class table.
         """
+        if other.classes != self.classes:
+            raise ValueError(
+                f"cannot merge metrics of class table {other.classes.name} into {self.classes.name}"
+            )
         self.confusion += other.confusion
         self.epe_sum += other.epe_sum
         self.epe_count += other.epe_count
@@ -216,7 +242,16 @@ class OccupancyMetrics:
         self.add(self.frame_stats(pred_sem, gt_sem, pred_flow, gt_flow, mask))
 
     def add(self, stats: FrameStats) -> None:
-        """Add the statistics of :meth:`frame_stats`; the EPE sums frame after frame, as OpenScene does."""
+        """Add the statistics of :meth:`frame_stats`; the EPE sums frame after frame, as OpenScene does.
+
+        Raises:
+            ValueError: ``stats`` counts another number of ids (another class table).
+        """
+        if stats.confusion.shape != self.confusion.shape:
+            raise ValueError(
+                f"frame statistics of shape {stats.confusion.shape} do not fit the class table "
+                f"{self.classes.name} ({self.confusion.shape})"
+            )
         self.confusion += stats.confusion
         for sums, counts in zip(stats.flow_sums, stats.flow_counts, strict=True):
             for r in (_STATIONARY, _MOVING):
@@ -239,8 +274,9 @@ class OccupancyMetrics:
         Safe to call from several threads at once; add the results with :meth:`add` in frame order.
 
         Args:
-            pred_sem: (..., X, Y, Z) integer class ids of the prediction, 0..16 (16 = free).
-            gt_sem: same shape, ground-truth class ids 0..16, or ``ignore_index`` to leave a voxel out.
+            pred_sem: (..., X, Y, Z) integer class ids of the prediction, ``0 .. free`` of the class table
+                (OpenScene's: 0..16, 16 = free).
+            gt_sem: same shape, ground-truth class ids ``0 .. free``, or ``ignore_index`` to leave a voxel out.
             pred_flow: optional (..., X, Y, Z, 2) predicted (vx, vy), m/s, ego frame.
             gt_flow: optional (..., X, Y, Z, 2) ground-truth (vx, vy), m/s, ego frame. EPE is only
                 accumulated when both flows are given.
@@ -263,25 +299,27 @@ class OccupancyMetrics:
         gt = gt.reshape(-1, nvox)
         if pred.dtype.kind not in "iu" or gt.dtype.kind not in "iu":
             raise ValueError(f"class ids must be integers, got {pred.dtype} and {gt.dtype}")
-        if pred.size and (pred.min() < 0 or pred.max() > FREE):
-            raise ValueError(f"predicted class ids must be in 0..{FREE}, got {pred.min()}..{pred.max()}")
+        free = self.classes.free
+        if pred.size and (pred.min() < 0 or pred.max() > free):
+            raise ValueError(f"predicted class ids must be in 0..{free}, got {pred.min()}..{pred.max()}")
         keep = gt != self.ignore_index
         if mask is not None:
             m = np.broadcast_to(_to_numpy(mask).astype(bool, copy=False), full_shape)
             keep &= m.reshape(-1, nvox)
-        bad = keep & ((gt < 0) | (gt > FREE))
+        bad = keep & ((gt < 0) | (gt > free))
         if bad.any():
             raise ValueError(
-                f"{int(bad.sum())} ground-truth voxels have ids outside 0..{FREE} (and are not "
+                f"{int(bad.sum())} ground-truth voxels have ids outside 0..{free} (and are not "
                 f"ignore_index {self.ignore_index}), e.g. {gt[bad][:5].tolist()}"
             )
         gt_i = gt.astype(np.int32, copy=False)
         pred_i = pred.astype(np.int32, copy=False)
-        code = self._region[None, :] * (_NUM_IDS * _NUM_IDS) + gt_i * _NUM_IDS + pred_i
-        counts = np.bincount(code[keep], minlength=_NUM_REGIONS * _NUM_IDS * _NUM_IDS)
+        n = self._num_ids
+        code = self._region[None, :] * (n * n) + gt_i * n + pred_i
+        counts = np.bincount(code[keep], minlength=_NUM_REGIONS * n * n)
         frames = pred.shape[0]
         stats = FrameStats(
-            confusion=counts.reshape(_NUM_REGIONS, _NUM_IDS, _NUM_IDS).astype(np.int64, copy=False),
+            confusion=counts.reshape(_NUM_REGIONS, n, n).astype(np.int64, copy=False),
             flow_sums=np.zeros((frames, 2), dtype=np.float64),
             flow_counts=np.zeros((frames, 2), dtype=np.int64),
             flow_excluded=0,
@@ -296,10 +334,16 @@ class OccupancyMetrics:
             raise ValueError(f"flow arrays must have shape {want}, got {pf.shape} and {gf.shape}")
         pf = pf.reshape(frames, nvox, 2)
         gf = gf.reshape(frames, nvox, 2)
-        both_fg = keep & (gt_i < FOREGROUND_BELOW) & (pred_i < FOREGROUND_BELOW)
+        both_fg = keep & self._is_foreground(gt_i) & self._is_foreground(pred_i)
         for f in range(frames):
             stats.flow_excluded += self._frame_flow(both_fg[f], pf[f], gf[f], stats, f)
         return stats
+
+    def _is_foreground(self, ids: np.ndarray) -> np.ndarray:
+        """Bool array: ``ids`` is a foreground id of the class table (OpenScene's: id < 10)."""
+        if self._foreground_below is not None:
+            return ids < self._foreground_below
+        return np.isin(ids, self._foreground)
 
     def _frame_flow(
         self, both_fg: np.ndarray, pflow: np.ndarray, gflow: np.ndarray, stats: FrameStats, f: int
@@ -342,7 +386,7 @@ class OccupancyMetrics:
         Returns:
             A JSON-ready dict: IoUs in percent, precision/recall as fractions, EPE in m/s; ``None`` where a
             value is undefined, with one line per such value in ``notes``. Keys: ``iou_per_class``
-            ({class name: IoU} for ids 0..15 in id order), ``present_classes``, ``miou``,
+            ({class name: IoU} for the evaluated ids ``0 .. free - 1`` in id order), ``present_classes``, ``miou``,
             ``miou_present``, ``foreground_miou``, ``completion_iou``, ``precision``, ``recall``,
             ``foreground_iou``, ``foreground_precision``, ``foreground_recall``, ``near_miou``,
             ``near_iou``, ``near_precision``, ``near_recall``, ``near_iou_ssc``, the same five ``far_*``,
@@ -354,23 +398,26 @@ class OccupancyMetrics:
         notes: list[str] = []
         split = f"{self.near_far_m:g} m"
         out: dict[str, Any] = {}
+        names = self.classes.names
+        evaluated = np.arange(self.classes.num_classes)  # ids 0 .. free - 1 (OpenScene's 0..15)
+        fg = self._foreground  # OpenScene's 0..9
 
         total = self.confusion.sum(axis=0)
-        tp, fp, fn = _class_counts(total, NUM_CLASSES)
+        tp, fp, fn = _class_counts(total, evaluated)
         iou = iou_percent(tp, fp, fn)  # OpenScene: iou_ssc = tps / (tps + fps + fns + 1e-5) * 100.0
         present = (tp + fn) > 0
-        out["iou_per_class"] = {CLASS_NAMES[j]: float(iou[j]) for j in range(NUM_CLASSES)}
+        out["iou_per_class"] = {names[j]: float(iou[j]) for j in evaluated}
         out["present_classes"] = [int(j) for j in np.flatnonzero(present)]
         out["miou"] = float(np.mean(iou))  # OpenScene: "miou": np.mean(iou_ssc)
         out["miou_present"] = _mean_present(iou, present, "miou_present", "", notes)
-        out["foreground_miou"] = float(np.mean(iou[:FOREGROUND_BELOW]))  # np.mean(iou_ssc[:10])
+        out["foreground_miou"] = float(np.mean(iou[fg]))  # np.mean(iou_ssc[:10])
 
         # OpenScene guards these with ``if tp != 0 ... else 0, 0, 0``
-        occupied = _binary_counts(total, NUM_CLASSES)  # id != 16
+        occupied = _binary_counts(total, evaluated)  # id != 16
         _binary_scores(
             out, "completion_iou", "precision", "recall", occupied, "occupied voxel", "reports 0", notes
         )
-        foreground = _binary_counts(total, FOREGROUND_BELOW)  # id < 10
+        foreground = _binary_counts(total, fg)  # id < 10
         _binary_scores(
             out, "foreground_iou", "foreground_precision", "foreground_recall", foreground, "foreground voxel",
             "reports 0", notes,
@@ -380,22 +427,22 @@ class OccupancyMetrics:
             ("near", self.confusion[_BELOW], "raises ZeroDivisionError"),  # no guard in get_stats
             ("far", self.confusion[_ABOVE], "reports 0"),  # ``if self.far_completion_tp != 0``
         ):
-            ftp, ffp, ffn = _class_counts(conf, FOREGROUND_BELOW)
+            ftp, ffp, ffn = _class_counts(conf, fg)
             fiou = iou_percent(ftp, ffp, ffn)  # OpenScene: {near,far}_iou_ssc over class_num=10
             out[f"{name}_miou"] = float(np.mean(fiou))  # OpenScene: np.mean({near,far}_iou_ssc)
-            counts = _binary_counts(conf, FOREGROUND_BELOW)
+            counts = _binary_counts(conf, fg)
             what = f"foreground voxel {'within' if name == 'near' else 'beyond'} {split}"
             _binary_scores(
                 out, f"{name}_iou", f"{name}_precision", f"{name}_recall", counts, what, openscene, notes
             )
-            out[f"{name}_iou_ssc"] = {CLASS_NAMES[j]: float(fiou[j]) for j in range(FOREGROUND_BELOW)}
+            out[f"{name}_iou_ssc"] = {names[j]: float(fiou[i]) for i, j in enumerate(fg)}
 
         # ours: every voxel is near (< split) or far (>= split)
         for name, conf in (
             ("near", self.confusion[_BELOW]),
             ("far", self.confusion[_AT] + self.confusion[_ABOVE]),
         ):
-            rtp, rfp, rfn = _class_counts(conf, NUM_CLASSES)
+            rtp, rfp, rfn = _class_counts(conf, evaluated)
             riou = iou_percent(rtp, rfp, rfn)
             where = f" {'within' if name == 'near' else 'at or beyond'} {split}"
             out[f"miou_{name}"] = float(np.mean(riou)) if conf.any() else None
@@ -404,7 +451,7 @@ class OccupancyMetrics:
             out[f"miou_present_{name}"] = _mean_present(
                 riou, (rtp + rfn) > 0, f"miou_present_{name}", where, notes
             )
-            ctp, cfp, cfn = _binary_counts(conf, NUM_CLASSES)
+            ctp, cfp, cfn = _binary_counts(conf, evaluated)
             out[f"completion_iou_{name}"] = _ratio(ctp, ctp + cfp + cfn, 100.0)
             if out[f"completion_iou_{name}"] is None:
                 notes.append(
@@ -457,19 +504,21 @@ class OccupancyMetrics:
         return out
 
 
-def _class_counts(conf: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per-class (tp, fp, fn) float64 of class ids 0..n-1 of a (17, 17) [gt, pred] confusion matrix."""
-    diag = np.diag(conf)[:n]
-    fp = conf[:, :n].sum(axis=0) - diag  # OpenScene: y_true != j and y_pred == j
-    fn = conf[:n, :].sum(axis=1) - diag  # OpenScene: y_true == j and y_pred != j
+def _class_counts(conf: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-class (tp, fp, fn) float64 of the class ``ids`` of a (K, K) [gt, pred] confusion matrix."""
+    diag = np.diag(conf)[ids]
+    fp = conf[:, ids].sum(axis=0) - diag  # OpenScene: y_true != j and y_pred == j
+    fn = conf[ids, :].sum(axis=1) - diag  # OpenScene: y_true == j and y_pred != j
     return diag.astype(np.float64), fp.astype(np.float64), fn.astype(np.float64)
 
 
-def _binary_counts(conf: np.ndarray, below: int) -> tuple[int, int, int]:
-    """(tp, fp, fn) of "id < below" against the rest (16: occupied vs free; 10: foreground)."""
-    pos = slice(0, below)
-    neg = slice(below, _NUM_IDS)
-    return int(conf[pos, pos].sum()), int(conf[neg, pos].sum()), int(conf[pos, neg].sum())
+def _binary_counts(conf: np.ndarray, positive: np.ndarray) -> tuple[int, int, int]:
+    """(tp, fp, fn) of "id in ``positive``" against the other ids of a (K, K) [gt, pred] confusion matrix
+    (the evaluated ids: occupied vs free; the foreground ids: foreground vs the rest)."""
+    pos = np.zeros(len(conf), dtype=bool)
+    pos[positive] = True
+    neg = ~pos
+    return int(conf[pos][:, pos].sum()), int(conf[neg][:, pos].sum()), int(conf[pos][:, neg].sum())
 
 
 def _ratio(num: float, den: float, scale: float | None = None) -> float | None:
@@ -514,7 +563,7 @@ def _mean_present(
     """Mean IoU over the classes present in the ground truth; None (with a note) when there is none."""
     if present.any():
         return float(iou[present].mean())
-    notes.append(f"{key}: no class of ids 0..{NUM_CLASSES - 1} occurs in the ground truth{where}")
+    notes.append(f"{key}: no class of ids 0..{len(iou) - 1} occurs in the ground truth{where}")
     return None
 
 
@@ -526,16 +575,25 @@ def _fmt(value: float | None, unit: str = "", digits: int = 3) -> str:
     )
 
 
+def _id_span(ids: list[int]) -> str:
+    """``0-9`` for consecutive ids, else ``0, 3, 5``."""
+    if ids and ids == list(range(ids[0], ids[-1] + 1)):
+        return f"{ids[0]}-{ids[-1]}" if len(ids) > 1 else str(ids[0])
+    return ", ".join(map(str, ids))
+
+
 def summary_line(metrics: dict[str, Any]) -> str:
-    """One line with OpenScene's 16-id mIoU and the present-class mIoU beside it, explained.
+    """One line with OpenScene's all-id mIoU and the present-class mIoU beside it, explained (the number
+    of ids is that of the class table the metrics were computed with).
 
     Example: ``mIoU 12.50 % over all 16 ids (OpenScene's; the 14 ids absent from the ground truth count
     as 0) | 100.00 % over the 2 classes present``.
     """
+    evaluated = len(metrics["iou_per_class"])
     present = len(metrics.get("present_classes", []))
-    absent = NUM_CLASSES - present
+    absent = evaluated - present
     line = (
-        f"mIoU {_fmt(metrics['miou'], ' %', 2)} over all {NUM_CLASSES} ids (OpenScene's; the {absent} ids "
+        f"mIoU {_fmt(metrics['miou'], ' %', 2)} over all {evaluated} ids (OpenScene's; the {absent} ids "
         f"absent from the ground truth count as 0)"
     )
     if metrics.get("miou_present") is None:
@@ -559,17 +617,20 @@ def format_metrics_table(metrics: dict[str, Any]) -> str:
     def pair(a: str, b: str, unit: str = "") -> str:
         return f"{_fmt(m[a])} / {_fmt(m[b])}{unit}"
 
+    names = list(m["iou_per_class"])
+    evaluated = len(names)
+    fg = _id_span([names.index(name) for name in m.get("near_iou_ssc", {}) if name in names])
     rows = [
-        ("mIoU (all 16 ids)", _fmt(m["miou"], " %")),
+        (f"mIoU (all {evaluated} ids)", _fmt(m["miou"], " %")),
         ("mIoU (present classes)", _fmt(m["miou_present"], " %")),
-        ("foreground mIoU (ids 0-9)", _fmt(m["foreground_miou"], " %")),
+        (f"foreground mIoU (ids {fg})", _fmt(m["foreground_miou"], " %")),
         ("completion IoU", _fmt(m["completion_iou"], " %")),
         ("  precision / recall", pair("precision", "recall")),
         ("foreground IoU", _fmt(m["foreground_iou"], " %")),
         ("  precision / recall", pair("foreground_precision", "foreground_recall")),
-        ("near_miou / far_miou (ids 0-9)", pair("near_miou", "far_miou", " %")),
+        (f"near_miou / far_miou (ids {fg})", pair("near_miou", "far_miou", " %")),
         ("near_iou / far_iou (foreground)", pair("near_iou", "far_iou", " %")),
-        ("mIoU near / far (16 ids)", pair("miou_near", "miou_far", " %")),
+        (f"mIoU near / far ({evaluated} ids)", pair("miou_near", "miou_far", " %")),
         ("completion IoU near / far", pair("completion_iou_near", "completion_iou_far", " %")),
         (f"EPE stationary (< {speed:g} m/s)", _fmt(m["epe_stationary"], " m/s")),
         (f"EPE moving (>= {speed:g} m/s)", _fmt(m["epe_moving"], " m/s")),

@@ -25,11 +25,13 @@ Pipeline of :class:`CameraOccupancyNet`:
    up), and concatenated with the current volume along channels.
 5. **Decoder** (:class:`BEVDecoder`): the volume is folded to a bird's-eye-view image (channels x
    height bins), reduced, refined by residual blocks, upsampled to the label grid's x-y resolution and
-   decoded into ``17 * nz`` class logits (ids 0..15 and FREE = 16) and ``2 * nz`` flow values per cell.
+   decoded by the :class:`~driveengine.models.heads.OccupancyHeads` into ``K * nz`` class logits (K =
+   every id of the split's class table, free last: 17 for OpenScene's table) and ``2 * nz`` flow values
+   per cell.
 
 Outputs (the same as :class:`~driveengine.models.lidar.LidarOccupancyNet`, plus visibility):
 
-* ``semantics`` logits ``(B, 17, nx, ny, nz)``;
+* ``semantics`` logits ``(B, K, nx, ny, nz)``;
 * ``flow`` ``(B, nx, ny, nz, 2)``, (vx, vy) m/s in the ego frame of the key frame;
 * ``visible`` ``(B, nx, ny, nz)`` bool: the label voxel's centre is seen by at least one camera
   (evaluation restricts the metrics to these voxels).
@@ -50,19 +52,17 @@ sixteenth of a feature cell at stride 8 and is ignored.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
+from collections.abc import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from driveengine.models.backbones import get_backbone, resolve_backbone_name
-from driveengine.models.lidar import OccupancyHeads
+from driveengine.models.heads import ModelOutputs, OccupancyHeads, predict
 from driveengine.models.resnet import BasicBlock
 from driveengine.schemas import VoxelGrid
+from driveengine.schemas.classes import OPENSCENE_CLASSES, ClassTable
 
 #: Points closer to the image plane than this (m, along the optical axis) are not seen by the camera.
 MIN_DEPTH_M = 0.1
@@ -256,10 +256,16 @@ class BEVDecoder(nn.Module):
         channels: decoder width.
         out_shape: (nx, ny, nz) of the label grid.
         blocks: residual blocks.
+        classes: the class table of the labels (the ids predicted).
     """
 
     def __init__(
-        self, in_channels: int, channels: int, out_shape: tuple[int, int, int], blocks: int = 2
+        self,
+        in_channels: int,
+        channels: int,
+        out_shape: tuple[int, int, int],
+        blocks: int = 2,
+        classes: ClassTable = OPENSCENE_CLASSES,
     ) -> None:
         super().__init__()
         self.out_shape = tuple(out_shape)
@@ -273,10 +279,10 @@ class BEVDecoder(nn.Module):
             nn.BatchNorm2d(channels),
             nn.ReLU(inplace=True),
         )
-        self.heads = OccupancyHeads(channels, nz)
+        self.heads = OccupancyHeads(channels, nz, classes)
 
-    def forward(self, bev: torch.Tensor) -> dict[str, torch.Tensor]:
-        """``semantics`` (B, 17, nx, ny, nz) logits and ``flow`` (B, nx, ny, nz, 2) m/s."""
+    def forward(self, bev: torch.Tensor) -> ModelOutputs:
+        """``semantics`` (B, K, nx, ny, nz) logits (K ids of the class table) and ``flow`` (B, nx, ny, nz, 2) m/s."""
         nx, ny, _ = self.out_shape
         x = self.blocks(self.reduce(bev))
         if x.shape[-2:] != (nx, ny):
@@ -324,6 +330,7 @@ class CameraOccupancyNet(nn.Module):
         min_depth_m: see :func:`project_to_pixels`.
         depth: the older way to choose a ResNet (``depth=50`` = ``backbone="resnet50"``); must agree
             with ``backbone`` when both are given.
+        classes: the class table of the labels (the ids predicted; the split records it).
 
     Attributes:
         backbone_name: the registered name of :attr:`backbone`.
@@ -345,9 +352,11 @@ class CameraOccupancyNet(nn.Module):
         pretrained: str | os.PathLike[str] | None = None,
         min_depth_m: float = MIN_DEPTH_M,
         depth: int | None = None,
+        classes: ClassTable = OPENSCENE_CLASSES,
     ) -> None:
         super().__init__()
         self.grid = grid
+        self.classes = classes
         self.lift_grid = lift_grid_for(grid, lift_voxel_size_m)
         self.history = int(history)
         self.min_depth_m = float(min_depth_m)
@@ -360,7 +369,9 @@ class CameraOccupancyNet(nn.Module):
             load_backbone_weights(self.backbone, pretrained)
         self.neck = FPNNeck(self.backbone.out_channels, neck_channels, feature_level)
         lnz = self.lift_grid.shape[2]
-        self.decoder = BEVDecoder(neck_channels * lnz * (1 + self.history), decoder_channels, grid.shape)
+        self.decoder = BEVDecoder(
+            neck_channels * lnz * (1 + self.history), decoder_channels, grid.shape, classes=classes
+        )
         norm = spec.normalisation
         self._channel_order = list(norm.rgb_indices())
         self.register_buffer("mean", torch.tensor(norm.mean).view(1, 3, 1, 1) / 255.0, persistent=False)
@@ -442,7 +453,7 @@ class CameraOccupancyNet(nn.Module):
         history_ego_from_camera: torch.Tensor | None = None,
         ego_from_history: torch.Tensor | None = None,
         history_valid: torch.Tensor | None = None,
-    ) -> dict[str, torch.Tensor]:
+    ) -> ModelOutputs:
         """Outputs (module docstring) for one batch of frames.
 
         Args:
@@ -494,123 +505,31 @@ class CameraOccupancyNet(nn.Module):
         return out
 
     @staticmethod
-    def inputs_from_batch(batch: dict, device: torch.device | None = None) -> dict[str, torch.Tensor]:
+    def inputs_from_batch(
+        batch: Mapping[str, object], device: torch.device | None = None
+    ) -> dict[str, torch.Tensor]:
         """The keyword arguments of :meth:`forward` from a :func:`~driveengine.data.collate.collate_frames`
         batch (keys :data:`BATCH_KEYS` and, when present, :data:`HISTORY_BATCH_KEYS`), moved to ``device``.
         """
         non_blocking = device is not None and device.type == "cuda"
-        out = {}
+        out: dict[str, torch.Tensor] = {}
         for key in (*BATCH_KEYS, *HISTORY_BATCH_KEYS):
-            if key in batch:
-                value = batch[key]
-                out[key] = value if device is None else value.to(device, non_blocking=non_blocking)
+            if key not in batch:
+                continue
+            value = batch[key]
+            if not isinstance(value, torch.Tensor):
+                raise TypeError(
+                    f"camera batch entry {key!r} is a {type(value).__name__}, expected one tensor for the batch "
+                    "(every frame's images resized to the same image_size)"
+                )
+            out[key] = value if device is None else value.to(device, non_blocking=non_blocking)
         missing = [k for k in BATCH_KEYS if k not in out]
         if missing:
             raise KeyError(f"camera batch lacks {missing}: stream the 'images' field (FrameStream fields)")
         return out
 
     @staticmethod
-    def predict(outputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Class ids (B, nx, ny, nz) uint8 and flow (B, nx, ny, nz, 2) float32 of the outputs."""
-        return outputs["semantics"].argmax(dim=1).to(torch.uint8), outputs["flow"].float()
-
-
-# -- what the pre-training loop needs for ``--modality camera`` ------------------------------------------
-
-
-@dataclass(frozen=True)
-class CameraPretraining:
-    """Everything :func:`driveengine.train.loop.pretrain` does differently for camera pre-training.
-
-    The loop keeps its machinery (streams, AdamW, schedule, bf16, DDP, checkpoints, CSV, metrics) and asks
-    this object for: the stream fields and options (:attr:`fields`, :meth:`stream_kwargs`), the model
-    (:meth:`build_model`), the forward arguments of a batch (:meth:`inputs`), the voxels that count in
-    the loss and the metrics (:meth:`mask`: LiDAR-observed and camera-visible), and the product, the
-    backbone in the naming downstream code loads, after each checkpoint (:meth:`save_backbone`).
-
-    Attributes:
-        backbone: registered backbone name (``resnet18`` .. ``resnet101``, ``vovnet99``).
-        width: channels of its first convolution (64 = the published network, needed to load published
-            weights and to use the export downstream).
-        neck_channels: FPN output channels (= channels of every lifted voxel).
-        decoder_channels: BEV decoder width.
-        image_size: (W, H) pixels the stream resizes the images to (intrinsics scaled accordingly).
-        lift_voxel_size_m: lift grid voxel size (None = the label grid's).
-        feature_level: FPN level sampled by the lift (1 = stride 8).
-        history: previous key frames fused (the stream then also delivers their images).
-        backbone_weights: local weights file of the backbone to start from (None = random init).
-    """
-
-    backbone: str = "resnet18"
-    width: int = 64
-    neck_channels: int = 64
-    decoder_channels: int = 64
-    image_size: tuple[int, int] = (384, 216)
-    lift_voxel_size_m: float | None = None
-    feature_level: int = 1
-    history: int = 0
-    backbone_weights: str | None = None
-
-    #: Stream fields of a camera run.
-    fields: tuple[str, ...] = ("images", "semantics", "flow", "mask_lidar")
-
-    @classmethod
-    def from_config(cls, config: Any) -> CameraPretraining:
-        """From a :class:`~driveengine.train.config.PretrainConfig`: ``backbone`` (None, as in configs
-        written before it existed: ``resnet<depth>``), ``width``, ``decoder_channels`` and, when the config
-        has them, ``image_size``, ``neck_channels``, ``lift_voxel_size_m``, ``feature_level``,
-        ``camera_history``, ``backbone_weights``.
-
-        Raises:
-            BackboneError: an unknown backbone name.
-        """
-        keys = {
-            "image_size": "image_size", "neck_channels": "neck_channels", "lift_voxel_size_m": "lift_voxel_size_m",
-            "feature_level": "feature_level", "history": "camera_history", "backbone_weights": "backbone_weights",
-        }  # fmt: skip
-        extra = {
-            name: getattr(config, key) for name, key in keys.items() if getattr(config, key, None) is not None
-        }
-        if "image_size" in extra:
-            extra["image_size"] = tuple(int(v) for v in extra["image_size"])
-        backbone = getattr(config, "backbone", None) or resolve_backbone_name(None, config.depth)
-        return cls(
-            backbone=get_backbone(backbone).name, width=config.width, decoder_channels=config.decoder_channels,
-            **extra,
-        )  # fmt: skip
-
-    def stream_kwargs(self) -> dict[str, Any]:
-        """Extra :class:`~driveengine.data.FrameStream` arguments: image size and history frames."""
-        return {"image_size": self.image_size, "history": self.history}
-
-    def build_model(self, grid: VoxelGrid) -> CameraOccupancyNet:
-        """The camera model for the label ``grid`` (backbone initialised from ``backbone_weights``)."""
-        return CameraOccupancyNet(
-            grid, backbone=self.backbone, width=self.width, neck_channels=self.neck_channels,
-            decoder_channels=self.decoder_channels, feature_level=self.feature_level,
-            lift_voxel_size_m=self.lift_voxel_size_m, history=self.history, pretrained=self.backbone_weights,
-        )  # fmt: skip
-
-    @staticmethod
-    def inputs(batch: dict[str, Any], device: torch.device | None = None) -> dict[str, torch.Tensor]:
-        """Keyword arguments of the model's forward for a collated batch (see ``inputs_from_batch``)."""
-        return CameraOccupancyNet.inputs_from_batch(batch, device)
-
-    @staticmethod
-    def mask(batch: dict[str, Any], outputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Voxels that count in the loss and the metrics: camera-visible, and LiDAR-observed when the
-        batch has ``mask_lidar`` (B, nx, ny, nz) bool."""
-        visible = outputs["visible"]
-        if "mask_lidar" in batch:
-            return visible & batch["mask_lidar"].to(visible.device)
-        return visible
-
-    @staticmethod
-    def save_backbone(model: nn.Module, run_dir: str | os.PathLike[str], step: int) -> Path:
-        """Write ``<run_dir>/backbone.pth`` (+ ``backbone.json``) from the (unwrapped) camera model;
-        returns the ``.pth`` path."""
-        from driveengine.models.export import save_backbone
-
-        return save_backbone(
-            model, Path(run_dir) / "backbone.pth", {"step": int(step), "run_dir": str(run_dir)}
-        ).path
+    def predict(outputs: ModelOutputs) -> tuple[torch.Tensor, torch.Tensor]:
+        """Class ids (B, nx, ny, nz) uint8 and flow (B, nx, ny, nz, 2) float32 of the outputs
+        (:func:`driveengine.models.heads.predict`)."""
+        return predict(outputs)

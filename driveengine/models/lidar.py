@@ -10,29 +10,26 @@ half-open range are dropped.
 Network (:class:`LidarOccupancyNet`): a :class:`~driveengine.models.resnet.ResNet` encoder over the
 BEV image (H = nx along x, W = ny along y), a feature-pyramid decoder (lateral 1x1 convolutions,
 top-down upsampling and addition) to the resolution of ``layer1``, upsampled to the full grid and
-concatenated with the BEV input, and a head that predicts ``17 * nz`` class logits (ids 0..15 and
-FREE = 16 per voxel) and ``2 * nz`` flow values per cell, reshaped to voxels:
+concatenated with the BEV input, and the :class:`~driveengine.models.heads.OccupancyHeads` that predict
+``K * nz`` class logits (K = every id of the split's class table, free last: 17 for OpenScene's table, 18
+for Occ3D-nuScenes') and ``2 * nz`` flow values per cell, reshaped to voxels:
 
-* ``semantics`` logits ``(B, 17, nx, ny, nz)``;
+* ``semantics`` logits ``(B, K, nx, ny, nz)``;
 * ``flow`` ``(B, nx, ny, nz, 2)``, (vx, vy) m/s in the ego frame of the key frame.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from driveengine.models.heads import ModelOutputs, OccupancyHeads, predict
 from driveengine.models.resnet import ResNet
 from driveengine.schemas import VoxelGrid
-from driveengine.schemas.classes import FREE
-
-#: Class ids predicted per voxel: 0..15 and FREE.
-NUM_OUTPUT_CLASSES = FREE + 1
+from driveengine.schemas.classes import OPENSCENE_CLASSES, ClassTable
 
 
 def bev_features(
@@ -80,34 +77,6 @@ def bev_features(
     return out
 
 
-class OccupancyHeads(nn.Module):
-    """The per-cell 1x1 heads shared by the LiDAR and camera models.
-
-    BEV features (B, C, X, Y) -> ``semantics`` logits (B, 17, X r, Y r, nz) (ids 0..15 and FREE = 16 for
-    each of the ``nz`` height bins) and ``flow`` (B, X r, Y r, nz, 2) m/s, each cell's prediction repeated
-    over its ``r x r`` voxel columns (``repeat`` = r). The flow head starts at zero (no motion).
-    """
-
-    def __init__(self, channels: int, nz: int, repeat: int = 1) -> None:
-        super().__init__()
-        self.nz, self.repeat = nz, repeat
-        self.sem_head = nn.Conv2d(channels, NUM_OUTPUT_CLASSES * nz, 1)
-        self.flow_head = nn.Conv2d(channels, 2 * nz, 1)
-        nn.init.zeros_(self.flow_head.weight)
-        nn.init.zeros_(self.flow_head.bias)
-
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        sem, flow = self.sem_head(x), self.flow_head(x)
-        if self.repeat > 1:
-            r = self.repeat
-            sem = sem.repeat_interleave(r, dim=2).repeat_interleave(r, dim=3)
-            flow = flow.repeat_interleave(r, dim=2).repeat_interleave(r, dim=3)
-        b, _, nx, ny = sem.shape
-        sem = sem.view(b, NUM_OUTPUT_CLASSES, self.nz, nx, ny).permute(0, 1, 3, 4, 2)
-        flow = flow.view(b, self.nz, 2, nx, ny).permute(0, 3, 4, 1, 2)
-        return {"semantics": sem, "flow": flow}
-
-
 class LidarOccupancyNet(nn.Module):
     """BEV ResNet encoder-decoder predicting per-voxel class logits and flow.
 
@@ -120,6 +89,7 @@ class LidarOccupancyNet(nn.Module):
         output_stride: the decoder and heads run on cells of ``output_stride`` x ``output_stride``
             voxel columns and their outputs are repeated onto the full grid (2 = 4x cheaper head, for CPU
             runs; 1 = full resolution).
+        classes: the class table of the labels (the ids predicted; the split records it).
     """
 
     def __init__(
@@ -130,6 +100,7 @@ class LidarOccupancyNet(nn.Module):
         decoder_channels: int = 64,
         stem_stride: int = 4,
         output_stride: int = 1,
+        classes: ClassTable = OPENSCENE_CLASSES,
     ) -> None:
         super().__init__()
         nx, ny, _ = grid.shape
@@ -137,6 +108,7 @@ class LidarOccupancyNet(nn.Module):
             raise ValueError(f"output_stride {output_stride} must divide the grid's x-y size {nx} x {ny}")
         self.output_stride = int(output_stride)
         self.grid = grid
+        self.classes = classes
         nz = grid.shape[2]
         self.nz = nz
         in_channels = nz + 2
@@ -150,9 +122,9 @@ class LidarOccupancyNet(nn.Module):
             nn.BatchNorm2d(decoder_channels),
             nn.ReLU(inplace=True),
         )
-        self.heads = OccupancyHeads(decoder_channels, nz, repeat=output_stride)
+        self.heads = OccupancyHeads(decoder_channels, nz, classes, repeat=output_stride)
 
-    def forward_bev(self, bev: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward_bev(self, bev: torch.Tensor) -> ModelOutputs:
         """Outputs for a BEV input (B, nz + 2, nx, ny): ``semantics`` logits and ``flow`` (module docstring)."""
         feats = self.encoder(bev)
         x = self.lateral[-1](feats[-1])
@@ -163,64 +135,12 @@ class LidarOccupancyNet(nn.Module):
         x = F.interpolate(x, size=skip.shape[-2:], mode="bilinear", align_corners=False)
         return self.heads(self.fuse(torch.cat([x, skip], dim=1)))
 
-    def forward(self, points: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
+    def forward(self, points: Sequence[torch.Tensor]) -> ModelOutputs:
         """Outputs for a batch of point clouds (per sample (N_i, >= 4): x, y, z, intensity; ego frame)."""
         return self.forward_bev(bev_features(points, self.grid))
 
     @staticmethod
-    def predict(outputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Class ids (B, nx, ny, nz) uint8 and flow (B, nx, ny, nz, 2) float32 of the outputs."""
-        return outputs["semantics"].argmax(dim=1).to(torch.uint8), outputs["flow"].float()
-
-
-# -- what the pre-training loop needs for ``--modality lidar`` ------------------------------------------
-
-
-@dataclass(frozen=True)
-class LidarPretraining:
-    """Everything :func:`driveengine.train.loop.pretrain` does specifically for LiDAR pre-training.
-
-    The same interface as :class:`driveengine.models.camera.CameraPretraining`: stream fields and
-    options, the model, the forward arguments of a batch, the voxels that count, and the product saved
-    with each checkpoint (none here: the whole model is the product).
-    """
-
-    depth: int = 18
-    width: int = 16
-    decoder_channels: int = 32
-    stem_stride: int = 4
-    output_stride: int = 2
-
-    #: Stream fields of a LiDAR run.
-    fields: tuple[str, ...] = ("points", "semantics", "flow", "mask_lidar")
-
-    @classmethod
-    def from_config(cls, config: Any) -> LidarPretraining:
-        """From a :class:`~driveengine.train.config.PretrainConfig`."""
-        return cls(
-            depth=config.depth, width=config.width, decoder_channels=config.decoder_channels,
-            stem_stride=config.stem_stride, output_stride=config.output_stride,
-        )  # fmt: skip
-
-    def stream_kwargs(self) -> dict[str, Any]:
-        """Extra :class:`~driveengine.data.FrameStream` arguments (none)."""
-        return {}
-
-    def build_model(self, grid: VoxelGrid) -> LidarOccupancyNet:
-        """The LiDAR model for the label ``grid``."""
-        return LidarOccupancyNet(
-            grid, depth=self.depth, width=self.width, decoder_channels=self.decoder_channels,
-            stem_stride=self.stem_stride, output_stride=self.output_stride,
-        )  # fmt: skip
-
-    @staticmethod
-    def inputs(batch: dict[str, Any], device: torch.device | None = None) -> dict[str, Any]:
-        """Keyword arguments of the model's forward for a collated batch."""
-        return {"points": [p.to(device, non_blocking=True) if device else p for p in batch["points"]]}
-
-    @staticmethod
-    def mask(batch: dict[str, Any], outputs: dict[str, torch.Tensor]) -> torch.Tensor | None:
-        """Voxels that count in the loss and the metrics: the LiDAR-observed ones (``None``: all)."""
-        return batch.get("mask_lidar")
-
-    save_backbone = None
+    def predict(outputs: ModelOutputs) -> tuple[torch.Tensor, torch.Tensor]:
+        """Class ids (B, nx, ny, nz) uint8 and flow (B, nx, ny, nz, 2) float32 of the outputs
+        (:func:`driveengine.models.heads.predict`)."""
+        return predict(outputs)

@@ -19,7 +19,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from driveengine.schemas.occ import ARRAY_NAMES
 from driveengine.store.commit import sha256_file, sha256_tree
 from driveengine.store.manifest import MANIFEST_NAME, load_manifest
 
@@ -123,7 +122,11 @@ def _zarr_details(group_dir: Path, split_dir: Path) -> list[str]:
         return [f"unreadable group: {exc}"]
     expected = {group_dir / "zarr.json"}
     details = []
-    for name in ARRAY_NAMES:
+    for name in occ.coordinate_arrays:  # small one-chunk arrays beside the label arrays (not checked here)
+        expected.add(group_dir / name / "zarr.json")
+        if occ.array(name).shape[0]:
+            expected.add(Path(occ.shard_file(name, 0)))
+    for name in occ.arrays:
         array = occ.array(name)
         per_shard = int(array.shards[0]) if array.shards else 1
         expected.add(group_dir / name / "zarr.json")

@@ -26,15 +26,19 @@ from pathlib import Path
 from typing import Any
 
 import fsspec
+import numpy as np
 import pyarrow as pa
 
 from driveengine.errors import DriveEngineError
 from driveengine.schemas.classes import ClassTable
-from driveengine.schemas.frame import schema_cameras
+from driveengine.schemas.frame import frame_schema, schema_cameras
 from driveengine.schemas.grid import VoxelGrid
 from driveengine.store.frames import FramesError, read_shard
 from driveengine.store.manifest import MANIFEST_NAME, LogEntry, Manifest, ManifestError, load_manifest
 from driveengine.store.occ import OccFormatError, OccLog, open_occ
+
+#: The ``frame_index`` column (its field in the frame schema), given to shards written without it.
+FRAME_INDEX_FIELD: pa.Field = frame_schema(("CAM",)).field("frame_index")
 
 
 class DatasetError(DriveEngineError):
@@ -88,26 +92,45 @@ class CommittedLog:
     def frames(self, columns: list[str] | None = None) -> pa.Table:
         """The log's frame rows (``columns`` only, default all); row ``i`` is label frame ``i``.
 
+        Shards written before the ``frame_index`` column existed (format 1, early format 2) get it here,
+        as the row positions it stands for (last column), so the logs of a split always concatenate.
+
         Raises:
             FramesError: the shard is missing, unreadable or lacks a column.
             DatasetError: it does not hold the manifest's number of rows.
         """
-        if self.split.is_local:
-            table = read_shard(self.meta_path, columns)
+        try:
+            table = self._read_shard(columns)
+        except FramesError:
+            if columns is None or "frame_index" not in columns:
+                raise
+            table = self._read_shard([c for c in columns if c != "frame_index"])
+            table = table.append_column(
+                FRAME_INDEX_FIELD, pa.array(np.arange(table.num_rows, dtype=np.int32))
+            )
+            table = table.select(columns)
         else:
-            try:
-                with self.split.fs.open(self.meta_path, "rb") as f:
-                    table = read_shard(f, columns)
-            except FileNotFoundError:
-                raise FramesError(
-                    f"{self.meta_path}: frame shard missing; re-run `driveengine collect`"
-                ) from None
+            if columns is None and "frame_index" not in table.schema.names:
+                table = table.append_column(
+                    FRAME_INDEX_FIELD, pa.array(np.arange(table.num_rows, dtype=np.int32))
+                )
         if table.num_rows != self.entry.frames:
             raise DatasetError(
                 f"log {self.name}: {self.meta_path} has {table.num_rows} rows, the manifest says "
                 f"{self.entry.frames}; the log is damaged, re-collect it with --overwrite"
             )
         return table
+
+    def _read_shard(self, columns: list[str] | None) -> pa.Table:
+        if self.split.is_local:
+            return read_shard(self.meta_path, columns)
+        try:
+            with self.split.fs.open(self.meta_path, "rb") as f:
+                return read_shard(f, columns)
+        except FileNotFoundError:
+            raise FramesError(
+                f"{self.meta_path}: frame shard missing; re-run `driveengine collect`"
+            ) from None
 
     def labels(self) -> OccLog:
         """The log's label group, opened once and checked against the manifest and the split's grid.

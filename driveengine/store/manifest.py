@@ -32,6 +32,12 @@ Format version 1 manifests (nuPlan/OpenScene only) are read too: their entries s
 for the source name and may hold the blob root as a top-level ``sensor_root``; they have no
 ``dataset`` (nuPlan data, OpenScene's class table; the cameras are those of the frame shards).
 
+**On object stores** (``s3://...``, any fsspec URL) the manifest is written with one put, which S3
+and most object stores make atomic: readers see the old or the new object, never a mix. Storage options
+(endpoint, credentials) come from fsspec's configuration (``FSSPEC_S3_ENDPOINT_URL=...`` or
+``FSSPEC_S3='{"endpoint_url": ...}'`` in the environment, ``~/.config/fsspec/``) and the backend's own
+(``AWS_ACCESS_KEY_ID``, ...), or the ``storage_options`` argument.
+
 **A manifest is input too.** :meth:`Manifest.from_json` checks the type of every field (a wrong one
 is a :class:`ManifestError` naming the file and the field, e.g. ``logs["x"].frames``) and confines
 every path it names (``meta``, ``occ``, the keys of ``checksums``) to the split folder: relative, POSIX,
@@ -427,32 +433,100 @@ def _dataset_info(data: Mapping[str, Any], path: str | os.PathLike[str]) -> Data
     )
 
 
+def is_remote(location: str | os.PathLike[str]) -> bool:
+    """Whether ``location`` is an fsspec URL of a remote store (``s3://...``; ``file://`` is local)."""
+    text = os.fspath(location)
+    return "://" in text and not text.startswith("file://")
+
+
+def local_path(location: str | os.PathLike[str]) -> Path:
+    """The local path of a location that is not remote (``file://`` stripped)."""
+    return Path(os.fspath(location).removeprefix("file://"))
+
+
+def join_location(base: str | os.PathLike[str], *parts: str) -> str:
+    """``base/part/...`` for local paths and URLs alike (always ``/`` in URLs)."""
+    text = os.fspath(base)
+    if is_remote(text):
+        return "/".join([text.rstrip("/"), *(p.strip("/") for p in parts)])
+    return os.path.join(text, *parts)
+
+
 def manifest_path(split_dir: str | os.PathLike[str]) -> Path:
-    """Path of the manifest of a split folder ``<out>/<split>``."""
+    """Path of the manifest of a local split folder ``<out>/<split>``."""
     return Path(split_dir) / MANIFEST_NAME
 
 
-def load_manifest(split_dir: str | os.PathLike[str]) -> Manifest:
-    """Read ``<split_dir>/manifest.json``.
+def manifest_to_bytes(manifest: Manifest) -> bytes:
+    """The JSON bytes :func:`save_manifest` writes."""
+    return (json.dumps(manifest.to_json(), indent=1, sort_keys=False) + "\n").encode()
+
+
+def manifest_from_bytes(data: bytes, path: str | os.PathLike[str]) -> Manifest:
+    """The validated manifest held by the bytes ``data`` read from ``path``.
+
+    Raises:
+        ManifestError: not JSON, not a DriveEngine manifest, a newer format or a malformed field.
+    """
+    try:
+        parsed = json.loads(data)
+    except ValueError as exc:
+        raise ManifestError(f"{path}: unreadable manifest ({exc})") from None
+    return Manifest.from_json(parsed, path)
+
+
+def _remote_fs(location: str, storage_options: dict[str, Any] | None) -> tuple[Any, str]:
+    """The fsspec file system of a URL and the URL's path in it."""
+    import fsspec
+
+    try:
+        return fsspec.core.url_to_fs(location, **(storage_options or {}))
+    except (ValueError, ImportError) as exc:
+        raise ManifestError(f"{location}: no fsspec file system for this URL ({exc})") from None
+
+
+def load_manifest(
+    split_dir: str | os.PathLike[str], storage_options: dict[str, Any] | None = None
+) -> Manifest:
+    """Read ``<split_dir>/manifest.json`` (a local folder or an fsspec URL, see the module doc).
 
     Raises:
         ManifestError: the file is missing, not JSON, not a DriveEngine manifest, or of a newer format.
     """
-    path = manifest_path(split_dir)
+    if is_remote(split_dir):
+        url = join_location(split_dir, MANIFEST_NAME)
+        fs, path = _remote_fs(url, storage_options)
+        try:
+            data = fs.cat_file(path)
+        except FileNotFoundError:
+            raise ManifestError(
+                f"{url}: no manifest; this location holds no collected split (run `driveengine collect` first)"
+            ) from None
+        except OSError as exc:
+            raise ManifestError(f"{url}: unreadable manifest ({exc})") from None
+        return manifest_from_bytes(data, url)
+    path = manifest_path(local_path(split_dir))
     try:
-        data = json.loads(path.read_text())
+        data = path.read_bytes()
     except FileNotFoundError:
         raise ManifestError(
             f"{path}: no manifest; this folder holds no collected split (run `driveengine collect` first)"
         ) from None
-    except (OSError, ValueError) as exc:
+    except OSError as exc:
         raise ManifestError(f"{path}: unreadable manifest ({exc})") from None
-    return Manifest.from_json(data, path)
+    return manifest_from_bytes(data, path)
 
 
-def load_or_create_manifest(split_dir: str | os.PathLike[str], split: str) -> Manifest:
-    """The existing manifest of ``split_dir``, or a new empty one for ``split``."""
-    if manifest_path(split_dir).exists():
+def load_or_create_manifest(
+    split_dir: str | os.PathLike[str], split: str, storage_options: dict[str, Any] | None = None
+) -> Manifest:
+    """The existing manifest of ``split_dir`` (folder or URL), or a new empty one for ``split``."""
+    if is_remote(split_dir):
+        fs, path = _remote_fs(join_location(split_dir, MANIFEST_NAME), storage_options)
+        if not fs.exists(path):
+            return Manifest(split=split)
+        return load_manifest(split_dir, storage_options)
+    if manifest_path(local_path(split_dir)).exists():
         return load_manifest(split_dir)
     return Manifest(split=split)
 
@@ -490,7 +564,19 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
     fsync_dir(path.parent)
 
 
-def save_manifest(split_dir: str | os.PathLike[str], manifest: Manifest) -> None:
-    """Replace ``<split_dir>/manifest.json`` atomically with ``manifest``."""
-    text = json.dumps(manifest.to_json(), indent=1, sort_keys=False) + "\n"
-    atomic_write_bytes(manifest_path(split_dir), text.encode())
+def save_manifest(
+    split_dir: str | os.PathLike[str], manifest: Manifest, storage_options: dict[str, Any] | None = None
+) -> None:
+    """Replace ``<split_dir>/manifest.json`` atomically with ``manifest``.
+
+    A local folder: temporary file, fsync, rename. An fsspec URL: one put of the whole object (no
+    rename on object stores; a single put is atomic on S3). ``collect`` itself writes remote manifests
+    through :class:`driveengine.store.commit.ObjectStoreSplit`, which also refuses to overwrite a
+    manifest another process changed.
+    """
+    data = manifest_to_bytes(manifest)
+    if is_remote(split_dir):
+        fs, path = _remote_fs(join_location(split_dir, MANIFEST_NAME), storage_options)
+        fs.pipe_file(path, data)
+        return
+    atomic_write_bytes(manifest_path(local_path(split_dir)), data)

@@ -8,9 +8,16 @@ Writing::
         w.set_stats({...})                      # optional, JSON
 
 The writer buffers one shard (``shard_frames`` frames) and writes it whole, so memory stays bounded
-for logs of any length; every chunk is written, fill values included, so every shard file exists. ``close()`` (or leaving the ``with``) writes the last, partial shard and checks
-that exactly ``num_frames`` frames were appended; on an exception inside the ``with`` nothing more is
-written (the caller discards the temporary path).
+for logs of any length; every chunk is written, fill values included, so every shard file exists. ``close()`` (or leaving the ``with``) writes the last, partial shard, checks
+that exactly ``num_frames`` frames were appended and then consolidates the group's metadata (xarray
+reads it in one go); on an exception inside the ``with`` nothing more is written (the caller discards
+the temporary path). The coordinate arrays (``x``/``y``/``z`` voxel centres in metres, ``frame`` with
+``token`` and ``timestamp_us`` along it, ``component``; see ``schemas/occ.py``) are written when the
+group is created, so ``xr.open_zarr(path)`` gives labelled axes::
+
+    ds = xr.open_zarr(path)                       # Dataset: semantics, flow, mask_lidar (+ optional)
+    ds.semantics.sel(x=12.25, y=-3.75, method="nearest")
+    ds.set_xindex("token").sel(token="8a2b...")   # a frame by its token
 
 Reading::
 
@@ -33,6 +40,8 @@ from __future__ import annotations
 
 import os
 import posixpath
+import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -47,11 +56,14 @@ from driveengine.schemas.classes import ClassTable, class_table_from_record
 from driveengine.schemas.occ import (
     COMPRESSION_LEVEL,
     COMPRESSOR,
+    COORDINATE_ARRAYS,
+    FLOW_COMPONENTS,
     LABEL_ARRAYS,
     OCC_FORMAT,
     REQUIRED_ARRAYS,
     SHARD_FRAMES,
     OccArraySpec,
+    grid_axes_m,
     occ_array_specs,
     occ_group_attributes,
 )
@@ -228,6 +240,7 @@ class OccWriter:
                 f"{self.path}: {self._shard_start} frames appended, {self.num_frames} declared; "
                 "the group is incomplete, discard it"
             )
+        consolidate_group(self._group)
 
     def __enter__(self) -> OccWriter:
         return self
@@ -251,6 +264,7 @@ def create_occ(
     storage: OccStorage = OccStorage(),
     timestamps_us: np.ndarray | list[int] | None = None,
     storage_options: dict | None = None,
+    tokens: Sequence[str] | np.ndarray | None = None,
 ) -> OccWriter:
     """Create (overwriting) an ``occ/<log>.zarr`` group of ``num_frames`` frames and return its writer.
 
@@ -264,8 +278,14 @@ def create_occ(
             :data:`driveengine.schemas.occ.LABEL_ARRAYS`).
         storage: shard size and compression.
         timestamps_us: optional (T,) frame timestamps, microseconds, stored as an attribute so that
-            readers can check the alignment with ``meta/<log>.parquet``.
+            readers can check the alignment with ``meta/<log>.parquet``, and as the ``timestamp_us``
+            coordinate.
         storage_options: fsspec options for URLs.
+        tokens: optional (T,) tokens of the frame rows, in row order: the ``token`` coordinate (select a
+            frame by token in xarray).
+
+    Raises:
+        ValueError: bad counts (timestamps or tokens not one per frame), unknown or missing arrays.
     """
     if num_frames < 0:
         raise ValueError(f"{path}: num_frames must be >= 0")
@@ -277,10 +297,19 @@ def create_occ(
     ts = None if timestamps_us is None else [int(t) for t in np.asarray(timestamps_us).ravel()]
     if ts is not None and len(ts) != num_frames:
         raise ValueError(f"{path}: {len(ts)} timestamps for {num_frames} frames")
+    tok = None if tokens is None else [str(t) for t in np.asarray(tokens).ravel()]
+    if tok is not None and len(tok) != num_frames:
+        raise ValueError(f"{path}: {len(tok)} tokens for {num_frames} frames")
     specs = occ_array_specs(grid, classes, tuple(arrays))
     store = str(path) if isinstance(path, os.PathLike) else path
     group = zarr.open_group(store, mode="w", zarr_format=3, storage_options=storage_options)
-    group.attrs.update(occ_group_attributes(num_frames, generator, grid, ts, classes, tuple(arrays)))
+    coordinates = _write_coordinates(group, grid, num_frames, tok, ts)
+    along_frame = " ".join(
+        c for c in coordinates if c != "frame" and COORDINATE_ARRAYS[c].dimension == "frame"
+    )
+    group.attrs.update(
+        occ_group_attributes(num_frames, generator, grid, ts, classes, tuple(arrays), coordinates)
+    )
     codec = make_compressor(storage.compressor, storage.compression_level)
     shard_frames = max(1, min(shard_frames, num_frames)) if num_frames else shard_frames
     created: dict[str, zarr.Array] = {}
@@ -294,7 +323,10 @@ def create_occ(
             compressors=() if codec is None else (codec,),
             fill_value=spec.fill_value,
             dimension_names=spec.dimension_names,
-            attributes={"description": spec.description},
+            attributes={
+                "description": spec.description,
+                **({"coordinates": along_frame} if along_frame else {}),
+            },
             # Every chunk is written, even one equal to the fill value (all free, zero flow, unobserved):
             # so every shard file exists and a missing one is damage, never "all fill" (readers rely on
             # it), and zarr 3.1 skips its "all fill value" check, which costs several times the
@@ -302,6 +334,55 @@ def create_occ(
             config={"write_empty_chunks": True},
         )
     return OccWriter(group, path, num_frames, specs, shard_frames, created)
+
+
+def _write_coordinates(
+    group: zarr.Group,
+    grid: VoxelGrid,
+    num_frames: int,
+    tokens: list[str] | None,
+    timestamps_us: list[int] | None,
+) -> tuple[str, ...]:
+    """Write the coordinate arrays of a new group (``schemas/occ.py`` COORDINATE_ARRAYS); returns their names.
+
+    Each is one uncompressed chunk (a few kB at most); strings are Zarr v3 variable-length UTF-8.
+    """
+    x, y, z = grid_axes_m(grid)
+    values: dict[str, np.ndarray] = {"frame": np.arange(num_frames, dtype=np.int64)}
+    if tokens is not None:
+        values["token"] = np.array(tokens, dtype=object)
+    if timestamps_us is not None:
+        values["timestamp_us"] = np.asarray(timestamps_us, dtype=np.int64)
+    values |= {"x": x, "y": y, "z": z, "component": np.array(FLOW_COMPONENTS, dtype=object)}
+    for name, value in values.items():
+        coord = COORDINATE_ARRAYS[name]
+        attributes = {"description": coord.description, **({"units": coord.units} if coord.units else {})}
+        array = group.create_array(
+            name,
+            shape=value.shape,
+            dtype=str if value.dtype == object else value.dtype,
+            chunks=(max(1, value.shape[0]),),
+            compressors=None,
+            fill_value="" if value.dtype == object else 0,
+            dimension_names=(coord.dimension,),
+            attributes=attributes,
+        )
+        if value.size:
+            array[:] = value
+    return tuple(values)
+
+
+#: zarr-python's warning that consolidated metadata is not (yet) part of the Zarr v3 specification: known
+#: and accepted (xarray and zarr-python read it; other readers ignore the extra key of ``zarr.json``).
+_CONSOLIDATED_WARNING = "Consolidated metadata is currently not part in the Zarr format 3 specification"
+
+
+def consolidate_group(group: zarr.Group) -> None:
+    """Write the consolidated metadata of a label group into its ``zarr.json`` (after the last attribute
+    change: a later change of the group's attributes through zarr keeps it, a new array does not)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_CONSOLIDATED_WARNING)
+        zarr.consolidate_metadata(group.store_path.store, path=group.store_path.path or None, zarr_format=3)
 
 
 @dataclass
@@ -315,6 +396,8 @@ class OccLog:
         attrs: all group attributes (a plain dict).
         classes: the class table of ``semantics``.
         arrays: the label arrays the group holds (required first).
+        coordinate_arrays: the coordinate arrays the group holds (group attribute ``coordinate_arrays``;
+            empty for older groups). No reader needs them: they are for xarray and the verifier.
     """
 
     path: str
@@ -323,6 +406,7 @@ class OccLog:
     attrs: dict
     classes: ClassTable = OPENSCENE_CLASSES
     arrays: tuple[str, ...] = REQUIRED_ARRAYS
+    coordinate_arrays: tuple[str, ...] = ()
     _present: dict[str, set[int]] = field(default_factory=dict, repr=False)  # shards known to exist
     _arrays: dict[str, zarr.Array] = field(default_factory=dict, repr=False)
 
@@ -461,7 +545,10 @@ def open_occ(path: PathLike, storage_options: dict | None = None) -> OccLog:
         raise OccFormatError(path, "no such Zarr group", "run `driveengine collect` to write the labels")
     meta = _child(path, "zarr.json")
     try:
-        group = zarr.open_group(store, mode="r", zarr_format=3, storage_options=storage_options)
+        # each array's own zarr.json, not the consolidated copy: damage to one is then seen (and named)
+        group = zarr.open_group(
+            store, mode="r", zarr_format=3, storage_options=storage_options, use_consolidated=False
+        )
     except (FileNotFoundError, zarr.errors.GroupNotFoundError) as exc:
         raise OccFormatError(path, f"not a Zarr v3 group ({exc})", "re-run `driveengine collect`") from None
     except ZARR_ERRORS as exc:
@@ -528,4 +615,10 @@ def open_occ(path: PathLike, storage_options: dict | None = None) -> OccLog:
         if frames is not None and arr.shape[0] != frames:
             raise OccFormatError(path, f"array {name!r} has {arr.shape[0]} frames, others {frames}")
         frames = arr.shape[0]
-    return OccLog(str(path), group, grid, attrs, classes, tuple(names))
+    coordinates = attrs.get("coordinate_arrays")
+    known = (
+        [c for c in coordinates if isinstance(c, str) and c in COORDINATE_ARRAYS]
+        if isinstance(coordinates, list)
+        else []
+    )
+    return OccLog(str(path), group, grid, attrs, classes, tuple(names), tuple(known))

@@ -17,10 +17,24 @@ anything is loaded: a wrong one is one :class:`PretrainError` line. Metrics go t
 ``<run_dir>/<name>/metrics.csv`` (one row per logged train step and per evaluation; an undefined metric is
 an empty cell), the config to ``config.json`` next to it.
 
-What depends on the modality (``lidar``: points -> BEV encoder-decoder; ``camera``: 8 images -> ResNet +
-FPN + lift) is one task object (:func:`pretraining_task`): stream fields, model, forward inputs, the
-voxels that count (LiDAR-observed; for cameras also camera-visible) and, for cameras, the product: the
-backbone alone in torchvision's format (``backbone.pth``) written with every checkpoint.
+The data is a collected split (``config.data`` / ``config.split``, required: ``make pretrain`` and ``python
+-m driveengine.demo --data-only`` make the demo data); its manifest gives the voxel grid and the class
+table, so the model's outputs, the loss, the class weights and the metrics follow the dataset (OpenScene's
+16 classes + free, Occ3D-nuScenes' 17 + free, ...).
+
+Several splits (``config.mix``, ``pretrain --data A --data B --weights 0.7,0.3``) are trained on as one
+:class:`~driveengine.data.MixedStream`: mixed by weight, global batches from one split where their shapes
+differ, resumable like a split. One model predicts one grid and one class table, so the splits' grids must
+agree (a mix of grids is refused in one line); their class tables may differ: ``config.classes`` "auto"
+(the default) then trains on the unified table (every split's ids mapped onto
+:data:`~driveengine.data.UNIFIED_CLASSES`), "native" refuses. Evaluation runs on the mix of the splits'
+eval splits, every frame once, in the same classes.
+
+What depends on the model is one registered task (:mod:`driveengine.train.tasks`, ``config.modality``:
+``lidar``: points -> BEV encoder-decoder; ``camera``: the dataset's images -> backbone + FPN + lift): stream
+fields and options, the model, its inputs, the voxels that count (LiDAR-observed; for cameras also
+camera-visible) and the product (for cameras the backbone alone, ``backbone.pth``) written with every
+checkpoint.
 """
 
 from __future__ import annotations
@@ -32,7 +46,7 @@ import math
 import os
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -41,13 +55,18 @@ import numpy as np
 import torch
 from torch import nn
 
-from driveengine.data import FrameStream
-from driveengine.errors import DriveEngineError
-from driveengine.models.lidar import LidarPretraining
+from driveengine.data import FrameStream, MixedStream, MixSource
+from driveengine.models.heads import ModelOutputs, predict
 from driveengine.schemas import VoxelGrid
-from driveengine.schemas.classes import FREE
-from driveengine.train.config import PretrainConfig
+from driveengine.schemas.classes import ClassTable
+from driveengine.train.config import DataSource, PretrainConfig, PretrainError
 from driveengine.train.loss import OccupancyLoss, class_weights_from_counts
+from driveengine.train.tasks import Batch, PretrainingTask, batch_tensor, pretraining_task
+
+__all__ = [
+    "CSV_COLUMNS", "Checkpoint", "PretrainError", "PretrainSummary", "check_outputs", "estimate_class_weights",
+    "evaluate", "pretrain", "pretraining_task", "read_checkpoint", "split_labels",
+]  # fmt: skip
 
 #: Columns of ``metrics.csv``; a row fills the ones of its phase ("train" or "eval").
 CSV_COLUMNS: tuple[str, ...] = (
@@ -56,12 +75,15 @@ CSV_COLUMNS: tuple[str, ...] = (
     "epe", "epe_stationary", "epe_moving", "frames",
 )  # fmt: skip
 
-#: ``--modality`` values.
-MODALITIES: tuple[str, ...] = ("lidar", "camera")
+#: What to do without ``--data``, appended to that error.
+DEMO_DATA_HINT = (
+    "`make pretrain` prepares the demo data and trains on it; `python -m driveengine.demo --out demo_data "
+    "--data-only` makes it (then --data demo_data/dataset --split mini)"
+)
 
 
-class PretrainError(DriveEngineError):
-    """A pre-training run cannot start or continue (bad data, checkpoint, device)."""
+#: What a run streams: one split, or several mixed.
+TrainingStream = FrameStream | MixedStream
 
 
 # -- checkpoints ------------------------------------------------------------------------------------
@@ -212,26 +234,27 @@ class Checkpoint:
             "exp_avg_sq"} tensors} and ``param_groups`` [dict of numbers, bools, None, ``betas``, ``params``]).
         scheduler: LambdaLR's ``state_dict`` (numbers, bools, lists; ``lr_lambdas`` [None]).
         step: optimiser steps done; epoch: data epoch; micro_in_epoch: micro-batches of it consumed.
-        data: :meth:`FrameStream.state_dict` (ints and bools).
-        class_weights: the 17 loss weights (float64 values as Python floats: restored exactly).
+        data: :meth:`FrameStream.state_dict` or :meth:`MixedStream.state_dict` (plain types).
+        class_weights: the loss weight of each id of the split's class table (17 for OpenScene's table;
+            float64 values as Python floats: restored exactly).
         rng: :func:`torch.get_rng_state` (a uint8 tensor).
         config: :meth:`PretrainConfig.to_dict` with JSON types (tuples as lists), for information.
     """
 
     model: dict[str, torch.Tensor]
     optimizer: dict[str, Any]
-    scheduler: dict[str, Any]
+    scheduler: dict[str, object]
     step: int
     epoch: int
     micro_in_epoch: int
-    data: dict[str, Any]
+    data: dict[str, object]
     class_weights: list[float]
     rng: torch.Tensor
-    config: dict[str, Any]
+    config: dict[str, object]
 
-    def to_state(self) -> dict[str, Any]:
+    def to_state(self) -> dict[str, object]:
         """The dict that ``torch.save`` writes (the config made plain; see :func:`_plain`)."""
-        state: dict[str, Any] = {"format": CHECKPOINT_FORMAT}
+        state: dict[str, object] = {"format": CHECKPOINT_FORMAT}
         for f in fields(self):
             state[f.name] = getattr(self, f.name)
         state["config"] = _plain(self.config, "config")
@@ -239,11 +262,12 @@ class Checkpoint:
         return state
 
     @classmethod
-    def from_state(cls, state: object, path: Path) -> Checkpoint:
+    def from_state(cls, state: object, path: Path, classes: ClassTable) -> Checkpoint:
         """Check the structure of what :func:`read_checkpoint` returned and wrap it.
 
-        Only what does not depend on the run is checked here (keys, types, counts, the RNG state);
-        :meth:`restore` checks the rest against the run's model, optimiser, scheduler and loader.
+        Only what does not depend on the run's objects is checked here (keys, types, counts, one class
+        weight per id of the split's class table ``classes``, the RNG state); :meth:`restore` checks the
+        rest against the run's model, optimiser, scheduler and loader.
 
         Raises:
             PretrainError: one line naming the file, the first thing that is wrong and what to do.
@@ -290,8 +314,12 @@ class Checkpoint:
             if not isinstance(state[key], dict):
                 raise fail(f"{key!r} is {_describe(state[key])}, expected a dict")
         weights = state["class_weights"]
-        if not (isinstance(weights, list) and len(weights) == FREE + 1):
-            raise fail(f"'class_weights' is {_describe(weights)}, expected a list of {FREE + 1} numbers")
+        num_ids = classes.free + 1
+        if not (isinstance(weights, list) and len(weights) == num_ids):
+            raise fail(
+                f"'class_weights' is {_describe(weights)}, expected a list of {num_ids} numbers (one per id of "
+                f"the split's class table {classes.name})"
+            )
         bad = [
             w for w in weights
             if not (isinstance(w, int | float) and not isinstance(w, bool) and math.isfinite(w) and w >= 0)
@@ -310,7 +338,7 @@ class Checkpoint:
         model: nn.Module,
         optimizer: torch.optim.Optimizer,
         scheduler: torch.optim.lr_scheduler.LRScheduler,
-        stream: FrameStream,
+        stream: TrainingStream,
     ) -> None:
         """Load the checkpoint into the run's model, optimiser, scheduler, loader and RNG.
 
@@ -352,7 +380,14 @@ class Checkpoint:
         problem = _mismatch(self.scheduler, scheduler.state_dict(), "'scheduler'")
         if problem:
             raise fail(problem)
-        problem = _mismatch(self.data, stream.state_dict(), "'data'")
+        fresh_data = stream.state_dict()
+        if ("mix" in self.data) != ("mix" in fresh_data):
+            saved = f"a mix of {self.data.get('sources', '?')}" if "mix" in self.data else "one split"
+            raise fail(
+                f"its loader state is of {saved}, this run trains on {stream.split_url}",
+                "resume with the --data, --split and --weights of the run that wrote it",
+            )
+        problem = _mismatch(self.data, fresh_data, "'data'")
         if problem:
             raise fail(problem)
         stream.load_state_dict(self.data)  # StreamError when seed, batch size or dataset differ
@@ -425,22 +460,53 @@ def setup_distributed(device: torch.device) -> tuple[int, int, torch.device]:
     return torch.distributed.get_rank(), torch.distributed.get_world_size(), device
 
 
-def ensure_demo_data(demo_dir: str | os.PathLike[str]) -> tuple[str, str]:
-    """The demo dataset ``(root, split)``: synthesised and collected under ``demo_dir`` when missing."""
-    from driveengine.demo import DEMO_SPLIT, ensure_demo_dataset
+def split_labels(stream: TrainingStream, modality: str = "") -> tuple[VoxelGrid, ClassTable]:
+    """The voxel grid and the class table of the labels of ``stream``'s split (recorded in its manifest), or
+    of a mix's splits (the unified table with unified classes).
 
-    return str(ensure_demo_dataset(Path(demo_dir))), DEMO_SPLIT
+    Raises:
+        PretrainError: a mix whose splits' grids differ, or whose class tables differ with native classes.
+    """
+    if isinstance(stream, MixedStream):
+        model = f"the {modality!r} model" if modality else "a model"
+        first = stream.streams[0]
+        if any(s.grid != first.grid for s in stream.streams):
+            grids = "; ".join(f"{s.split_url}: {s.grid.describe()}" for s in stream.streams)
+            raise PretrainError(
+                f"{stream.split_url}: the splits' voxel grids differ ({grids}); {model} predicts one grid: "
+                "train on splits whose labels were made on the same grid"
+            )
+        if stream.class_mode == "native" and any(s.classes != first.classes for s in stream.streams):
+            tables = "; ".join(f"{s.split_url}: class table {s.classes.name}" for s in stream.streams)
+            raise PretrainError(
+                f"{stream.split_url}: the splits' class tables differ ({tables}); {model} predicts one table: "
+                "pass --classes unified (or auto) to map them onto the unified table"
+            )
+    return stream.grid, stream.classes
 
 
-def estimate_class_weights(stream: FrameStream, frames: int) -> np.ndarray:
-    """Class weights (17,) from the observed voxels of the first ``frames`` frames of ``stream``."""
-    counts = np.zeros(FREE + 1, dtype=np.int64)
+def estimate_class_weights(stream: TrainingStream, frames: int, classes: ClassTable) -> np.ndarray:
+    """Class weights (K,) (one per id of ``classes``, free last) from the observed voxels of the first
+    ``frames`` frames of ``stream``.
+
+    Raises:
+        PretrainError: a frame holds an id outside the class table (the labels and the manifest disagree).
+    """
+    num_ids = classes.free + 1
+    counts = np.zeros(num_ids, dtype=np.int64)
     for i, sample in enumerate(stream):
         if i >= frames:
             break
         sem = sample["semantics"]
         keep = sample["mask_lidar"] if "mask_lidar" in sample else np.ones(sem.shape, bool)
-        counts += np.bincount(sem[keep].ravel(), minlength=FREE + 1)[: FREE + 1]
+        found = np.bincount(sem[keep].ravel(), minlength=num_ids)
+        if len(found) > num_ids:
+            raise PretrainError(
+                f"{stream.split_url}: frame {sample.get('token', i)} of log {sample.get('log_name', '?')} has "
+                f"class ids up to {len(found) - 1}, but the split's class table {classes.name} ends at free = "
+                f"{classes.free}; re-collect the split (its labels and manifest disagree)"
+            )
+        counts += found
     return class_weights_from_counts(counts)
 
 
@@ -457,25 +523,45 @@ def lr_lambda(config: PretrainConfig):
     return factor
 
 
-def pretraining_task(config: PretrainConfig) -> Any:
-    """What the run does specifically for its modality: a ``LidarPretraining`` or ``CameraPretraining``
-    (stream fields, model, forward inputs, counted voxels, backbone product)."""
-    if config.modality == "lidar":
-        return LidarPretraining.from_config(config)
-    if config.modality == "camera":
-        from driveengine.models.camera import CameraPretraining
+def check_outputs(outputs: ModelOutputs, grid: VoxelGrid, classes: ClassTable, modality: str) -> None:
+    """Check that a model's outputs have the shapes the split's labels need (a shape test, no device sync).
 
-        return CameraPretraining.from_config(config)
-    raise PretrainError(f"unknown modality {config.modality!r}: use one of {', '.join(MODALITIES)}")
+    Raises:
+        PretrainError: ``semantics`` is not (B, classes.free + 1, nx, ny, nz) or ``flow`` not
+            (B, nx, ny, nz, 2), in one line naming the task.
+    """
+    sem, flow = outputs.get("semantics"), outputs.get("flow")
+    want = f"(B, {classes.free + 1}, {', '.join(map(str, grid.shape))})"
+    if (
+        not isinstance(sem, torch.Tensor)
+        or sem.dim() != 5
+        or tuple(sem.shape[1:]) != (classes.free + 1, *grid.shape)
+    ):
+        got = tuple(sem.shape) if isinstance(sem, torch.Tensor) else type(sem).__name__
+        raise PretrainError(
+            f"the {modality!r} model's 'semantics' output is {got}, expected {want}: one logit per id of the "
+            f"split's class table {classes.name} (free = {classes.free}) per voxel of its grid; build the model "
+            "from the grid and classes the task's build_model receives"
+        )
+    if not isinstance(flow, torch.Tensor) or tuple(flow.shape) != (sem.shape[0], *grid.shape, 2):
+        got = tuple(flow.shape) if isinstance(flow, torch.Tensor) else type(flow).__name__
+        raise PretrainError(
+            f"the {modality!r} model's 'flow' output is {got}, expected (B, {', '.join(map(str, grid.shape))}, 2)"
+        )
 
 
-def _targets_to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    """The batch with its label tensors on ``device`` (model inputs are moved by the task)."""
+def _targets_to_device(batch: Batch, device: torch.device) -> Batch:
+    """The batch with its label tensors on ``device`` (model inputs are moved by the task).
+
+    Raises:
+        TaskError: ``semantics`` or ``flow`` is missing, or a label field is not one tensor.
+    """
     non_blocking = device.type == "cuda"
     out = dict(batch)
     for key in ("semantics", "flow", "mask_lidar"):
-        if key in batch:
-            out[key] = batch[key].to(device, non_blocking=non_blocking)
+        if key == "mask_lidar" and key not in batch:
+            continue  # optional: a task without it counts every voxel (or its own mask)
+        out[key] = batch_tensor(batch, key).to(device, non_blocking=non_blocking)
     return out
 
 
@@ -493,7 +579,7 @@ class CsvLog:
             writer.writeheader()
             writer.writerows(rows)
 
-    def write(self, row: dict[str, Any]) -> None:
+    def write(self, row: dict[str, str | int]) -> None:
         with self.path.open("a", newline="") as f:
             csv.DictWriter(f, fieldnames=CSV_COLUMNS, extrasaction="ignore").writerow(row)
 
@@ -503,7 +589,7 @@ def _csv_number(value: float | int | None) -> str:
     return "" if value is None else f"{value:.6g}"
 
 
-def _atomic_save(obj: Any, path: Path) -> None:
+def _atomic_save(obj: dict[str, object], path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     torch.save(obj, tmp)
     os.replace(tmp, path)
@@ -515,24 +601,30 @@ def _atomic_save(obj: Any, path: Path) -> None:
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
-    stream: FrameStream,
+    stream: TrainingStream,
     device: torch.device,
+    task: PretrainingTask,
     grid: VoxelGrid,
+    classes: ClassTable,
     max_frames: int = 0,
     amp: bool = False,
-    task: Any = None,
+    modality: str = "",
 ) -> dict[str, Any]:
     """OpenScene metrics of ``model`` on ``stream`` (this rank's share; summed over ranks under DDP).
 
     Args:
+        task: the run's task (:func:`~driveengine.train.tasks.pretraining_task`); it decides the model
+            inputs and the voxels that count (LiDAR-observed; for cameras also camera-visible).
+        grid, classes: the voxel grid and class table of the split's labels.
         max_frames: stop after about this many frames over all ranks (0 = the whole stream).
-        task: the run's :func:`pretraining_task` (default: LiDAR); it decides the model inputs and the
-            voxels that count (LiDAR-observed; for cameras also camera-visible).
+        modality: the task's name, for messages.
+
+    Returns:
+        :meth:`~driveengine.evaluation.metrics.OccupancyMetrics.compute`'s dict.
     """
-    task = task or LidarPretraining()
     from driveengine.evaluation.metrics import OccupancyMetrics
 
-    metrics = OccupancyMetrics(grid=grid)
+    metrics = OccupancyMetrics(grid=grid, classes=classes)
     was_training = model.training
     model.eval()
     seen = 0
@@ -541,11 +633,13 @@ def evaluate(
             batch = _targets_to_device(batch, device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                 out = model(**task.inputs(batch, device))
-            pred_sem, pred_flow = type(model).predict(out)
+            check_outputs(out, grid, classes, modality)
+            pred_sem, pred_flow = predict(out)
+            gt_sem = batch_tensor(batch, "semantics")
             metrics.update(
-                pred_sem, batch["semantics"], pred_flow, batch["flow"].float(), mask=task.mask(batch, out)
+                pred_sem, gt_sem, pred_flow, batch_tensor(batch, "flow").float(), mask=task.mask(batch, out)
             )
-            seen += batch["semantics"].shape[0] * stream.world_size
+            seen += gt_sem.shape[0] * stream.world_size
             if max_frames and seen >= max_frames:
                 break
     finally:
@@ -564,9 +658,44 @@ def evaluate(
 # -- the run ----------------------------------------------------------------------------------------
 
 
-def _micro_batches(
-    stream: FrameStream, num_workers: int, start_epoch: int
-) -> Iterator[tuple[int, dict[str, Any]]]:
+@dataclass(frozen=True)
+class PretrainSummary:
+    """What :func:`pretrain` returns.
+
+    Attributes:
+        run_dir: the run folder (``<run_dir>/<name>``).
+        step: optimiser steps done; epoch: the data epoch reached.
+        train_loss: (step, loss) of every step this call ran (the mean over ranks).
+        eval: the last evaluation's metrics (:meth:`OccupancyMetrics.compute`), or None.
+        checkpoint: the last checkpoint written (main process), or None.
+        device: the torch device, e.g. ``cpu``, ``cuda:0``; world_size, rank: of the process group.
+        grid, classes: the voxel grid and class table of the split's labels (what the model predicts).
+    """
+
+    run_dir: str
+    step: int
+    epoch: int
+    train_loss: list[tuple[int, float]]
+    eval: dict[str, Any] | None
+    checkpoint: str | None
+    device: str
+    world_size: int
+    rank: int
+    grid: VoxelGrid
+    classes: ClassTable
+
+    def __getitem__(self, key: str) -> object:
+        """``summary["step"]``: the dict-style access of callers written before this record (a field's value).
+
+        Raises:
+            KeyError: no field ``key``.
+        """
+        if key not in {f.name for f in fields(self)}:
+            raise KeyError(key)
+        return getattr(self, key)
+
+
+def _micro_batches(stream: TrainingStream, num_workers: int, start_epoch: int) -> Iterator[tuple[int, Batch]]:
     """(epoch, batch) forever: epoch after epoch from ``start_epoch`` (the stream's resume point first)."""
     epoch = start_epoch
     empty_epochs = 0
@@ -584,20 +713,106 @@ def _micro_batches(
         epoch += 1
 
 
-def pretrain(config: PretrainConfig) -> dict[str, Any]:
-    """Run (or resume) a pre-training job; returns a summary.
+def _open_stream(
+    config: PretrainConfig,
+    task: PretrainingTask,
+    sources: tuple[DataSource, ...],
+    shuffle: bool,
+    rank: int,
+    world: int,
+    *,
+    classes: str,
+    evaluation: bool = False,
+) -> TrainingStream:
+    """The stream of ``sources`` with the task's fields and options, this rank's share of each global batch:
+    a :class:`FrameStream` for one split in its own classes, else a :class:`MixedStream` (``evaluation``:
+    every frame of every split once, unweighted)."""
+    options = task.stream_options()
+    if len(sources) == 1 and sources[0].weight is None and classes in ("auto", "native"):
+        return FrameStream(
+            sources[0].root, sources[0].split, fields=task.fields, history=options.history, shuffle=shuffle,
+            seed=config.seed, global_batch_size=config.batch_size * world, rank=rank, world_size=world,
+            storage_options=config.storage_options, blob_root=config.blob_root, image_size=options.image_size,
+            point_sweeps=options.point_sweeps,
+        )  # fmt: skip
+    weighted = not evaluation and all(s.weight is not None for s in sources)
+    mix = [
+        MixSource(s.root, s.split, float(s.weight or 1.0) if weighted else None, blob_root=config.blob_root)
+        for s in sources
+    ]
+    return MixedStream(
+        mix, fields=task.fields, history=options.history, shuffle=shuffle, seed=config.seed,
+        global_batch_size=config.batch_size * world, rank=rank, world_size=world,
+        samples_per_epoch=(config.samples_per_epoch or None) if weighted else None, classes=classes,
+        storage_options=config.storage_options, image_size=options.image_size, point_sweeps=options.point_sweeps,
+    )  # fmt: skip
+
+
+def _class_weight_stream(
+    config: PretrainConfig, sources: tuple[DataSource, ...], stream: TrainingStream
+) -> TrainingStream:
+    """The stream the class weights are estimated on: the training data's labels, shuffled, in one process."""
+    if isinstance(stream, FrameStream):
+        return FrameStream(
+            sources[0].root, sources[0].split, fields=("semantics", "mask_lidar"), shuffle=True, seed=config.seed,
+            rank=0, world_size=1, storage_options=config.storage_options,
+        )  # fmt: skip
+    return MixedStream(
+        stream.sources, fields=("semantics", "mask_lidar"), shuffle=True, seed=config.seed, rank=0, world_size=1,
+        samples_per_epoch=stream.samples_per_epoch, classes=stream.class_mode,
+        storage_options=config.storage_options,
+    )  # fmt: skip
+
+
+def _same_labels(train: TrainingStream, other: TrainingStream, modality: str = "") -> None:
+    """Refuse an eval split whose grid or class table differs from the training split's (one line)."""
+    (grid, classes), (other_grid, other_classes) = (
+        split_labels(train, modality),
+        split_labels(other, modality),
+    )
+    problems = []
+    if other_grid != grid:
+        problems.append(f"grid {other_grid.describe()} vs {grid.describe()}")
+    if other_classes != classes:
+        problems.append(f"class table {other_classes.name} vs {classes.name}")
+    if problems:
+        raise PretrainError(
+            f"{other.split_url}: the eval split's labels differ from the training split's "
+            f"({train.split_url}): {'; '.join(problems)}; evaluate on a split collected with the same settings"
+        )
+
+
+def pretrain(config: PretrainConfig) -> PretrainSummary:
+    """Run (or resume) a pre-training job on the collected split ``config.data`` / ``config.split``.
+
+    The split's manifest gives the voxel grid and the class table: the model predicts the table's ids,
+    the loss and the class weights cover them, the metrics use the table.
 
     Returns:
-        ``{"run_dir", "step", "epoch", "train_loss" (list of (step, loss)), "eval" (last metrics or
-        None), "checkpoint" (last path or None), "device", "world_size", "rank"}``.
+        A :class:`PretrainSummary`.
 
     Raises:
-        PretrainError, StreamError, ManifestError: bad data, device or checkpoint.
+        PretrainError, StreamError, ManifestError, TaskError: no ``data``, bad data, device, task or
+            checkpoint.
     """
+    sources = config.sources()
+    if not sources:
+        raise PretrainError(
+            f"no training data: pass --data OUT (the output folder of `driveengine collect`) and --split "
+            "(several --data train on a mix); "
+            f"{DEMO_DATA_HINT}"
+        )
     device = resolve_device(config.device)
     rank, world, device = setup_distributed(device)
     is_main = rank == 0
     amp = device.type == "cuda" if config.amp == "auto" else config.amp in ("on", "bf16", "true", "1")
+    if config.classes not in ("auto", "native", "unified"):
+        raise PretrainError(f"--classes {config.classes!r}: use auto, native or unified")
+    if config.samples_per_epoch and not all(s.weight is not None for s in sources):
+        raise PretrainError(
+            f"--samples-per-epoch {config.samples_per_epoch}: only a weighted mix has an epoch length of its own; "
+            "give --weights (one per --data), or leave it out"
+        )
     if config.cpu_threads:
         torch.set_num_threads(config.cpu_threads)
     if config.deterministic and device.type == "cuda":
@@ -605,18 +820,21 @@ def pretrain(config: PretrainConfig) -> dict[str, Any]:
         torch.backends.cudnn.benchmark = False
 
     task = pretraining_task(config)
-    root, split = (config.data, config.split) if config.data else ensure_demo_data(config.demo_dir)
-    stream = FrameStream(
-        root, split, fields=task.fields, shuffle=True, seed=config.seed,
-        global_batch_size=config.batch_size * world, rank=rank, world_size=world,
-        storage_options=config.storage_options, blob_root=config.blob_root, **task.stream_kwargs(),
-    )  # fmt: skip
-    eval_stream = FrameStream(
-        root, config.eval_split or split, fields=task.fields, shuffle=False, seed=config.seed,
-        global_batch_size=config.batch_size * world, rank=rank, world_size=world,
-        storage_options=config.storage_options, blob_root=config.blob_root, **task.stream_kwargs(),
-    )  # fmt: skip
-    grid = stream.manifest.grid
+    stream = _open_stream(config, task, sources, shuffle=True, rank=rank, world=world, classes=config.classes)
+    eval_sources = tuple(DataSource(s.root, config.eval_split or s.split, s.weight) for s in sources)
+    eval_classes = stream.class_mode if isinstance(stream, MixedStream) else "native"
+    eval_stream = _open_stream(
+        config,
+        task,
+        eval_sources,
+        shuffle=False,
+        rank=rank,
+        world=world,
+        classes=eval_classes,
+        evaluation=True,
+    )
+    grid, classes = split_labels(stream, config.modality)
+    _same_labels(stream, eval_stream, config.modality)
 
     run = Path(config.run_dir) / config.name
     resume_path: Path | None = None
@@ -628,21 +846,18 @@ def pretrain(config: PretrainConfig) -> dict[str, Any]:
             raise PretrainError(f"{resume_path}: no such checkpoint")
     ckpt: Checkpoint | None = None
     if resume_path is not None:
-        ckpt = Checkpoint.from_state(read_checkpoint(resume_path), resume_path)
+        ckpt = Checkpoint.from_state(read_checkpoint(resume_path), resume_path, classes)
 
     torch.manual_seed(config.seed)
-    model = task.build_model(grid).to(device)
+    model = task.build_model(grid, classes).to(device)
     if ckpt is not None:
         class_weights = np.asarray(ckpt.class_weights, dtype=np.float64)
     elif config.class_weight_frames:
-        weight_stream = FrameStream(
-            root, split, fields=("semantics", "mask_lidar"), shuffle=True, seed=config.seed, rank=0,
-            world_size=1, storage_options=config.storage_options,
-        )  # fmt: skip
-        class_weights = estimate_class_weights(weight_stream, config.class_weight_frames)
+        weight_stream = _class_weight_stream(config, sources, stream)
+        class_weights = estimate_class_weights(weight_stream, config.class_weight_frames, classes)
     else:
-        class_weights = np.ones(FREE + 1)
-    criterion = OccupancyLoss(class_weights, flow_weight=config.flow_weight).to(device)
+        class_weights = np.ones(classes.free + 1)
+    criterion = OccupancyLoss(class_weights, flow_weight=config.flow_weight, classes=classes).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
 
@@ -656,7 +871,7 @@ def pretrain(config: PretrainConfig) -> dict[str, Any]:
         train_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None
         )
-    forward_model: Any = torch.compile(train_model) if config.compile else train_model
+    forward_model: Callable[..., ModelOutputs] = torch.compile(train_model) if config.compile else train_model
 
     csv_log = None
     if is_main:
@@ -685,8 +900,7 @@ def pretrain(config: PretrainConfig) -> dict[str, Any]:
             kept = sorted(run.glob("ckpt_*.pt"))
             for old in kept[: max(len(kept) - config.keep_checkpoints, 0)]:
                 old.unlink()
-        if is_main and task.save_backbone is not None:
-            task.save_backbone(model, run, step)  # the product of a camera run, next to the checkpoints
+            task.save_product(model, run, step)  # e.g. the camera backbone, next to the checkpoints
         if world > 1:
             torch.distributed.barrier()
         return path
@@ -714,18 +928,20 @@ def pretrain(config: PretrainConfig) -> dict[str, Any]:
         micro_in_epoch += 1
         micro += 1
         batch = _targets_to_device(batch, device)
+        gt_sem = batch_tensor(batch, "semantics")
         sync = micro == config.grad_accum
         ctx = train_model.no_sync() if world > 1 and not sync else contextlib.nullcontext()
         with ctx:
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                 out = forward_model(**task.inputs(batch, device))
+            check_outputs(out, grid, classes, config.modality)
             terms = criterion(
-                out["semantics"], out["flow"], batch["semantics"], batch["flow"], task.mask(batch, out)
+                out["semantics"], out["flow"], gt_sem, batch_tensor(batch, "flow"), task.mask(batch, out)
             )
             (terms["loss"] / config.grad_accum).backward()
         for k in acc:
             acc[k] += float(terms[k].detach()) / config.grad_accum
-        samples += batch["semantics"].shape[0] * world
+        samples += gt_sem.shape[0] * world
         if not sync:
             continue
         if config.grad_clip:
@@ -751,7 +967,9 @@ def pretrain(config: PretrainConfig) -> dict[str, Any]:
             tick, samples = now, 0
         acc = dict.fromkeys(acc, 0.0)
         if config.eval_every and (step % config.eval_every == 0 or step == config.max_steps):
-            last_eval = evaluate(model, eval_stream, device, grid, config.eval_frames, amp, task)
+            last_eval = evaluate(
+                model, eval_stream, device, task, grid, classes, config.eval_frames, amp, config.modality
+            )
             if csv_log:
                 csv_log.write(
                     {"step": step, "epoch": epoch, "phase": "eval",
@@ -760,14 +978,8 @@ def pretrain(config: PretrainConfig) -> dict[str, Any]:
         if step == config.max_steps or (config.ckpt_every and step % config.ckpt_every == 0):
             last_ckpt = save_checkpoint() or last_ckpt
     bar.close()
-    return {
-        "run_dir": str(run),
-        "step": step,
-        "epoch": epoch,
-        "train_loss": losses,
-        "eval": last_eval,
-        "checkpoint": None if last_ckpt is None else str(last_ckpt),
-        "device": str(device),
-        "world_size": world,
-        "rank": rank,
-    }
+    return PretrainSummary(
+        run_dir=str(run), step=step, epoch=epoch, train_loss=losses, eval=last_eval,
+        checkpoint=None if last_ckpt is None else str(last_ckpt), device=str(device), world_size=world, rank=rank,
+        grid=grid, classes=classes,
+    )  # fmt: skip

@@ -1,9 +1,13 @@
 """Pre-training loss: class-weighted cross-entropy over voxels plus L1 flow on foreground voxels.
 
-* Semantics: cross-entropy over the 17 ids (0..15 and FREE = 16, FREE included), weighted per class;
-  voxels that no LiDAR ray observed (``mask_lidar`` False) are ignored when a mask is given.
-* Flow: mean absolute error of (vx, vy) (m/s) over observed ground-truth foreground voxels (id < 10),
-  times ``flow_weight``; 0 when a batch has none.
+The class table of the split (:class:`~driveengine.schemas.classes.ClassTable`, recorded in its manifest)
+decides the ids: ``K = free + 1`` of them (OpenScene's table: 0..15 and free = 16; Occ3D-nuScenes':
+0..16 and free = 17) and which are foreground (objects).
+
+* Semantics: cross-entropy over the K ids (free included), weighted per class; voxels that no LiDAR ray
+  observed (``mask_lidar`` False) are ignored when a mask is given.
+* Flow: mean absolute error of (vx, vy) (m/s) over observed ground-truth foreground voxels (the table's
+  ``foreground`` ids; OpenScene's: id < 10), times ``flow_weight``; 0 when a batch has none.
 """
 
 from __future__ import annotations
@@ -13,14 +17,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from driveengine.schemas.classes import FOREGROUND_BELOW, FREE
+from driveengine.schemas.classes import OPENSCENE_CLASSES, ClassTable
 
 #: Target value of ignored voxels.
 IGNORE_INDEX = 255
 
 
 def class_weights_from_counts(counts: np.ndarray, smoothing: float = 1.02) -> np.ndarray:
-    """ENet-style class weights ``1 / ln(smoothing + frequency)`` from voxel counts per id (17,).
+    """ENet-style class weights ``1 / ln(smoothing + frequency)`` from voxel counts per id (K,).
 
     Weights are normalised to mean 1 over the classes that occur; absent classes get weight 1.
     """
@@ -35,25 +39,56 @@ def class_weights_from_counts(counts: np.ndarray, smoothing: float = 1.02) -> np
     return w
 
 
+def foreground_below(classes: ClassTable) -> int | None:
+    """``k`` when the foreground ids of ``classes`` are exactly ``0 .. k - 1`` (a comparison then finds
+    them), else None."""
+    fg = tuple(sorted(classes.foreground))
+    return len(fg) if fg == tuple(range(len(fg))) else None
+
+
 class OccupancyLoss(nn.Module):
     """Voxel classification + flow loss (see the module docstring).
 
     Args:
-        class_weights: (17,) weight per class id, FREE last.
+        class_weights: (K,) weight per class id, free last (K = ``classes.free + 1``); None = all 1.
         flow_weight: factor of the flow term.
+        classes: the class table of the labels.
+
+    Raises:
+        ValueError: ``class_weights`` does not have one entry per id of ``classes``.
     """
 
     def __init__(
-        self, class_weights: torch.Tensor | np.ndarray | None = None, flow_weight: float = 1.0
+        self,
+        class_weights: torch.Tensor | np.ndarray | None = None,
+        flow_weight: float = 1.0,
+        classes: ClassTable = OPENSCENE_CLASSES,
     ) -> None:
         super().__init__()
+        num_ids = classes.free + 1
         w = (
-            torch.ones(FREE + 1)
+            torch.ones(num_ids)
             if class_weights is None
             else torch.as_tensor(class_weights, dtype=torch.float32)
         )
+        if w.shape != (num_ids,):
+            raise ValueError(
+                f"class_weights has shape {tuple(w.shape)}; the class table {classes.name} needs one weight per "
+                f"id ({num_ids},)"
+            )
         self.register_buffer("class_weights", w.float())
         self.flow_weight = float(flow_weight)
+        self.classes = classes
+        self._foreground_below = foreground_below(classes)
+        lut = torch.zeros(256, dtype=torch.bool)  # semantics are uint8 ids
+        lut[list(classes.foreground)] = True
+        self.register_buffer("foreground_lut", lut, persistent=False)
+
+    def is_foreground(self, gt_sem: torch.Tensor) -> torch.Tensor:
+        """(B, X, Y, Z) bool: the ground-truth id is one of the table's foreground ids."""
+        if self._foreground_below is not None:
+            return gt_sem < self._foreground_below
+        return self.foreground_lut[gt_sem.long().clamp(0, 255)]
 
     def forward(
         self,
@@ -66,7 +101,7 @@ class OccupancyLoss(nn.Module):
         """Loss terms.
 
         Args:
-            sem_logits: (B, 17, X, Y, Z) logits.
+            sem_logits: (B, K, X, Y, Z) logits.
             flow: (B, X, Y, Z, 2) predicted flow, m/s.
             gt_sem: (B, X, Y, Z) integer class ids.
             gt_flow: (B, X, Y, Z, 2) ground-truth flow, m/s (no flow term when None).
@@ -86,7 +121,7 @@ class OccupancyLoss(nn.Module):
         if gt_flow is None:
             loss_flow = flow.float().sum() * 0.0
         else:
-            fg = gt_sem < FOREGROUND_BELOW
+            fg = self.is_foreground(gt_sem)
             if mask is not None:
                 fg = fg & mask
             # Masked mean without a host sync: 0 when the batch has no foreground voxel.
