@@ -4,6 +4,10 @@ Synthesises a small nuPlan world, inspects it, collects it into frame shards and
 prints statistics, renders a BEV picture and runs a few pre-training steps. Every step is the real
 ``driveengine`` command a user would type, printed before it runs.
 
+Its output reads as lines in a file too (``make demo > demo.log 2>&1``): every step's progress is
+:mod:`driveengine.progress`, a bar on a terminal and single lines otherwise. ``--logs``, ``--seconds``,
+``--points`` and ``--image-size`` shrink the world (the tests run the whole demo on a tiny one).
+
 ``--data-only`` (what ``make pretrain`` runs first) only makes the demo dataset, and only what is
 missing: the world is synthesised when it is not there, collected when the split has no manifest;
 then it prints the ``driveengine pretrain`` arguments that train on it.
@@ -31,12 +35,19 @@ def demo_paths(out: Path) -> tuple[Path, Path]:
     return out / "nuplan", out / "dataset"
 
 
-def synth_args(out: Path, seed: int = 0) -> list[str]:
-    """Arguments of ``driveengine synth`` that write the demo world."""
+def synth_args(
+    out: Path,
+    seed: int = 0,
+    logs: int = DEMO_LOGS,
+    seconds: float = DEMO_SECONDS,
+    points: int = DEMO_POINTS,
+    image_size: str = DEMO_IMAGE_SIZE,
+) -> list[str]:
+    """Arguments of ``driveengine synth`` that write the demo world (``seconds`` per log)."""
     nuplan, _ = demo_paths(out)
     return [
-        "synth", "--out", str(nuplan), "--logs", str(DEMO_LOGS), "--seconds", str(DEMO_SECONDS),
-        "--seed", str(seed), "--split", DEMO_SPLIT, "--points", str(DEMO_POINTS), "--image-size", DEMO_IMAGE_SIZE,
+        "synth", "--out", str(nuplan), "--logs", str(logs), "--seconds", str(seconds),
+        "--seed", str(seed), "--split", DEMO_SPLIT, "--points", str(points), "--image-size", image_size,
     ]  # fmt: skip
 
 
@@ -44,7 +55,7 @@ def collect_args(out: Path, workers: int = 2) -> list[str]:
     """Arguments of ``driveengine collect`` that turn the demo world into frame shards and labels."""
     nuplan, dataset = demo_paths(out)
     return [
-        "collect", "--source", "nuplan", "--nuplan-root", str(nuplan), "--split", DEMO_SPLIT,
+        "collect", "--source", "nuplan", "--root", str(nuplan), "--split", DEMO_SPLIT,
         "--out", str(dataset), "--workers", str(workers),
     ]  # fmt: skip
 
@@ -79,6 +90,10 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic world")
     parser.add_argument("--steps", type=int, default=12, help="pre-training steps at the end")
+    parser.add_argument("--logs", type=int, default=DEMO_LOGS, help="logs of the synthetic world")
+    parser.add_argument("--seconds", type=float, default=DEMO_SECONDS, help="seconds of each log")
+    parser.add_argument("--points", type=int, default=DEMO_POINTS, help="LiDAR rays per sweep")
+    parser.add_argument("--image-size", default=DEMO_IMAGE_SIZE, help="camera images WIDTHxHEIGHT")
     parser.add_argument(
         "--data-only",
         action="store_true",
@@ -96,7 +111,7 @@ def main(argv: list[str] | None = None) -> None:
     split_dir = dataset / DEMO_SPLIT
     run_step(
         "1. synthesise a nuPlan world (SQLite logs, .pcd sweeps, .jpg images)",
-        synth_args(args.out, args.seed),
+        synth_args(args.out, args.seed, args.logs, args.seconds, args.points, args.image_size),
     )
     first_db = sorted((nuplan / "splits" / DEMO_SPLIT).glob("*.db"))[0]
     run_step("2. inspect one log", ["inspect", str(first_db)])
@@ -107,10 +122,11 @@ def main(argv: list[str] | None = None) -> None:
         [*collect_args(args.out), "--overwrite"],
     )
     run_step("5. dataset statistics", ["stats", str(split_dir)])
-    picture = args.out / f"{first_db.stem}_frame10.png"
+    frame = min(10, int(args.seconds * 2) // 2)  # key frames come at 2 Hz: one in the middle of short logs
+    picture = args.out / f"{first_db.stem}_frame{frame}.png"
     run_step(
         "6. a bird's-eye view of one frame",
-        ["show", str(split_dir), "--log", first_db.stem, "--frame", "10", "--out", str(picture)],
+        ["show", str(split_dir), "--log", first_db.stem, "--frame", str(frame), "--out", str(picture)],
     )
     run_step(
         "7. a short LiDAR-to-occupancy pre-training",

@@ -16,9 +16,10 @@ One small API for every long-running loop::
 * **On a terminal** (the stream's ``isatty()``, ``TERM`` not ``dumb``) it is a tqdm bar on stderr, in
   colour unless ``NO_COLOR`` is set (https://no-color.org).
 * **Otherwise** (a file, a pipe, CI) it writes **single lines** through :mod:`logging` (logger
-  ``driveengine.progress``, level INFO): one when it starts, then one as soon as :data:`LINE_INTERVAL_S`
-  seconds have passed or another :data:`LINE_PERCENT_STEP` % of the total was done since the last
-  line, and one when it ends::
+  ``driveengine.progress``, level INFO): one as soon as :data:`LINE_INTERVAL_S` seconds have passed or
+  another :data:`LINE_PERCENT_STEP` % of the total was done since the start or the last line, and one
+  when it ends (none when the block ends with an exception: the error says what happened; and none at
+  the start, so a short or failing step adds no line of its own)::
 
       collect: 40/120 logs (33 %), 12.3 frames/s, eta 1m20s
 
@@ -27,6 +28,8 @@ One small API for every long-running loop::
   ``driveengine ... 2> log.txt`` still records them.
 * **Quiet** (``progress(..., quiet=True)``, or :func:`set_quiet` for the whole process, e.g. the CLI's
   ``--quiet``): nothing at all, in both modes; :meth:`Progress.write` messages too.
+* **Not shown** (``progress(..., show=False)``, a command's ``--no-progress``): no bar and no progress
+  lines, but :meth:`Progress.write` messages still come, as single lines (logging or the stream).
 
 Counts are of ``unit`` (``log``, ``frame``, ``B`` ...); the rate is of ``rate_unit`` when given (the
 ``amount`` passed to :meth:`Progress.update`, e.g. frames while counting logs), else of ``unit``.
@@ -136,6 +139,7 @@ class Progress:
         interval_s: float,
         percent_step: float,
         logger: logging.Logger,
+        show: bool = True,
     ) -> None:
         self.total = total
         self.desc = desc
@@ -144,6 +148,7 @@ class Progress:
         self.scale = scale
         self.n: float = 0
         self.amount: float = 0.0
+        self.postfix = ""
         self._stream = stream
         self._clock = clock
         self._start = clock()
@@ -152,8 +157,12 @@ class Progress:
         self._logger = logger
         self._bar: Any = None
         self._lines = False
+        self._messages = False  # show=False: no display, but write() messages still come
         self._closed = False
         if quiet:
+            return
+        if not show:
+            self._messages = True
             return
         if is_terminal(stream):
             from tqdm import tqdm
@@ -171,7 +180,6 @@ class Progress:
             self._lines = True
             self._last_line_t = self._start
             self._last_line_pct = 0.0
-            self._line(self.status())
 
     # -- what it says ------------------------------------------------------------------------------
     @property
@@ -208,6 +216,8 @@ class Progress:
             rate_text = _si(rate) if self.scale else f"{rate:.3g}" if rate < 100 else f"{rate:.0f}"
             sep = "" if self.scale and rate_text[-1].isalpha() else " "
             parts.append(f"{rate_text}{sep}{_plural(rate_unit, 2)}/s")
+        if self.postfix:
+            parts.append(self.postfix)
         if final:
             parts.append(f"done in {format_duration(self.elapsed_s)}")
         else:
@@ -224,29 +234,39 @@ class Progress:
         self.n += n
         self.amount += amount
         if self._bar is not None:
-            self._bar.update(n)
             if self.rate_unit and amount:
-                rate = self.rate()
-                if rate is not None:
-                    self._bar.set_postfix_str(f"{rate:.3g} {_plural(self.rate_unit, 2)}/s", refresh=False)
+                self._bar.set_postfix_str(self._bar_postfix(), refresh=False)
+            self._bar.update(n)
         elif self._lines:
             self._maybe_line()
+
+    def set_postfix(self, text: str) -> None:
+        """A short status shown after the rate (``loss 0.4321``): on the bar, and in the next single line."""
+        self.postfix = text.replace("\r", " ").replace("\n", " ")
+        if self._bar is not None:
+            self._bar.set_postfix_str(self._bar_postfix(), refresh=False)
+
+    def _bar_postfix(self) -> str:
+        """The bar's text after its own counts: the rate of ``rate_unit`` (when set) and the postfix."""
+        rate = self.rate() if self.rate_unit and self.amount else None
+        parts = [] if rate is None else [f"{rate:.3g} {_plural(self.rate_unit or '', 2)}/s"]
+        return ", ".join([*parts, *([self.postfix] if self.postfix else [])])
 
     def write(self, message: str) -> None:
         """A message line that does not break the display (tqdm.write on a terminal, else a log line)."""
         if self._bar is not None:
             self._bar.write(message, file=self._stream)
-        elif self._lines:
+        elif self._lines or self._messages:
             self._line(message)
 
-    def close(self) -> None:
-        """End the display (a final line in single-line mode). Idempotent."""
+    def close(self, failed: bool = False) -> None:
+        """End the display (a final line in single-line mode, unless ``failed``). Idempotent."""
         if self._closed:
             return
         self._closed = True
         if self._bar is not None:
             self._bar.close()
-        elif self._lines:
+        elif self._lines and not failed:
             self._line(self.status(final=True))
 
     def _maybe_line(self) -> None:
@@ -286,6 +306,7 @@ def progress(
     scale: bool = False,
     stream: IO[str] | Any | None = None,
     quiet: bool | None = None,
+    show: bool = True,
     clock: Callable[[], float] = time.monotonic,
     interval_s: float = LINE_INTERVAL_S,
     percent_step: float = LINE_PERCENT_STEP,
@@ -300,6 +321,7 @@ def progress(
         scale: SI prefixes on counts and rates (bytes).
         stream: where a bar or unconfigured lines go (default ``sys.stderr``, looked up at the call).
         quiet: no output at all (default: :func:`is_quiet`).
+        show: False: no bar and no progress lines, only :meth:`Progress.write` messages (``--no-progress``).
         clock: seconds, monotonic (tests pass a fake one).
         interval_s, percent_step: how often single lines come (see the module doc).
     """
@@ -315,11 +337,14 @@ def progress(
         interval_s,
         percent_step,
         logging.getLogger(LOGGER_NAME),
+        show,
     )
     try:
         yield bar
-    finally:
-        bar.close()
+    except BaseException:
+        bar.close(failed=True)
+        raise
+    bar.close()
 
 
 def track(
@@ -330,11 +355,12 @@ def track(
     unit: str = "it",
     stream: IO[str] | Any | None = None,
     quiet: bool | None = None,
+    show: bool = True,
 ) -> Iterator[_T]:
     """Yield the items of ``iterable`` while showing :func:`progress` over them (total: ``len()`` when it has one)."""
     if total is None and hasattr(iterable, "__len__"):
         total = len(iterable)  # type: ignore[arg-type]
-    with progress(total, desc=desc, unit=unit, stream=stream, quiet=quiet) as bar:
+    with progress(total, desc=desc, unit=unit, stream=stream, quiet=quiet, show=show) as bar:
         for item in iterable:
             yield item
             bar.update(1)

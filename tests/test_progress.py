@@ -1,10 +1,11 @@
 """Progress: single lines (no carriage return, no ANSI code) when not on a terminal, a tqdm bar on one,
-NO_COLOR, quiet, and the lines a real process writes to a file."""
+NO_COLOR, quiet, show=False (messages only), and the lines a real process (and the demo) writes to a file."""
 
 from __future__ import annotations
 
 import io
 import logging
+import os
 import re
 import subprocess
 import sys
@@ -45,16 +46,16 @@ def run_lines(total: int, step_s: float, caplog: pytest.LogCaptureFixture, **kwa
 
 def test_not_a_terminal_gives_periodic_single_lines(caplog) -> None:
     lines = run_lines(120, 1.0, caplog, rate_unit="frame")  # 2 minutes of work
-    assert lines[0] == "collect: 0/120 logs (0 %)"
+    assert lines[0] == "collect: 10/120 logs (8 %), 37 frames/s, eta 1m50s"  # no line at the start
     assert lines[-1] == "collect: 120/120 logs (100 %), 37 frames/s, done in 2m00s"
     assert "collect: 40/120 logs (33 %), 37 frames/s, eta 1m20s" in lines
-    # a line every 10 s (the 10 % steps take longer here): start + 11 + end
-    assert len(lines) == 13
+    # a line every 10 s (the 10 % steps take longer here): 11 + end
+    assert len(lines) == 12
     for line in lines:
         assert "\r" not in line and "\n" not in line and not ANSI.search(line)
     # fast work: one line per 10 % at most, whatever the number of updates
     fast = run_lines(5000, 0.0001, caplog)
-    assert len(fast) == 11 and fast[-1].startswith("collect: 5000/5000 logs (100 %)")
+    assert len(fast) == 10 and fast[-1].startswith("collect: 5000/5000 logs (100 %)")
 
 
 def test_unknown_total_and_byte_counts(caplog) -> None:
@@ -68,7 +69,6 @@ def test_unknown_total_and_byte_counts(caplog) -> None:
                 bar.update(1.5e6)
     lines = [r.getMessage() for r in caplog.records]
     assert lines == [
-        "download: 0 B",
         "download: 15.0 MB, 1.5 MB/s, 10s so far",
         "download: 30.0 MB, 1.5 MB/s, 20s so far",
         "download: 37.5 MB, 1.5 MB/s, done in 25s",
@@ -109,6 +109,39 @@ def test_quiet_writes_nothing(caplog, monkeypatch) -> None:
     assert term.getvalue() == "" and caplog.records == []
 
 
+def test_not_shown_keeps_messages_and_postfix_joins_the_line(caplog) -> None:
+    """show=False (a command's --no-progress): no progress line, but write() messages still come."""
+    clock = FakeClock()
+    with caplog.at_level(logging.INFO, logger=prog.LOGGER_NAME):
+        with prog.progress(3, desc="collect", show=False, stream=io.StringIO(), clock=clock) as bar:
+            bar.update(3)
+            bar.write("FAILED log_a: no lidar")
+        with prog.progress(2, desc="pretrain", unit="step", stream=io.StringIO(), clock=clock) as bar:
+            clock.t += 1.0
+            bar.set_postfix("loss 0.5000")
+            bar.update(2)
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == [
+        "FAILED log_a: no lidar",
+        "pretrain: 2/2 steps (100 %), 2 steps/s, loss 0.5000, done in 1s",
+    ]
+    term = FakeTerminal()
+    with prog.progress(4, desc="x", stream=term, show=False) as bar:
+        bar.update(4)
+    assert term.getvalue() == ""
+
+
+def test_a_failed_block_ends_without_a_done_line(caplog) -> None:
+    """An exception inside the block: the lines so far, no "done" line (the error says what happened)."""
+    clock = FakeClock()
+    with caplog.at_level(logging.INFO, logger=prog.LOGGER_NAME):
+        with pytest.raises(OSError):
+            with prog.progress(10, desc="video", unit="frame", stream=io.StringIO(), clock=clock) as bar:
+                bar.update(5)
+                raise OSError("disk full")
+    assert [r.getMessage() for r in caplog.records] == ["video: 5/10 frames (50 %), eta 0s"]
+
+
 def test_a_process_writing_to_a_file_gets_readable_lines(tmp_path) -> None:
     """The real thing: a process whose stderr is a file, logging not configured."""
     script = textwrap.dedent(
@@ -128,7 +161,7 @@ def test_a_process_writing_to_a_file_gets_readable_lines(tmp_path) -> None:
     text = log.read_text()
     assert "\r" not in text and not ANSI.search(text)
     lines = text.splitlines()
-    assert lines[0] == "render: 0/30 frames (0 %)"
+    assert lines[0].startswith("render: 3/30 frames (10 %), ")
     assert lines[-1].startswith("collect: 4/4 logs (100 %), ") and "frames/s, done in " in lines[-1]
     assert "log 2 committed" in lines
     assert len(lines) <= 12 + 2 + 4 + 4
@@ -138,3 +171,24 @@ def test_format_duration() -> None:
     assert [prog.format_duration(s) for s in (0, 42.4, 80, 3725, -1, float("nan"))] == [
         "0s", "42s", "1m20s", "1h02m", "?", "?"
     ]  # fmt: skip
+
+
+def test_the_demo_written_to_a_file_reads_as_lines(tmp_path) -> None:
+    """`make demo > demo.log 2>&1` on a tiny world: every step's output (synth, inspect, collect, stats, show,
+    pretrain) through one pipe, with no carriage return and no cursor or colour code."""
+    out = tmp_path / "demo"
+    args = ["--out", str(out), "--logs", "1", "--seconds", "3", "--points", "256", "--image-size", "96x54"]
+    env = {k: v for k, v in os.environ.items() if k not in ("FORCE_COLOR", "NO_COLOR", "TERM")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "driveengine.demo", *args, "--steps", "1"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, timeout=600, check=False,
+    )  # fmt: skip
+    text = proc.stdout.decode()
+    assert proc.returncode == 0, text
+    assert "\r" not in text and "\x1b[" not in text
+    lines = text.splitlines()
+    assert any(re.fullmatch(r"collect: 1/1 log \(100 %\), .* frames/s, done in \d+s", line) for line in lines)
+    assert any(
+        re.fullmatch(r"pretrain: 1/1 step \(100 %\), .*, loss \d+\.\d+, done in \d+s", line) for line in lines
+    )
+    assert "Demo done." in text

@@ -28,7 +28,7 @@ Running the same command again resumes.
 
 from __future__ import annotations
 
-import os
+import logging
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -40,8 +40,11 @@ from driveengine.collect.frames import BROKEN_BLOB_REASONS
 from driveengine.collect.job import LogResult, LogTask
 from driveengine.collect.plan import Plan, plan_tasks
 from driveengine.collect.schedulers import run_tasks
+from driveengine.progress import Progress, progress
 from driveengine.store.commit import ObjectStoreLock, ObjectStoreSplit, SplitOutput, split_output
 from driveengine.store.manifest import LogEntry, Manifest, is_remote
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "CollectConfig", "CollectError", "CollectInterrupted", "CollectSummary", "RunOptions", "SourceSelection",
@@ -104,6 +107,15 @@ class CollectSummary:
     def ok(self) -> bool:
         return not self.failed
 
+    def to_dict(self) -> dict[str, object]:
+        """JSON-ready (``collect --json``): every field, ``ok``, and ``seconds`` rounded to milliseconds."""
+        return {
+            "split_dir": str(self.split_dir), "ok": self.ok, "done": list(self.done), "skipped": list(self.skipped),
+            "failed": dict(self.failed), "frames": self.frames, "dropped": dict(sorted(self.dropped.items())),
+            "empty": dict(self.empty), "seconds": round(self.seconds, 3), "peak_rss_mib": round(self.peak_rss_mib, 1),
+            "cleaned": len(self.cleaned), "broken": list(self.broken),
+        }  # fmt: skip
+
     def format(self) -> str:
         """A multi-line human summary."""
         lines = [
@@ -151,7 +163,7 @@ def _is_current(output: SplitOutput, entry: LogEntry | None, task: LogTask) -> b
 
 def _output_of(config: CollectConfig, plan: Plan) -> tuple[SplitOutput, list[LogTask]]:
     """Where the run writes, and the plan's tasks pointed there (an ``--out`` URL: its split's URL)."""
-    output = split_output(os.fspath(config.run.out), Path(plan.split_dir).name)
+    output = split_output(config.run.out, plan.split)
     return output, [replace(task, split_dir=output.location) for task in plan.tasks]
 
 
@@ -185,7 +197,7 @@ def collect(config: CollectConfig, echo: Callable[[str], None] = print) -> Colle
     output, tasks = _output_of(config, plan)
     split_dir: Path | str = Path(output.location) if not is_remote(output.location) else output.location
     summary = CollectSummary(split_dir=split_dir)
-    manifest = Manifest(split=plan.split_dir.name)
+    manifest = Manifest(split=plan.split)
     run = config.run
     try:
         with output.lock() as lock:
@@ -196,7 +208,7 @@ def collect(config: CollectConfig, echo: Callable[[str], None] = print) -> Colle
                     f"collect: note: {output.location} has no conditional writes (registered in "
                     "driveengine.store.commit); its lock cannot stop two runs started at the same instant"
                 )
-            manifest = output.load_manifest(plan.split_dir.name)
+            manifest = output.load_manifest(plan.split)
             summary.cleaned = output.clean(manifest, at_start=True)
             before = dict(manifest.logs)
             _adopt_dataset(manifest, plan, run.overwrite, output.location)
@@ -213,12 +225,12 @@ def collect(config: CollectConfig, echo: Callable[[str], None] = print) -> Colle
                 output.save_manifest(manifest)
             if todo:
                 echo(f"collect: {len(todo)} logs to do, {len(summary.skipped)} up to date -> {split_dir}")
-            bars = _Bars(len(todo), run.progress and bool(todo))
-            try:
+            with progress(
+                len(todo), desc="collect", unit="log", rate_unit="frame", show=run.progress and bool(todo)
+            ) as bar:
+                bars = _Bars(bar)
                 results = run_tasks(todo, run.workers, run.scheduler, bars.frame_progress)
                 _consume(results, manifest, output, summary, bars)
-            finally:
-                bars.close()
             summary.cleaned += output.clean(manifest, at_start=False)
     except KeyboardInterrupt:
         summary.seconds = time.perf_counter() - start
@@ -228,30 +240,24 @@ def collect(config: CollectConfig, echo: Callable[[str], None] = print) -> Colle
 
 
 class _Bars:
-    """tqdm bars of logs and frames; frames advance while labels are made (in-process and pool runs:
-    progress arrives in this thread, between results) or when a log ends (Dask)."""
+    """Progress of logs (the count) and frames (the rate, :mod:`driveengine.progress`: a bar on a terminal,
+    single lines in a file); frames advance while labels are made (in-process and pool runs: progress
+    arrives in this thread, between results) or when a log ends (Dask)."""
 
-    def __init__(self, total_logs: int, enabled: bool) -> None:
-        from tqdm import tqdm
-
-        self.logs = tqdm(total=total_logs, desc="logs", unit="log", disable=not enabled, position=0)
-        self.frames = tqdm(desc="frames", unit="frame", disable=not enabled, position=1)
+    def __init__(self, bar: Progress) -> None:
+        self.bar = bar
         self._reported: Counter = Counter()
         self._done: set[str] = set()
 
     def frame_progress(self, log_name: str, n: int) -> None:
         if log_name not in self._done:  # a late message of a finished log is already counted
             self._reported[log_name] += n
-            self.frames.update(n)
+            self.bar.update(0, amount=n)
 
     def log_done(self, result: LogResult) -> None:
         self._done.add(result.log_name)
-        self.frames.update(max(0, result.frames - self._reported.pop(result.log_name, 0)))
-        self.logs.update(1)
-
-    def close(self) -> None:
-        self.frames.close()
-        self.logs.close()
+        self.bar.update(1, amount=max(0, result.frames - self._reported.pop(result.log_name, 0)))
+        logger.debug("%s: %s, %d frames", result.log_name, result.status, result.frames)
 
 
 def _consume(
@@ -281,7 +287,7 @@ def _consume(
                     summary.empty[result.log_name] = "; ".join(result.notes) or "no key frame kept"
             else:
                 summary.failed[result.log_name] = result.reason or "unknown error"
-                bars.logs.write(f"FAILED {result.log_name}: {summary.failed[result.log_name]}")
+                bars.bar.write(f"FAILED {result.log_name}: {summary.failed[result.log_name]}")
             bars.log_done(result)
             if dirty and time.monotonic() - last_save >= MANIFEST_SAVE_BACKOFF * save_cost:
                 started = time.monotonic()

@@ -21,10 +21,10 @@ run, the download stops there) instead of one line per file.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import shlex
 import shutil
-import sys
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,6 +64,7 @@ from driveengine.download.state import (
     write_download_record,
 )
 from driveengine.errors import DriveEngineError
+from driveengine.progress import Progress, progress
 
 #: Default decompression-bomb limit: this many times the archive's expected ``extract_ratio``.
 EXTRACT_RATIO_MARGIN = 5.0
@@ -176,6 +177,24 @@ class DownloadReport:
     def failures(self) -> list[Outcome]:
         """Outcomes that failed (not counting interruptions)."""
         return [o for o in self.outcomes if not o.ok and not o.interrupted]
+
+    def to_dict(self) -> dict[str, object]:
+        """JSON-ready (``download --json``): the plan (one record per archive: name, state, size in bytes or
+        None, whether the size is the manifest's, url, path, why its source was unreachable), the outcomes,
+        the disk figures in bytes and whether the run was interrupted."""
+        return {
+            "plan": [
+                {"file": p.file.name, "state": p.state, "size": p.size, "size_exact": p.size_exact, "url": p.url,
+                 "path": str(p.path), "unreachable": p.unreachable or None}
+                for p in self.plan
+            ],
+            "outcomes": [
+                {"file": o.name, "ok": o.ok, "error": o.error, "action": o.action, "interrupted": o.interrupted}
+                for o in self.outcomes
+            ],
+            "needed_bytes": self.needed_bytes, "free_bytes": self.free_bytes, "unknown_sizes": self.unknown_sizes,
+            "interrupted": self.interrupted, "failures": len(self.failures),
+        }  # fmt: skip
 
 
 def format_command(
@@ -338,53 +357,50 @@ def _human(n: int | None) -> str:
 
 
 class _Progress:
-    """One overall byte bar (tqdm: bytes, rate, ETA) and per-file state lines above it."""
+    """One overall byte count (:mod:`driveengine.progress`: a bar on a terminal, a line every 10 s or 10 % in a
+    file) and per-file state lines; thread-safe (downloads run in parallel threads)."""
 
-    def __init__(self, total: int, enabled: bool | None) -> None:
-        from tqdm import tqdm
-
-        self._tqdm = tqdm
+    def __init__(self, show: bool) -> None:
+        self._show = show
         self._lock = threading.Lock()
-        self.bar = tqdm(
-            total=total or None,
-            unit="B",
-            unit_scale=True,
-            unit_divisor=1024,
-            desc="download",
-            file=sys.stderr,
-            disable=enabled is False or (enabled is None and not sys.stderr.isatty()),
-            dynamic_ncols=True,
-        )
+        self._display: contextlib.AbstractContextManager[Progress] = progress(desc="download", show=False)
+        self._bar = self._display.__enter__()  # messages only, until start()
+
+    def start(self, total: int | None) -> None:
+        """Count ``total`` bytes from now on (None: unknown)."""
+        with self._lock:
+            self._display.__exit__(None, None, None)
+            self._display = progress(total, desc="download", unit="B", scale=True, show=self._show)
+            self._bar = self._display.__enter__()
 
     def advance(self, n: int) -> None:
         with self._lock:
-            self.bar.update(n)
+            self._bar.update(n)
 
     def line(self, msg: str) -> None:
         with self._lock:
-            self._tqdm.write(msg, file=sys.stderr)
+            self._bar.write(msg)
 
     def close(self) -> None:
-        self.bar.close()
+        with self._lock:
+            self._display.__exit__(None, None, None)
 
 
-def run_download(
-    req: DownloadRequest, echo: LineFn = print, progress_bar: bool | None = None
-) -> DownloadReport:
+def run_download(req: DownloadRequest, echo: LineFn = print, show_progress: bool = True) -> DownloadReport:
     """Run a download request end to end (see the module docstring). Never raises for a per-file failure:
     the report lists them; raises for invalid requests and insufficient disk space.
 
     Args:
         req: the request.
         echo: where the plan and the summary go (one line per call).
-        progress_bar: force the tqdm bar on/off (default: on when stderr is a terminal).
+        show_progress: show the byte count (:mod:`driveengine.progress`); per-file lines come either way.
 
     Raises:
         ReleaseError: unknown split / modality / shard / mirror.
         InsufficientSpaceError: the download and extraction do not fit (checked before any byte).
     """
     req.out = Path(req.out)
-    progress = _Progress(0, progress_bar)
+    progress = _Progress(show_progress)
     try:
         plan = plan_download(req, progress.line)
         report = DownloadReport(plan=plan)
@@ -409,7 +425,7 @@ def run_download(
             report.outcomes = [Outcome(p.file.name, True, action="already complete") for p in plan]
             return report
         known = sum(p.size or 0 for p in work if p.state != "downloaded")
-        progress.bar.reset(total=known or None)
+        progress.start(known or None)
         stop = threading.Event()
         try:
             outcomes = parallel_map(lambda p: _process(p, req, progress, stop), work, req.options.jobs, stop)

@@ -33,6 +33,7 @@ from driveengine.download.checksums import md5_file as _md5_of
 from driveengine.download.release import format_shards, load_manifest, select_files
 from driveengine.download.state import archive_index, read_download_record
 from driveengine.errors import DriveEngineError
+from driveengine.progress import progress
 from driveengine.sources.openscene.reader import load_openscene_pickle
 
 RELEASE_DIR = "openscene-v1.1"
@@ -270,6 +271,7 @@ def verify_release(
     check_content: bool = True,
     check_archives: bool = True,
     jobs: int = 8,
+    show_progress: bool = False,
 ) -> VerifyReport:
     """Verify the extracted split under ``root`` against its metadata (see the module docstring).
 
@@ -281,6 +283,8 @@ def verify_release(
         check_content: check PCD/JPEG headers, not only presence.
         check_archives: re-hash the archives of the split still on disk that have a known MD5.
         jobs: threads for the content checks and archive hashing.
+        show_progress: show the content check's progress (:mod:`driveengine.progress`: a bar on a terminal,
+            single lines in a file).
 
     Returns:
         The :class:`VerifyReport`.
@@ -359,9 +363,13 @@ def verify_release(
         def check_chunk(chunk: list[str]) -> list[tuple[str, str]]:
             return [(rel, f"unreadable: {why}") for rel in chunk if (why := check_blob(blob_dir / rel))]
 
-        with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-            for bad in pool.map(check_chunk, chunks):
+        with (
+            progress(len(present), desc="verify", unit="file", show=show_progress) as bar,
+            ThreadPoolExecutor(max_workers=max(1, jobs)) as pool,
+        ):
+            for chunk, bad in zip(chunks, pool.map(check_chunk, chunks), strict=True):
                 found += bad
+                bar.update(len(chunk))
 
     # 4. attribution
     index = archive_index(state_root)

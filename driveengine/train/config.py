@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import posixpath
@@ -13,6 +14,9 @@ from driveengine.errors import DriveEngineError
 #: Keys of configs written by older versions that no longer mean anything (``demo_dir``: training made
 #: the demo data itself when ``data`` was missing; now ``make pretrain`` and the demo do).
 RETIRED_KEYS: frozenset[str] = frozenset({"demo_dir"})
+
+#: Largest ``--config`` file read (a run's config.json is about 2 KB).
+MAX_CONFIG_BYTES = 1 << 20
 
 #: Values of ``PretrainConfig.classes`` (see there).
 CLASS_MODES: tuple[str, ...] = ("auto", "native", "unified")
@@ -181,6 +185,53 @@ class PretrainConfig:
             data = {**data, "mix": sources}
         return cls(**data)
 
+    @classmethod
+    def from_file(cls, path: str | os.PathLike[str], base: PretrainConfig | None = None) -> PretrainConfig:
+        """The config in the JSON file ``path`` (a run's ``config.json``, or any subset of its keys), over
+        ``base`` (default: the defaults) for the keys it does not hold.
+
+        Raises:
+            PretrainError: the file cannot be read, is not a JSON object, or holds an unknown key or a value
+                of the wrong kind (one line naming the file and the key).
+        """
+        try:
+            with open(path, "rb") as f:
+                raw = f.read(MAX_CONFIG_BYTES + 1)
+            if len(raw) > MAX_CONFIG_BYTES:
+                raise PretrainError(
+                    f"{path}: larger than {MAX_CONFIG_BYTES} bytes, not a pretrain config; give a run's config.json"
+                )
+            values = json.loads(raw.decode("utf-8"))
+        except OSError as exc:
+            raise PretrainError(f"{path}: cannot read the pretrain config ({exc.strerror or exc})") from None
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise PretrainError(
+                f"{path}: not a JSON pretrain config ({exc}); give a run's config.json"
+            ) from None
+        if not isinstance(values, dict):
+            raise PretrainError(f"{path}: not a JSON object of pretrain options; give a run's config.json")
+        names = {f.name for f in fields(cls)} | RETIRED_KEYS
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise PretrainError(
+                f"{path}: unknown pretrain config key {unknown[0]!r}"
+                + (f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else "")
+                + "; remove it (the keys are the fields of config.json that pretrain writes)"
+            )
+        defaults = cls()
+        for key, value in values.items():
+            expected = getattr(defaults, key, None)
+            if isinstance(expected, bool | int | float | str) and not _same_kind(value, expected):
+                raise PretrainError(
+                    f"{path}: pretrain config key {key!r} is {value!r}; expected a {type(expected).__name__} "
+                    f"like {expected!r}"
+                )
+        merged = {**(base or defaults).to_dict(), **values}
+        try:
+            return cls.from_dict(merged)
+        except (TypeError, ValueError) as exc:
+            raise PretrainError(f"{path}: not a pretrain config ({exc})") from None
+
     def sources(self) -> tuple[DataSource, ...]:
         """The splits the run trains on: ``mix``, else ``data`` / ``split`` (empty: no data given).
 
@@ -278,6 +329,23 @@ def data_sources(
             raise PretrainError(f"--weights {weights!r}: every weight must be a finite number > 0")
         values = list(parsed)
     return tuple(DataSource(root, split, w) for (root, split), w in zip(pairs, values, strict=True))
+
+
+def _same_kind(value: object, expected: object) -> bool:
+    """Whether a JSON ``value`` can stand for a field whose default is ``expected`` (an int for a float, and
+    a finite number; never a bool for a number)."""
+    if isinstance(expected, bool):
+        return isinstance(value, bool)
+    if isinstance(expected, int):
+        return isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(expected, float):
+        return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    return isinstance(value, type(expected))
+
+
+def load_config(path: str | os.PathLike[str], base: PretrainConfig | None = None) -> PretrainConfig:
+    """:meth:`PretrainConfig.from_file` (``pretrain --config FILE``)."""
+    return PretrainConfig.from_file(path, base)
 
 
 def data_options(sources: Sequence[DataSource]) -> dict[str, object]:

@@ -474,7 +474,8 @@ def split_labels(stream: TrainingStream, modality: str = "") -> tuple[VoxelGrid,
             grids = "; ".join(f"{s.split_url}: {s.grid.describe()}" for s in stream.streams)
             raise PretrainError(
                 f"{stream.split_url}: the splits' voxel grids differ ({grids}); {model} predicts one grid: "
-                "train on splits whose labels were made on the same grid"
+                "train on splits whose labels were made on the same grid (collect them with the same --grid, e.g. "
+                "--grid openscene)"
             )
         if stream.class_mode == "native" and any(s.classes != first.classes for s in stream.streams):
             tables = "; ".join(f"{s.split_url}: class table {s.classes.name}" for s in stream.streams)
@@ -905,79 +906,83 @@ def pretrain(config: PretrainConfig) -> PretrainSummary:
             torch.distributed.barrier()
         return path
 
-    from tqdm import tqdm
+    from driveengine.progress import progress
 
-    bar = tqdm(
-        total=config.max_steps, initial=step, disable=not (is_main and config.progress), desc="pretrain"
+    display = progress(
+        config.max_steps - step,
+        desc="pretrain",
+        unit="step",
+        rate_unit="sample",
+        show=is_main and config.progress,
     )
-    losses: list[tuple[int, float]] = []
-    last_eval: dict[str, Any] | None = None
-    last_ckpt: Path | None = None
-    batches = _micro_batches(stream, config.num_workers, epoch)
-    acc = {"loss": 0.0, "loss_sem": 0.0, "loss_flow": 0.0}
-    micro = 0
-    tick, samples = time.perf_counter(), 0
-    train_model.train()
-    optimizer.zero_grad(set_to_none=True)
-    while step < config.max_steps:
-        batch_epoch, batch = next(batches)
-        if batch_epoch != epoch:  # a new epoch: drop a partial accumulation of the old one
-            epoch, micro_in_epoch, micro = batch_epoch, 0, 0
-            acc = dict.fromkeys(acc, 0.0)
-            optimizer.zero_grad(set_to_none=True)
-        micro_in_epoch += 1
-        micro += 1
-        batch = _targets_to_device(batch, device)
-        gt_sem = batch_tensor(batch, "semantics")
-        sync = micro == config.grad_accum
-        ctx = train_model.no_sync() if world > 1 and not sync else contextlib.nullcontext()
-        with ctx:
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                out = forward_model(**task.inputs(batch, device))
-            check_outputs(out, grid, classes, config.modality)
-            terms = criterion(
-                out["semantics"], out["flow"], gt_sem, batch_tensor(batch, "flow"), task.mask(batch, out)
-            )
-            (terms["loss"] / config.grad_accum).backward()
-        for k in acc:
-            acc[k] += float(terms[k].detach()) / config.grad_accum
-        samples += gt_sem.shape[0] * world
-        if not sync:
-            continue
-        if config.grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
+    with display as bar:
+        losses: list[tuple[int, float]] = []
+        last_eval: dict[str, Any] | None = None
+        last_ckpt: Path | None = None
+        batches = _micro_batches(stream, config.num_workers, epoch)
+        acc = {"loss": 0.0, "loss_sem": 0.0, "loss_flow": 0.0}
         micro = 0
-        if world > 1:
-            t = torch.tensor([acc["loss"], acc["loss_sem"], acc["loss_flow"]], dtype=torch.float64)
-            torch.distributed.all_reduce(t)
-            acc = dict(zip(acc, (t / world).tolist(), strict=True))
-        losses.append((step, acc["loss"]))
-        bar.update(1)
-        bar.set_postfix(loss=f"{acc['loss']:.4f}")
-        if csv_log and config.log_every and step % config.log_every == 0:
-            now = time.perf_counter()
-            csv_log.write(
-                {"step": step, "epoch": epoch, "phase": "train", **{k: f"{v:.9g}" for k, v in acc.items()},
-                 "lr": f"{scheduler.get_last_lr()[0]:.6g}", "samples_per_s": f"{samples / max(now - tick, 1e-9):.3f}"}
-            )  # fmt: skip
-            tick, samples = now, 0
-        acc = dict.fromkeys(acc, 0.0)
-        if config.eval_every and (step % config.eval_every == 0 or step == config.max_steps):
-            last_eval = evaluate(
-                model, eval_stream, device, task, grid, classes, config.eval_frames, amp, config.modality
-            )
-            if csv_log:
+        tick, samples = time.perf_counter(), 0
+        train_model.train()
+        optimizer.zero_grad(set_to_none=True)
+        while step < config.max_steps:
+            batch_epoch, batch = next(batches)
+            if batch_epoch != epoch:  # a new epoch: drop a partial accumulation of the old one
+                epoch, micro_in_epoch, micro = batch_epoch, 0, 0
+                acc = dict.fromkeys(acc, 0.0)
+                optimizer.zero_grad(set_to_none=True)
+            micro_in_epoch += 1
+            micro += 1
+            batch = _targets_to_device(batch, device)
+            gt_sem = batch_tensor(batch, "semantics")
+            sync = micro == config.grad_accum
+            ctx = train_model.no_sync() if world > 1 and not sync else contextlib.nullcontext()
+            with ctx:
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                    out = forward_model(**task.inputs(batch, device))
+                check_outputs(out, grid, classes, config.modality)
+                terms = criterion(
+                    out["semantics"], out["flow"], gt_sem, batch_tensor(batch, "flow"), task.mask(batch, out)
+                )
+                (terms["loss"] / config.grad_accum).backward()
+            for k in acc:
+                acc[k] += float(terms[k].detach()) / config.grad_accum
+            samples += gt_sem.shape[0] * world
+            if not sync:
+                continue
+            if config.grad_clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            micro = 0
+            if world > 1:
+                t = torch.tensor([acc["loss"], acc["loss_sem"], acc["loss_flow"]], dtype=torch.float64)
+                torch.distributed.all_reduce(t)
+                acc = dict(zip(acc, (t / world).tolist(), strict=True))
+            losses.append((step, acc["loss"]))
+            bar.set_postfix(f"loss {acc['loss']:.4f}")
+            bar.update(1, amount=config.batch_size * config.grad_accum * world)
+            if csv_log and config.log_every and step % config.log_every == 0:
+                now = time.perf_counter()
                 csv_log.write(
-                    {"step": step, "epoch": epoch, "phase": "eval",
-                     **{k: _csv_number(last_eval[k]) for k in CSV_COLUMNS if k in last_eval}}
+                    {"step": step, "epoch": epoch, "phase": "train", **{k: f"{v:.9g}" for k, v in acc.items()},
+                     "lr": f"{scheduler.get_last_lr()[0]:.6g}", "samples_per_s": f"{samples / max(now - tick, 1e-9):.3f}"}
                 )  # fmt: skip
-        if step == config.max_steps or (config.ckpt_every and step % config.ckpt_every == 0):
-            last_ckpt = save_checkpoint() or last_ckpt
-    bar.close()
+                tick, samples = now, 0
+            acc = dict.fromkeys(acc, 0.0)
+            if config.eval_every and (step % config.eval_every == 0 or step == config.max_steps):
+                last_eval = evaluate(
+                    model, eval_stream, device, task, grid, classes, config.eval_frames, amp, config.modality
+                )
+                if csv_log:
+                    csv_log.write(
+                        {"step": step, "epoch": epoch, "phase": "eval",
+                         **{k: _csv_number(last_eval[k]) for k in CSV_COLUMNS if k in last_eval}}
+                    )  # fmt: skip
+            if step == config.max_steps or (config.ckpt_every and step % config.ckpt_every == 0):
+                last_ckpt = save_checkpoint() or last_ckpt
     return PretrainSummary(
         run_dir=str(run), step=step, epoch=epoch, train_loss=losses, eval=last_eval,
         checkpoint=None if last_ckpt is None else str(last_ckpt), device=str(device), world_size=world, rank=rank,
