@@ -20,10 +20,12 @@ import fsspec
 import numpy as np
 import pytest
 
+from driveengine.collect.plan import plan_tasks
 from driveengine.collect.pool import KILL_HOOK_ENV
 from driveengine.collect.runner import CollectConfig, collect
 from driveengine.collect.schedulers import KILL_ONCE_ENV
 from driveengine.data import FrameStream
+from driveengine.store.check import DIFFERS, MISSING, OK, collected_split_folder, verify_split
 from driveengine.store.commit import (
     ATTEMPT_RE,
     LOCK_NAME,
@@ -38,6 +40,7 @@ from driveengine.store.commit import (
 )
 from driveengine.store.dataset import DatasetError, open_split
 from driveengine.store.manifest import Manifest, load_manifest
+from driveengine.store.occ import open_occ
 from driveengine.synth import synthesize
 
 OCC = ("semantics", "flow", "mask_lidar")
@@ -99,13 +102,23 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str]]:
 
 
 def _config(root: Path, out: str | Path, **kw) -> CollectConfig:
-    config = CollectConfig.from_options(
-        source="nuplan", root=root, out=Path("unused") if isinstance(out, str) else out, split="mini",
-        progress=False, **kw,
-    )  # fmt: skip
-    if isinstance(out, str):  # as the command line does for a URL
-        config = replace(config, run=replace(config.run, out=out))
-    return config
+    """A URL as the command line passes it: text (``from_options`` keeps it so)."""
+    return CollectConfig.from_options(source="nuplan", root=root, out=out, split="mini", progress=False, **kw)
+
+
+def test_an_out_url_stays_a_url_through_config_and_plan(world, tmp_path) -> None:
+    root, names = world
+    for out in ("s3://bucket/data", "s3://bucket/data/"):
+        config = _config(root, out)
+        assert config.run.out == out  # a Path would have folded it into "s3:/bucket/data"
+        plan = plan_tasks(config)
+        assert (plan.split, plan.split_dir) == ("mini", "s3://bucket/data/mini")
+        assert [task.split_dir for task in plan.tasks] == ["s3://bucket/data/mini"] * len(names)
+    for out in (tmp_path / "out", str(tmp_path / "out"), f"file://{tmp_path}/out"):
+        plan = plan_tasks(_config(root, out))
+        assert _config(root, out).run.out == tmp_path / "out"
+        assert plan.split_dir == tmp_path / "out" / "mini" and isinstance(plan.split_dir, Path)
+        assert {task.split_dir for task in plan.tasks} == {str(tmp_path / "out" / "mini")}
 
 
 @pytest.fixture(scope="module")
@@ -474,3 +487,51 @@ def test_a_missing_bucket_is_one_clear_error(world, moto_options, monkeypatch) -
         OutputLocationError, match=r"cannot write the collect lock .*check that the bucket exists"
     ):
         collect(_config(root, "s3://no-such-bucket/data", labels=False), echo=lambda _: None)
+
+
+def test_verify_reads_a_collected_split_back_from_the_store(world, local, s3, moto_options) -> None:
+    """``verify`` of a split on S3: every object read back and hashed as the worker did; damage named."""
+    root, names = world
+    first, second = names[:2]
+    summary = collect(_config(root, s3, logs=[first, second]), echo=lambda _: None)
+    assert summary.ok, summary.format()
+    url = f"{s3}/mini"
+    assert collected_split_folder(s3, "mini") == url and collected_split_folder(url, "other") == url
+    assert collected_split_folder(f"{s3}/nothing", "mini") is None
+    check = verify_split(url, storage_options=moto_options, workers=2)
+    assert check.ok and check.logs == 2 and len(check.files) == 4, check.format()
+    assert {f.status for f in check.files} == {OK}
+    assert check.split_dir == url and "OK: every committed file matches" in check.format()
+    # the checksums verify recomputes from the objects are the ones a local collect records
+    local_sums = {(f.log, f.path): f.actual for f in verify_split(local).files}
+    for f in check.files:
+        attempt = ATTEMPT_RE.search(f.path).group(1)
+        assert f.actual == local_sums[(f.log, f.path.replace(f".{attempt}", ""))]
+    # the label group's log name is the log's, not its per-attempt key's
+    split = open_split(url, storage_options=moto_options)
+    labels = split.log(first).labels()
+    assert ATTEMPT_RE.search(labels.path) and labels.log_name == first
+    assert open_occ(labels.path, storage_options=moto_options).log_name == first  # opened by its URL alone
+
+    fs = _s3(**moto_options)
+    prefix = url.removeprefix("s3://")
+    manifest = load_manifest(url, storage_options=moto_options)
+    group = f"{prefix}/{manifest.logs[first].occ}"
+    shards = sorted(k for k in fs.find(f"{group}/semantics") if not k.endswith("zarr.json"))
+    fs.rm_file(shards[0])  # a label shard lost
+    fs.pipe_file(f"{group}/flow/c/9/9/9", b"planted")  # an object that is no part of the group
+    fs.rm_file(f"{prefix}/{manifest.logs[second].meta}")  # a frame shard lost
+    fs.invalidate_cache()
+    check = verify_split(url, storage_options=moto_options)
+    assert not check.ok and check.damaged_logs() == [first, second]
+    (occ,) = [f for f in check.problems if f.log == first]
+    assert occ.status == DIFFERS and occ.path == manifest.logs[first].occ
+    assert any(
+        d.startswith(f"missing: {shards[0][len(prefix) + 1 :]} (semantics frames 0..") for d in occ.details
+    )
+    assert f"not part of a DriveEngine label group: {manifest.logs[first].occ}/flow/c/9/9/9" in occ.details
+    (meta,) = [f for f in check.problems if f.log == second]
+    assert meta.status == MISSING and meta.path == manifest.logs[second].meta
+    text = check.format()
+    assert f"MISSING: {url}/{manifest.logs[second].meta} (log {second})" in text, text
+    assert f"--overwrite --logs {first},{second}" in text

@@ -425,6 +425,76 @@ def test_prefetch_fetches_the_next_windows_ahead(remote, tmp_path):
     assert counts[2] > counts[0]
 
 
+def test_each_worker_prefetches_the_next_windows_of_its_own_plan(remote, tmp_path, monkeypatch):
+    """Through a DataLoader with 2 workers: each worker queues the windows of its own plan, in its order,
+    ``prefetch`` windows ahead of the one it reads, and fetches exactly the label shard files those
+    windows' rows are in (every one of them, none of another worker's)."""
+    from driveengine.data import stream as stream_module
+
+    events = tmp_path / "events"
+    events.mkdir()
+
+    def record(kind: str, value: object) -> None:
+        info = torch.utils.data.get_worker_info()
+        with open(events / f"{info.id if info is not None else 'main'}.jsonl", "a") as f:
+            f.write(json.dumps([kind, value]) + "\n")
+
+    real_window, real_get = stream_module._PrefetchState.window, stream_module._PrefetchState._get
+    real_samples = FrameStream._window_samples
+
+    def window(self, logs, rows):
+        record("queue", [[int(li), int(r)] for li, r in zip(logs, rows, strict=True)])
+        return real_window(self, logs, rows)
+
+    def get(self, path):
+        record("get", path)
+        return real_get(self, path)
+
+    def samples(self, logs, rows, positions, s, size, ring, in_process):
+        record(
+            "read", [[int(li), int(r)] for li, r in zip(logs[s : s + size], rows[s : s + size], strict=True)]
+        )
+        return real_samples(self, logs, rows, positions, s, size, ring, in_process)
+
+    monkeypatch.setattr(stream_module._PrefetchState, "window", window)
+    monkeypatch.setattr(stream_module._PrefetchState, "_get", get)
+    monkeypatch.setattr(FrameStream, "_window_samples", samples)
+    ahead = 1
+    stream = _remote_stream(remote, tmp_path / "cache", fields=OCC, prefetch=ahead, global_batch_size=4)
+    assert sum(len(b["token"]) for b in stream.loader(num_workers=2)) == len(stream)
+    occ = stream.selection.logs[0].labels()
+    per_shard = int(occ.array("semantics").shards[0])
+    for worker in (0, 1):
+        plan = stream._plan(worker, 2)
+        logs, rows = stream.selection.locate(plan.frames)
+        size = plan.device_batch_size
+        windows = [
+            [[int(li), int(r)] for li, r in zip(logs[s : s + size], rows[s : s + size], strict=True)]
+            for s in range(0, len(rows), size)
+        ]
+        assert len(windows) > ahead + 1
+        lines = [json.loads(x) for x in (events / f"{worker}.jsonl").read_text().splitlines()]
+        assert [v for k, v in lines if k == "queue"] == windows  # its own plan's windows, in order
+        assert [v for k, v in lines if k == "read"] == windows
+        queued = read = 0
+        for kind, _ in lines:  # reading window i, windows up to i + prefetch are queued
+            if kind == "queue":
+                queued += 1
+            elif kind == "read":
+                assert queued >= min(len(windows), read + 1 + ahead)
+                read += 1
+        wanted = {
+            (stream.selection.logs[li].name, array, r // per_shard)
+            for w in windows for li, r in w for array in OCC
+        }  # fmt: skip
+        fetched = set()
+        for kind, path in lines:
+            found = re.search(r"/occ/([^/]+)\.zarr/(\w+)/c/(\d+)(?:/0)+$", path) if kind == "get" else None
+            if found:
+                fetched.add((found.group(1), found.group(2), int(found.group(3))))
+        assert fetched == wanted
+
+
 def test_unversioned_files_are_not_cached_and_the_cache_can_be_off(remote, tmp_path):
     cache = FileCache(tmp_path / "cache", 10**6)
     assert cache.version_of("s3", "cachetest/data/mini/manifest.json") is None

@@ -232,3 +232,68 @@ def test_a_filter_reads_the_rows_through_the_dataset_handle(tmp_path):
     path.write_text(json.dumps(data))
     with pytest.raises(StreamError, match=rf"log {info.log_names[1]}: .* has 4 rows, the manifest says 9"):
         FrameStream(tmp_path, "mini", fields=("token",), map_locations=["las_vegas", "boston"])
+
+
+def test_the_filter_columns_of_many_logs_are_kept_and_any_change_is_read_again(split, tmp_path, monkeypatch):
+    """The columns a filter read are kept in the cache folder: the next stream over the same logs reads no
+    shard and selects the same frames; a damaged entry, or a shard changed under the same manifest, is
+    read again; the folder keeps a bounded number of entries."""
+    import os
+    import shutil
+
+    import pyarrow.parquet as pq
+
+    from driveengine.data import filters
+    from driveengine.store.dataset import CommittedLog
+
+    monkeypatch.setattr(filters, "CACHE_MIN_LOGS", 1)  # the fixture has 4 logs
+    monkeypatch.setattr(filters, "CACHE_ENTRIES", 2)
+    root = tmp_path / "out"
+    shutil.copytree(split.root, root)
+    cache = tmp_path / "cache"
+    folder = cache / filters.CACHE_FOLDER
+    where = pc.field("frame_idx") >= 3
+
+    def tokens(**kw) -> list[str]:
+        stream = FrameStream(root, split.split, fields=("token",), shuffle=False, cache_dir=cache, **kw)
+        return [s["token"] for s in stream]
+
+    reads: list[str] = []
+    real_frames = CommittedLog.frames
+
+    def counted(self, columns=None):
+        reads.append(self.name)
+        return real_frames(self, columns)
+
+    monkeypatch.setattr(CommittedLog, "frames", counted)
+    expected = _selected(split, lambda f: _frame_idx(split, f) >= 3)
+    assert tokens(where=where, cache_limit_bytes=0) == expected and not folder.exists()  # no cache: none kept
+    reads.clear()
+    FrameStream(root, split.split, fields=("token",), where=where, cache_dir=cache)
+    assert len(reads) == 4 and len(list(folder.glob("*.arrow"))) == 1
+    reads.clear()
+    stream = FrameStream(root, split.split, fields=("token",), shuffle=False, where=where, cache_dir=cache)
+    assert reads == []  # kept: no shard read to build the stream
+    assert [s["token"] for s in stream] == expected
+
+    (entry,) = folder.glob("*.arrow")
+    entry.write_bytes(entry.read_bytes()[:200])  # damaged (a disk that filled up, a crash)
+    reads.clear()
+    assert tokens(where=where) == expected and len(reads) >= 4
+    assert entry.stat().st_size > 200  # written again
+
+    # a shard rewritten under the same manifest (same rows, other frame_idx): read again, not served stale
+    log = split.log_names[0]
+    shard = root / split.split / "meta" / f"{log}.parquet"
+    table = pq.read_table(shard)
+    column = table.schema.get_field_index("frame_idx")
+    table = table.set_column(column, table.schema.field(column), pa.array([0] * table.num_rows, pa.int32()))
+    pq.write_table(table, shard.with_suffix(".new"))
+    os.replace(shard.with_suffix(".new"), shard)
+    fresh = tokens(where=where, cache_limit_bytes=0)
+    assert fresh != expected and not any(split.frames[t].log == log for t in fresh)
+    assert tokens(where=where) == fresh
+
+    tokens(where=pc.field("timestamp") > 0)  # other columns: other entries, at most CACHE_ENTRIES kept
+    tokens(map_locations=["boston"])
+    assert len(list(folder.glob("*.arrow"))) == 2

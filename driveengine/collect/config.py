@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from driveengine.collect.frames import FrameOptions
 from driveengine.errors import DriveEngineError
 from driveengine.labels.base import LabelProducer
 from driveengine.splits import SplitDef
+from driveengine.store.manifest import is_remote, local_path
 from driveengine.store.occ import OccStorage
 
 #: The command-line option of each label setting ``from_options`` takes (for messages).
@@ -37,6 +39,13 @@ _OPTION_OF = {
 
 class CollectError(DriveEngineError):
     """``collect`` cannot start: bad input folder, unknown logs, bad scheduler, bad settings, ..."""
+
+
+def output_root(out: str | os.PathLike[str]) -> Path | str:
+    """``--out`` as :class:`RunOptions` keeps it: a URL (``s3://bucket/prefix``, any fsspec URL but
+    ``file://``) as its text, a local folder (or ``file://`` URL) as a :class:`~pathlib.Path`."""
+    text = os.fspath(out)
+    return text if is_remote(text) else local_path(text)
 
 
 @dataclass(frozen=True)
@@ -65,7 +74,8 @@ class RunOptions:
     """How to run.
 
     Attributes:
-        out: output root; the split goes to ``out/<split name>/``.
+        out: output root, a local folder or an fsspec URL kept as text (``s3://bucket/prefix``: a
+            :class:`~pathlib.Path` would fold its ``//``); the split goes to ``out/<split name>/``.
         workers: local worker processes (1 = in this process).
         scheduler: ``local:N`` or ``tcp://host:port`` for Dask; None for the local pool.
         overwrite: redo logs even when their manifest entry matches.
@@ -73,7 +83,7 @@ class RunOptions:
         storage: how label groups are stored (shards, compression).
     """
 
-    out: Path
+    out: Path | str
     workers: int = 1
     scheduler: str | None = None
     overwrite: bool = False
@@ -222,7 +232,11 @@ class CollectConfig:
                 logs=None if logs is None else tuple(logs),
             ),
             run=RunOptions(
-                out=Path(out), workers=workers, scheduler=scheduler, overwrite=overwrite, progress=progress
+                out=output_root(out),
+                workers=workers,
+                scheduler=scheduler,
+                overwrite=overwrite,
+                progress=progress,
             ),
             frames=FrameOptions(
                 split="",

@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
 
-from driveengine.collect.config import CollectConfig, CollectError
+from driveengine.collect.config import CollectConfig, CollectError, output_root
 from driveengine.collect.job import LogTask
 from driveengine.errors import SourceError
 from driveengine.schemas import FORMAT_VERSION
@@ -21,7 +21,7 @@ from driveengine.sources.base import Source
 from driveengine.splits import SplitDef, load_split
 from driveengine.store.commit import config_hash, source_fingerprint
 from driveengine.store.frames import PARQUET_OPTIONS
-from driveengine.store.manifest import DatasetInfo
+from driveengine.store.manifest import DatasetInfo, is_remote, join_location
 
 
 @dataclass(frozen=True)
@@ -29,12 +29,15 @@ class Plan:
     """What a run will do.
 
     Attributes:
-        split_dir: the output split folder ``<out>/<split>``.
+        split: the split's name (the last part of :attr:`split_dir`).
+        split_dir: the output split ``<out>/<split>``: a folder (:class:`~pathlib.Path`), or the URL of a
+            ``--out`` URL as text (``s3://bucket/prefix/<split>``).
         dataset: what the split's data is (source, cameras, classes, grid): recorded in the manifest.
         tasks: one task per selected log, sorted by name.
     """
 
-    split_dir: Path
+    split: str
+    split_dir: Path | str
     dataset: DatasetInfo
     tasks: list[LogTask]
 
@@ -105,14 +108,15 @@ def plan_tasks(config: CollectConfig) -> Plan:
         "storage": None if config.labels is None else config.run.storage.to_dict(),
     }
     digest = config_hash(settings)
-    split_dir = Path(config.run.out) / split.name
+    location = join_location(output_root(config.run.out), split.name)
+    split_dir: Path | str = location if is_remote(location) else Path(location)
     watch_blobs = frames.check_blobs or config.labels is not None
     tasks = [
         LogTask(
             source=source.name,
             input=log,
             blob_root=str(blob_root),
-            split_dir=str(split_dir),
+            split_dir=location,
             frames=frames,
             labels=config.labels,
             storage=config.run.storage,
@@ -125,4 +129,4 @@ def plan_tasks(config: CollectConfig) -> Plan:
         )
         for log in sorted(inputs, key=lambda log: log.name)
     ]
-    return Plan(split_dir=split_dir, dataset=dataset, tasks=tasks)
+    return Plan(split=split.name, split_dir=split_dir, dataset=dataset, tasks=tasks)

@@ -80,6 +80,7 @@ import os
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -88,7 +89,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from driveengine.data.fields import Field, SplitFields, field_columns, resolve_fields
-from driveengine.data.filters import FrameFilter, Selection, select_frames
+from driveengine.data.filters import CACHE_FOLDER, ColumnCache, FrameFilter, Selection, select_frames
 from driveengine.data.plan import plan_epoch
 from driveengine.data.reader import (
     BlobFiles,
@@ -204,6 +205,7 @@ class FrameStream(IterableDataset):
         cache_dir: for a URL ``root`` or ``blob_root`` (``s3://``, any fsspec URL): the local folder that
             caches the remote files (:mod:`driveengine.store.cache`; default ``$DRIVEENGINE_CACHE_DIR``,
             else ``~/.cache/driveengine/remote``). Shared safely by workers, ranks and runs on a machine.
+            A filter over many logs also keeps the columns it read there (:class:`~driveengine.data.filters.ColumnCache`).
         cache_limit_bytes: the cache folder's size limit (least recently used files evicted); 0 reads
             remote files directly, without a cache.
         prefetch: batch windows of its plan each process fetches into the cache ahead of reading them
@@ -320,7 +322,11 @@ class FrameStream(IterableDataset):
             where=where, scenario_tags=tuple(scenario_tags or ()), map_locations=tuple(map_locations or ())
         )
         schema = catalog.schema if not self.filter.is_empty else None
-        self.selection: Selection = select_frames(candidates, self.filter, schema, self.split_url)
+        # the filter's columns of many logs are kept in the cache folder (``cache_limit_bytes=0``: not)
+        columns_cache = ColumnCache(Path(self.cache_dir) / CACHE_FOLDER) if self._cache_options else None
+        self.selection: Selection = select_frames(
+            candidates, self.filter, schema, self.split_url, columns_cache
+        )
         if self.selection.total == 0:
             raise StreamError(f"{self.split_url}: the manifest lists no frames; collect some logs first")
         if self.selection.num_frames == 0:

@@ -1075,7 +1075,7 @@ def make_scratch_dir() -> Path:
     return Path(tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{owner}-", dir=base))
 
 
-def _sha256_object(fs: Any, path: str, size: int) -> str:
+def sha256_object(fs: Any, path: str, size: int) -> str:
     """``"sha256:<hex>"`` of an object, read back from the store (streamed when big)."""
     h = hashlib.sha256()
     if size <= VERIFY_WHOLE_BYTES:
@@ -1170,7 +1170,7 @@ class ObjectStoreLogOutput:
             keys = sorted(expected)
             try:
                 with ThreadPoolExecutor(max_workers=VERIFY_THREADS) as pool:
-                    digests = list(pool.map(lambda k: _sha256_object(fs, k, expected[k][0]), keys))
+                    digests = list(pool.map(lambda k: sha256_object(fs, k, expected[k][0]), keys))
             except OSError as exc:
                 raise CommitError(
                     f"{self.store.url}: cannot read back the upload of attempt {self.attempt} ({exc}); run again"

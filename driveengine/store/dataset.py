@@ -149,6 +149,7 @@ class CommittedLog:
                 occ = open_occ(
                     Path(path) if self.split.is_local else path,
                     storage_options=None if self.split.is_local else self.split.storage_options,
+                    log_name=self.name,
                 )
             except OccFormatError as exc:
                 raise DatasetError(f"log {self.name}: {exc}") from None

@@ -475,7 +475,7 @@ def manifest_from_bytes(data: bytes, path: str | os.PathLike[str]) -> Manifest:
     return Manifest.from_json(parsed, path)
 
 
-def _remote_fs(location: str, storage_options: dict[str, Any] | None) -> tuple[Any, str]:
+def remote_fs(location: str, storage_options: dict[str, Any] | None) -> tuple[Any, str]:
     """The fsspec file system of a URL and the URL's path in it."""
     import fsspec
 
@@ -495,7 +495,7 @@ def load_manifest(
     """
     if is_remote(split_dir):
         url = join_location(split_dir, MANIFEST_NAME)
-        fs, path = _remote_fs(url, storage_options)
+        fs, path = remote_fs(url, storage_options)
         try:
             data = fs.cat_file(path)
         except FileNotFoundError:
@@ -522,7 +522,7 @@ def load_or_create_manifest(
 ) -> Manifest:
     """The existing manifest of ``split_dir`` (folder or URL), or a new empty one for ``split``."""
     if is_remote(split_dir):
-        fs, path = _remote_fs(join_location(split_dir, MANIFEST_NAME), storage_options)
+        fs, path = remote_fs(join_location(split_dir, MANIFEST_NAME), storage_options)
         if not fs.exists(path):
             return Manifest(split=split)
         return load_manifest(split_dir, storage_options)
@@ -576,7 +576,7 @@ def save_manifest(
     """
     data = manifest_to_bytes(manifest)
     if is_remote(split_dir):
-        fs, path = _remote_fs(join_location(split_dir, MANIFEST_NAME), storage_options)
+        fs, path = remote_fs(join_location(split_dir, MANIFEST_NAME), storage_options)
         fs.pipe_file(path, data)
         return
     atomic_write_bytes(manifest_path(local_path(split_dir)), data)
