@@ -30,7 +30,7 @@ from driveengine.sources.nuscenes.constants import CAMERA_CHANNELS, CATEGORY_CLA
 from driveengine.sources.nuscenes.index import SCENE_ARRAYS, cache_dir, open_index, read_arrays
 from driveengine.sources.nuscenes.reader import slerp
 from driveengine.store.dataset import open_split
-from driveengine.synth.nuscenes import NuScenesFaults, write_nuscenes
+from driveengine.synth.nuscenes import BREAKABLE_LINKS, NuScenesFaults, write_nuscenes
 
 SEED = 5
 SECONDS = 4.0
@@ -427,3 +427,50 @@ def test_a_file_name_leaving_the_release_fails_its_scene(tmp_path: Path) -> None
     summary = _collect(tmp_path / "ns", tmp_path / "out", _all_scenes_split(tmp_path / "all.yaml"), labels=False,
                        check_blobs=False)  # fmt: skip
     assert summary.done == [scenes[1].name] and "leaves the release folder" in summary.failed[scenes[0].name]
+
+
+def test_every_broken_token_link_fails_its_own_scene_only(tmp_path: Path) -> None:
+    """Scene i breaks the i-th foreign key the synthetic release can break (every link the reader follows);
+    the last scene is clean. Each broken scene fails with one line naming the table file, the row's token
+    and the link; the clean scene is collected; the exit status is 1."""
+    links = [(table, name) for table, names in BREAKABLE_LINKS.items() for name in names]
+    faults = NuScenesFaults(
+        broken_links=tuple(
+            (i, table, name, 0 if table in ("scene", "calibrated_sensor") else 1)
+            for i, (table, name) in enumerate(links)
+        )
+    )
+    scenes = write_nuscenes(tmp_path / "ns", scenes=len(links) + 1, seconds=1.0, seed=3, blobs=False,
+                            faults=faults, version="v1.0-trainval")  # fmt: skip
+    split = _all_scenes_split(tmp_path / "all.yaml", "v1.0-trainval")
+    result = CliRunner().invoke(app, ["collect", "--source", "nuscenes", "--nuscenes-root", str(tmp_path / "ns"),
+                                      "--split", str(split), "--out", str(tmp_path / "out"), "--no-labels",
+                                      "--no-check-blobs", "--no-progress"])  # fmt: skip
+    assert result.exit_code == 1, result.output
+    failed = {line.split(":")[0].split()[-1]: line for line in result.output.splitlines() if "FAILED" in line}
+    assert set(failed) == {s.name for s in scenes[:-1]}, result.output
+    for scene, (table, name) in zip(scenes, links, strict=False):
+        line = failed[scene.name]
+        (broken_table, broken_field, row_token) = scene.broken_links[0]
+        assert (broken_table, broken_field) == (table, name)
+        # the row by its token (a scene row by its name), the link, the table file
+        row = scene.name if table == "scene" else row_token
+        assert f"{table}.json" in line and name in line and row in line, line
+        assert len(line) < 600
+    assert list(open_split(tmp_path / "out" / "all").manifest.logs) == [scenes[-1].name]
+
+
+def test_a_missing_table_exits_non_zero_with_one_line_per_scene(tmp_path: Path) -> None:
+    faults = NuScenesFaults(missing_tables=("sample_annotation",))
+    scenes = write_nuscenes(tmp_path / "ns", scenes=2, seconds=1.0, seed=2, blobs=False, faults=faults)
+    split = _all_scenes_split(tmp_path / "all.yaml")
+    result = CliRunner().invoke(app, ["collect", "--source", "nuscenes", "--nuscenes-root", str(tmp_path / "ns"),
+                                      "--split", str(split), "--out", str(tmp_path / "out"), "--no-labels",
+                                      "--no-check-blobs", "--no-progress"])  # fmt: skip
+    assert result.exit_code == 1, result.output
+    # one line per scene (printed as it fails and again in the summary)
+    failed = {line.split(":")[0].split()[-1]: line for line in result.output.splitlines() if "FAILED" in line}
+    assert set(failed) == {s.name for s in scenes}, result.output
+    assert all(
+        "sample_annotation.json: missing table" in line and len(line) < 600 for line in failed.values()
+    )

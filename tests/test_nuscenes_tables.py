@@ -121,8 +121,18 @@ def test_unicode_text_and_filter(tmp_path: Path) -> None:
         ('{"token": "a"}', "expected a JSON list"),
         ("", "empty file"),
         ('[{"token": "a", "translation": [1, 2, 3]}, {"token": "b", "translation": [1, 2', "near byte"),
-        ('[{"token": "a", "translation": [1, 2, 3]}] trailing', "Extra data"),
+        ('[{"token": "a", "translation": [1, 2, 3]}] trailing', "near byte 44 (trailing characters)"),
         ("[" + "[" * 100_000 + "]" * 100_000 + "]", "nested too deeply"),
+        (
+            '[{"token": "a", "x": ' + "[" * 100_000 + "]" * 100_000 + ', "translation": [1, 2, 3]}]',
+            "nested too deeply",
+        ),
+        # refused while decoding though the field-by-field check would pass them: named by row
+        (
+            '[{"token": "a", "translation": [1, 2, 3]}, {"token": "b", "translation": [1, 2, 1e400]}]',
+            "row 1 of table t: Number out of range",
+        ),
+        ('[{"token": "a", "translation": [true, 2, 3]}]', "row 0 of table t: Expected `float`, got `bool`"),
     ],
 )
 def test_malformed_tables_name_the_file_and_reason(tmp_path: Path, text: str, message: str) -> None:
@@ -131,6 +141,22 @@ def test_malformed_tables_name_the_file_and_reason(tmp_path: Path, text: str, me
     with pytest.raises(SourceError, match=r"t\.json") as info:
         read_table(path, [Column("token", "token"), Column("translation", "vec3")], block_bytes=16)
     assert message in str(info.value)
+
+
+def test_a_lone_surrogate_escape_is_refused_in_one_line(tmp_path: Path) -> None:
+    """``\\ud800`` alone is no Unicode text (json.load would take it): refused with the file and byte,
+    whatever the block size, never a silently mangled name."""
+    rows = [{"token": f"{i:02x}", "name": "x\ud800y" if i == 7 else f"n{i}"} for i in range(40)]
+    path = tmp_path / "t.json"
+    text = json.dumps(rows, indent=0)  # the escape \ud800 in the file
+    path.write_text(text, encoding="utf-8")
+    byte = text.index("\\ud800")
+    for block in (16, 1 << 20):
+        with pytest.raises(SourceError, match=r"t\.json: not a valid JSON list of records near byte") as info:
+            read_table(path, [Column("token", "token"), Column("name", "text")], block_bytes=block)
+        message = str(info.value)
+        assert "surrogate" in message and "\n" not in message
+        assert abs(int(message.split("near byte ")[1].split()[0]) - byte) <= 8
 
 
 def test_types_are_checked(tmp_path: Path) -> None:

@@ -286,7 +286,8 @@ class MixedStream(IterableDataset):
         if any(s.grid != grid for s in self.streams):
             raise StreamError(
                 f"{self.split_url}: the sources' voxel grids differ ({self._describe('grid')}); a model predicts "
-                "one grid: mix splits whose labels were made on the same grid"
+                "one grid: mix splits whose labels were made on the same grid (collect them with the same --grid, "
+                "e.g. --grid openscene)"
             )
         return grid
 

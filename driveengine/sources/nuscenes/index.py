@@ -123,25 +123,60 @@ class ReleaseIndex:
 # -- token look-ups ----------------------------------------------------------------------------------
 
 
+def _token_hash(tokens: np.ndarray, width: int) -> np.ndarray:
+    """(n,) uint64 hash of byte-string tokens (zero-padded to ``width`` bytes, a multiple of 8): a key that
+    sorts and searches several times faster than the strings."""
+    n = len(tokens)
+    raw = np.zeros((n, width), dtype=np.uint8)
+    if n:
+        raw[:, : tokens.dtype.itemsize] = np.ascontiguousarray(tokens).view(np.uint8).reshape(n, -1)
+    words = raw.view(np.uint64)
+    h = np.full(n, 0xCBF29CE484222325, dtype=np.uint64)
+    for k in range(words.shape[1]):
+        h ^= words[:, k]
+        h *= np.uint64(0x100000001B3)
+        h ^= h >> np.uint64(29)
+    return h
+
+
 class _Tokens:
-    """Position of each token of a column (tokens unique), for vectorised look-ups."""
+    """Position of each token of a column (tokens unique), for vectorised look-ups.
+
+    Look-ups search a 64-bit hash of the tokens and then compare the tokens themselves, so a hash
+    collision can never match a wrong row; if two of the column's tokens share a hash (never seen in
+    practice), they search the strings instead."""
 
     def __init__(self, tokens: np.ndarray) -> None:
-        self.order = np.argsort(tokens, kind="stable")
-        self.sorted = tokens[self.order]
+        tokens = np.asarray(tokens)
+        self.tokens = tokens
         self.size = len(tokens)
+        self.width = -(-max(tokens.dtype.itemsize, 1) // 8) * 8
+        hashes = _token_hash(tokens, self.width)
+        order = np.argsort(hashes, kind="stable")
+        self.hashes: np.ndarray | None = hashes[order]
+        if self.size > 1 and bool((self.hashes[1:] == self.hashes[:-1]).any()):
+            order = np.argsort(tokens, kind="stable")  # a collision: the strings' own order
+            self.hashes = None
+        self.order = order
+        self.sorted = tokens[order]
 
     def duplicates(self) -> np.ndarray:
         """The tokens that appear more than once."""
-        same = self.sorted[1:] == self.sorted[:-1]
-        return np.unique(self.sorted[1:][same])
+        if self.hashes is not None:
+            return np.zeros(0, dtype=self.tokens.dtype)  # distinct hashes: distinct tokens
+        ordered = np.sort(self.tokens)
+        same = ordered[1:] == ordered[:-1]
+        return np.unique(ordered[1:][same])
 
     def lookup(self, query: np.ndarray) -> np.ndarray:
         """(len(query),) int64 row of each token, -1 where absent (``b""`` is never present)."""
         query = np.asarray(query)
         if self.size == 0 or query.size == 0:
             return np.full(query.shape, -1, dtype=np.int64)
-        pos = np.searchsorted(self.sorted, query)
+        if self.hashes is not None and query.ndim == 1 and query.dtype.itemsize <= self.width:
+            pos = np.searchsorted(self.hashes, _token_hash(query, self.width))
+        else:
+            pos = np.searchsorted(self.sorted, query)
         pos_c = np.minimum(pos, self.size - 1)
         found = (self.sorted[pos_c] == query) & (query != b"")
         return np.where(found, self.order[pos_c], -1).astype(np.int64)
