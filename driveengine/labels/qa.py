@@ -3,6 +3,9 @@
 Each check gives a number per frame (or per log) and fails when it passes its threshold
 (:class:`QAThresholds`, documented defaults, overridable with ``--threshold NAME=VALUE``):
 
+``invalid_values`` (per frame, voxels; default max 0)
+    Voxels whose class id is outside the split's class table (above its ``free`` id) or whose flow is not
+    finite. Such voxels are counted as free (class) and without flow (flow) by the other checks.
 ``unobserved_occupied`` (per frame, fraction; default max 0.6)
     Occupied voxels that neither the frame's LiDAR nor its cameras observed (outside ``mask_lidar`` and
     ``mask_camera``), as a fraction of the occupied voxels. Aggregating a window puts some labels where the
@@ -17,10 +20,12 @@ Each check gives a number per frame (or per log) and fails when it passes its th
     the box within ``box_range_m``) but that touch no voxel of a foreground class. Rays crossed the box's
     inside, so its object returned points: such a box lost its voxels.
 ``flicker`` (per pair of consecutive frames, fraction; default max 0.05)
-    Static (background) voxels of one frame, moved into the next frame's ego frame with the two ego poses,
-    that land on a voxel the next frame observed and found free, with no background voxel within one
-    voxel (the tolerance absorbs the re-gridding); as a fraction of those landing on observed voxels, the
-    larger of both directions. Static structure does not appear and vanish between frames 0.5 s apart.
+    Static voxels (of any class that cannot move: not a foreground class, not free) of one frame, moved
+    into the next frame's ego frame with the two ego poses (``ego_next_from_ego_this = inv(ego2global_next)
+    @ ego2global_this``: the ego's motion is compensated), that land on a voxel the next frame's LiDAR
+    observed and found free, with no static voxel within one voxel (the tolerance absorbs the
+    re-gridding); as a fraction of those landing on observed voxels, the larger of both directions.
+    Static structure does not appear and vanish between frames 0.5 s apart.
 ``class_outlier`` (per log, robust z-score; default max 8, needs >= 3 logs)
     For each class, the log's share of the occupied voxels against the median share over the split's logs,
     in units of 1.4826 x the median absolute deviation (at least ``class_share_floor``): a log whose labels
@@ -53,6 +58,7 @@ class QAError(DriveEngineError):
 class QAThresholds:
     """Thresholds and parameters of the checks (see the module doc). A check fails above its ``max_*``."""
 
+    max_invalid_values: float = 0.0
     max_unobserved_occupied: float = 0.6
     max_static_flow: float = 0.0
     max_empty_boxes: float = 0.0
@@ -90,7 +96,7 @@ class QAThresholds:
 
 
 #: The checks, in report order.
-CHECKS = ("unobserved_occupied", "static_flow", "empty_boxes", "flicker", "class_outlier")
+CHECKS = ("invalid_values", "unobserved_occupied", "static_flow", "empty_boxes", "flicker", "class_outlier")
 
 
 def _static_classes(classes: ClassTable) -> np.ndarray:
@@ -242,7 +248,6 @@ def run_qa(
     fg[classes.free] = False
     if classes.background is not None and classes.background in classes.foreground:
         fg[classes.background] = False  # a table whose background is also an object class (Occ3D's others)
-    background = classes.background
     t = thresholds
     failures: dict[str, list[_Failure]] = {name: [] for name in CHECKS}
     worst: dict[str, float] = {name: 0.0 for name in CHECKS}
@@ -268,6 +273,23 @@ def run_qa(
                 i = start + j
                 sem = block["semantics"][j]
                 flow = block["flow"][j]
+                # ids outside the table and non-finite flow: counted, then read as free / no flow
+                bad_class = sem > classes.free
+                bad_flow = ~np.isfinite(flow).all(axis=-1)
+                n_invalid = int(np.count_nonzero(bad_class | bad_flow))
+                if n_invalid:
+                    sem = np.where(bad_class, np.uint8(classes.free), sem)
+                    flow = np.where(bad_flow[..., None], np.float32(0), flow)
+                _record(
+                    failures,
+                    worst,
+                    values,
+                    "invalid_values",
+                    log.name,
+                    i,
+                    float(n_invalid),
+                    t.max_invalid_values,
+                )
                 observed = block["mask_lidar"][j]
                 if has_camera:
                     observed = observed | block["mask_camera"][j]
@@ -305,7 +327,7 @@ def run_qa(
                 )
                 # flicker against the previous frame
                 pose = np.asarray(rows[i]["ego2global"], dtype=np.float64).reshape(4, 4)
-                static = (sem == background) if background is not None else np.zeros_like(occupied)
+                static = static_ids[sem]
                 if prev is not None and abs(rows[i]["timestamp"] - prev[4]) <= t.flicker_gap_s * 1e6:
                     p_static, p_obs, p_free, p_pose, _ = prev
                     this_from_prev = np.linalg.solve(pose, p_pose)
@@ -341,8 +363,8 @@ def run_qa(
     else:
         skipped["class_outlier"] = f"needs at least 3 labelled logs, the split has {len(per_log)}"
     limits = {
-        "unobserved_occupied": t.max_unobserved_occupied, "static_flow": t.max_static_flow,
-        "empty_boxes": t.max_empty_boxes, "flicker": t.max_flicker, "class_outlier": t.max_class_outlier,
+        "invalid_values": t.max_invalid_values, "unobserved_occupied": t.max_unobserved_occupied,
+        "static_flow": t.max_static_flow, "empty_boxes": t.max_empty_boxes, "flicker": t.max_flicker, "class_outlier": t.max_class_outlier,
     }  # fmt: skip
     checks = {
         name: {

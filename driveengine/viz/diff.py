@@ -15,7 +15,10 @@ from pathlib import Path
 
 import numpy as np
 
-from driveengine.viz.bev import VizError, _require_matplotlib, column_colors, top_view
+from driveengine.schemas.classes import ClassTable
+from driveengine.schemas.grid import VoxelGrid
+from driveengine.store.occ import OccFrame
+from driveengine.viz.bev import VizError, _require_matplotlib, _writing, column_colors, top_view
 
 StrPath = str | os.PathLike[str]
 
@@ -61,16 +64,11 @@ def _short(path: StrPath) -> str:
     return f"{p.parent.name}/{p.name}" if p.parent.name else p.name
 
 
-def show_diff(
-    split_a: StrPath,
-    split_b: StrPath,
-    log: str,
-    frame: int,
-    out: StrPath,
-    size_px: int = 600,
-) -> Path:
-    """Write the picture of the module doc for row ``frame`` of ``log`` in ``split_a`` and the frame with
-    the same token in ``split_b``; returns ``out``.
+def _frame_pair(
+    split_a: StrPath, split_b: StrPath, log: str, frame: int
+) -> tuple[str, list[OccFrame], VoxelGrid, ClassTable]:
+    """Row ``frame`` of ``log`` in ``split_a`` and the frame with the same token in ``split_b``:
+    ``(token, [frame of A, frame of B], grid, classes)``.
 
     Raises:
         VizError: the log or frame is missing from either split, or the grids / class tables differ.
@@ -82,8 +80,8 @@ def show_diff(
         raise VizError(f"{split_b}: grid {b.grid.describe()} differs from {split_a}'s {a.grid.describe()}")
     if a.classes != b.classes:
         raise VizError(f"{split_b}: class table {b.classes.name} differs from {split_a}'s {a.classes.name}")
-    sides = []
-    token = None
+    sides: list[OccFrame] = []
+    token: str | None = None
     for split, where in ((a, split_a), (b, split_b)):
         logs = {entry.name: entry for entry in split.logs}
         if log not in logs:
@@ -98,9 +96,38 @@ def show_diff(
             token = tokens[frame]
         if token not in tokens:
             raise VizError(f"{where}: log {log} has no frame with token {token} (frame {frame} of {split_a})")
-        occ = entry.labels()
-        sides.append(occ.frame(tokens.index(token)))
-    classes, grid = a.classes, a.grid
+        sides.append(entry.labels().frame(tokens.index(token)))
+    assert token is not None
+    return token, sides, a.grid, a.classes
+
+
+def diff_frames(split_a: StrPath, split_b: StrPath, log: str, frame: int) -> tuple[str, LabelDiff]:
+    """The differences of row ``frame`` of ``log`` in ``split_a`` and the same frame (by token) in
+    ``split_b``: ``(token, diff)`` (see :func:`label_diff`).
+
+    Raises:
+        VizError: as :func:`show_diff`.
+    """
+    token, sides, _, classes = _frame_pair(split_a, split_b, log, frame)
+    return token, label_diff(sides[0].semantics, sides[1].semantics, classes.free)
+
+
+def show_diff(
+    split_a: StrPath,
+    split_b: StrPath,
+    log: str,
+    frame: int,
+    out: StrPath,
+    size_px: int = 600,
+) -> Path:
+    """Write the picture of the module doc for row ``frame`` of ``log`` in ``split_a`` and the frame with
+    the same token in ``split_b``; returns ``out``.
+
+    Raises:
+        VizError: the log or frame is missing from either split, the grids / class tables differ, or
+            ``out`` cannot be written.
+    """
+    token, sides, grid, classes = _frame_pair(split_a, split_b, log, frame)
     diff = label_diff(sides[0].semantics, sides[1].semantics, classes.free)
     Figure, FigureCanvasAgg = _require_matplotlib()
     height = size_px / 100.0
@@ -131,6 +158,10 @@ def show_diff(
     fig.suptitle(f"{log} frame {frame} (token {token}): {legend} voxels", fontsize=9)
     fig.tight_layout()
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out)
+    with _writing(out):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            fig.savefig(out)
+        except ValueError as exc:  # matplotlib: "Format 'xyz' is not supported ..."
+            raise VizError(f"{out}: cannot write the picture: {exc}; use .png, .jpg or .svg") from None
     return out
