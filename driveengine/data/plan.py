@@ -152,36 +152,18 @@ def plan_epoch(
     Raises:
         ValueError: inconsistent rank/worker/batch arguments.
     """
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
-    num_workers = max(int(num_workers), 1)
-    if not 0 <= worker < num_workers:
-        raise ValueError(f"worker {worker} is not in [0, num_workers={num_workers})")
-    batch = world_size if global_batch_size is None else int(global_batch_size)
-    if batch < 1 or batch % world_size:
-        raise ValueError(
-            f"global batch size {global_batch_size} must be a positive multiple of the world size {world_size}"
-        )
-    if start < 0 or start % batch:
-        raise ValueError(f"resume point {start} must be a non-negative multiple of the global batch {batch}")
-    device_batch = batch // world_size
+    batch = _global_batch(global_batch_size, world_size)
     order = pad_order(
         global_order(frame_counts, seed=seed, epoch=epoch, shuffle=shuffle, block_size=block_size),
         batch,
         drop_last,
     )
-    n = len(order)
-    # Positions of this rank's samples: for each global batch k >= start/B, its slice r.
-    first_batch = min(start, n) // batch
-    num_batches = n // batch - first_batch
-    batch_ids = first_batch + np.arange(num_batches, dtype=np.int64)
-    # Device batch j of this rank goes to worker j % num_workers.
-    batch_ids = batch_ids[worker::num_workers]
-    positions = (
-        batch_ids[:, None] * batch + rank * device_batch + np.arange(device_batch, dtype=np.int64)[None, :]
-    ).reshape(-1)
+    positions, device_batch = deal_positions(
+        len(order), rank=rank, world_size=world_size, worker=worker, num_workers=num_workers,
+        global_batch_size=global_batch_size, start=start,
+    )  # fmt: skip
     return EpochPlan(
-        positions=positions, frames=order[positions], device_batch_size=device_batch, epoch_samples=n
+        positions=positions, frames=order[positions], device_batch_size=device_batch, epoch_samples=len(order)
     )
 
 
@@ -388,6 +370,16 @@ def mixed_global_order(
     return sources, frames
 
 
+def _global_batch(global_batch_size: int | None, world_size: int) -> int:
+    """The global batch (``world_size`` single samples when None), validated against the world size."""
+    batch = world_size if global_batch_size is None else int(global_batch_size)
+    if batch < 1 or batch % world_size:
+        raise ValueError(
+            f"global batch size {global_batch_size} must be a positive multiple of the world size {world_size}"
+        )
+    return batch
+
+
 def deal_positions(
     epoch_samples: int,
     *,
@@ -409,11 +401,7 @@ def deal_positions(
     num_workers = max(int(num_workers), 1)
     if not 0 <= worker < num_workers:
         raise ValueError(f"worker {worker} is not in [0, num_workers={num_workers})")
-    batch = world_size if global_batch_size is None else int(global_batch_size)
-    if batch < 1 or batch % world_size:
-        raise ValueError(
-            f"global batch size {global_batch_size} must be a positive multiple of the world size {world_size}"
-        )
+    batch = _global_batch(global_batch_size, world_size)
     if start < 0 or start % batch:
         raise ValueError(f"resume point {start} must be a non-negative multiple of the global batch {batch}")
     if epoch_samples % batch:
