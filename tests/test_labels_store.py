@@ -264,3 +264,25 @@ def test_open_occ_rejects_other_formats_with_the_path(tmp_path: Path) -> None:
     zarr.open_group(str(tmp_path / "new.zarr"), mode="a").attrs["format_version"] = FORMAT_VERSION + 1
     with pytest.raises(OccFormatError, match="upgrade driveengine"):
         open_occ(tmp_path / "new.zarr")
+
+
+@pytest.mark.parametrize("set_fraction", [0.0, 0.001, 0.05, 0.5])
+def test_sparse_float16_copy_gives_the_bytes_of_the_plain_cast(set_fraction: float) -> None:
+    """The writer's fast path for mostly-zero float32 flow (zeros plus the cast of the set elements) writes
+    exactly what numpy's cast writes, including -0.0, NaN, infinities, overflow and float16 subnormals; a
+    denser array takes the plain cast."""
+    from driveengine.store.occ import _copy_into
+
+    rng = np.random.default_rng(1)
+    value = np.zeros((40, 40, 8, 2), np.float32)
+    n = int(set_fraction * value.size)
+    idx = rng.choice(value.size, n, replace=False)
+    special = np.array([-0.0, np.nan, np.inf, -np.inf, 1e6, -7e4, 3e-7, -6e-8, 65519.0, 1.0], np.float32)
+    value.reshape(-1)[idx] = np.concatenate([special, rng.normal(size=max(n - special.size, 0))])[:n].astype(
+        np.float32
+    )
+    out = np.full(value.shape, np.float16(9.0))  # stale values from an earlier frame must be overwritten
+    with np.errstate(over="ignore"):
+        _copy_into(out, value)
+        expected = value.astype(np.float16)
+    assert out.tobytes() == expected.tobytes()

@@ -36,7 +36,12 @@ they overlap, fill the partly filled voxels: with every sweep of the log for the
 figures are kept as a test of ``whole_track=False``. The shipped ``openscene`` recipe takes the objects'
 points from the label sweep set only (the 2 Hz key-frame sweeps, ``track_sweep_step=0``): labelling every
 key frame of this log, frame 120 reaches 0.78 / 0.71 with 32k-ray sweeps and 0.81 / 0.72 with full-size
-ones; ``track_sweep_step=5`` (4 Hz) 0.81 / 0.76 and 0.83 / 0.77; ``track_sweep_step=1`` 0.84 / 0.83.
+ones under the plain majority vote; ``track_sweep_step=5`` (4 Hz) 0.81 / 0.76 and 0.83 / 0.77;
+``track_sweep_step=1`` 0.84 / 0.83. The whole-mask shortfall is (3): with ``object_priority`` (generator
+version 3, the shipped recipes) background points do not vote in voxels that an object claims, so the
+object keeps the ground-layer voxels it shares with the ground, as the truth has them: 0.78 / 0.80 with
+32k-ray sweeps, 0.81 / 0.83 with full-size ones (``track_sweep_step=5``: 0.83 / 0.85), static IoU unchanged
+(0.815 vs 0.813), still no false object voxel above the ground layer.
 
 The moving-object tests therefore assert the figures above with a small margin, plus what must hold exactly: no
 false object voxels, flow EPE, zero flow in a static world.
@@ -157,6 +162,58 @@ def test_whole_track_objects_beat_the_window_on_a_long_log(tmp_path: Path) -> No
     assert np.array_equal(window[0] >= BACKGROUND, track[0] >= BACKGROUND) or (
         _iou(window[0] == BACKGROUND, track[0] == BACKGROUND, window[2]) > 0.99
     )
+
+
+@pytest.fixture(scope="module")
+def shipped(tmp_path_factory: pytest.TempPathFactory):
+    """Frame 120 of every key frame (every 10th sweep) labelled with the shipped ``openscene`` recipe (on the
+    shifted grid, without mask_camera) from full-size sweeps, with and without ``object_priority``."""
+    from dataclasses import replace
+
+    from driveengine.labels.recipe import RECIPES
+
+    synth = synthesize(tmp_path_factory.mktemp("shipped"), logs=1, seconds=12.0, seed=3, blobs=False)[0]
+    log = read_nuplan_log(synth.db_path)
+    keys = np.arange(0, log.num_sweeps, 10)
+    sweeps = {
+        int(k): lidar_sweep(synth.world, int(log.sweep_timestamp_us[k]), FULL_SIZE_RAYS, int(k)).xyz
+        for k in keys
+    }
+    ts = int(log.sweep_timestamp_us[120])
+    truth = synth.world.occupancy(ts, GRID), synth.world.flow(ts, GRID)
+    out = {}
+    for priority in (True, False):
+        cfg = replace(RECIPES["openscene"], grid=GRID, camera_mask=False, object_priority=priority)
+        assert RECIPES["openscene"].object_priority  # the shipped recipe has it
+        gen = LabelGenerator(log, keys, sweeps.get, cfg)
+        for i, frame in enumerate(gen.frames()):
+            if keys[i] == 120:
+                out[priority] = (*(a.copy() for a in frame[:3]), *truth, gen.stats)
+    return out
+
+
+def test_shipped_recipe_objects_keep_the_voxels_they_share_with_the_ground(shipped) -> None:
+    """The shipped recipe (objects from the 2 Hz key-frame sweeps only) with ``object_priority``: moving
+    objects >= 0.8 above the ground layer and over the whole mask; without it the ground's returns take the
+    voxels at the objects' base (the whole-mask figure drops), and nothing else changes much."""
+    above, whole = _moving_ious(shipped[True])  # also: no false object voxel above the ground layer
+    plain_above, plain_whole = _moving_ious(shipped[False])
+    assert above >= 0.8 and whole >= 0.8, (above, whole)  # 0.81 / 0.83 (plain vote: 0.81 / 0.72)
+    assert whole >= plain_whole + 0.05 and above >= plain_above - 0.005, (
+        above,
+        whole,
+        plain_above,
+        plain_whole,
+    )
+    sem, flow, mask, true, true_flow, _ = shipped[True]
+    plain = shipped[False][0]
+    # background voxels stay background, except those the objects now take
+    static = _iou(sem == BACKGROUND, true == BACKGROUND, mask)
+    assert static >= _iou(plain == BACKGROUND, true == BACKGROUND, mask) - 0.005, static
+    assert np.array_equal(sem == FREE, plain == FREE)  # priority moves voxels between classes, never to free
+    both = (sem < BACKGROUND) & (true < BACKGROUND) & mask
+    assert np.linalg.norm(flow[both] - true_flow[both], axis=-1).mean() <= 0.1
+    assert not flow[sem >= BACKGROUND].any()
 
 
 def test_flow_matches_the_truth_on_object_voxels(moving) -> None:

@@ -167,6 +167,35 @@ def test_accumulate_static_marks_every_voxel_and_counts_the_contested_ones() -> 
     assert np.array_equal(counts, expected)  # counted where objects compete, untouched elsewhere
 
 
+@pytest.mark.parametrize("layout", ["C", "F"])
+def test_accumulate_static_is_the_per_point_rule_in_any_layout_and_prefix(layout: str) -> None:
+    """The blocked (vectorised) loop gives the voxels of the per-point rule (:func:`vo.points_to_voxels`)
+    bit for bit, row-major or column-major, over several blocks and a partial last block, for points on
+    voxel faces, on the grid's maximum (outside), far outside and NaN, and only for ``points[:stop]``."""
+    rng = np.random.default_rng(5)
+    n = 3 * vo._BLOCK + 17
+    pts = (rng.uniform(-60, 60, (n, 3)) * [1, 1, 0.08]).astype(np.float32)
+    pts[:200] = np.round(pts[:200] * 2) / 2  # on voxel faces (before the transform's rounding)
+    pts[200] = [50.0, 0.0, 0.0]  # x on the maximum: outside
+    pts[201] = [1e30, -1e30, 0.0]
+    pts[202] = [np.nan, 1.0, 1.0]
+    pts = np.asarray(pts, order=layout)
+    yaw = 0.4
+    rot = np.array([[np.cos(yaw), -np.sin(yaw), 0.01], [np.sin(yaw), np.cos(yaw), 0.0], [-0.01, 0.0, 1.0]])
+    for r, t in ((np.eye(3), np.zeros(3)), (rot, np.array([0.31, -2.2, 0.17]))):
+        for stop in (-1, n - 1000, 0):
+            take = pts if stop < 0 else pts[:stop]
+            ref = vo.points_to_voxels(np.ascontiguousarray(take), r, t, LO, VS, SHAPE)
+            full = np.bincount(ref[ref >= 0], minlength=NV)
+            contested = bits_of(full > 1)  # every voxel with two points or more
+            occupied = np.zeros_like(contested)
+            counts = np.zeros(NV, np.int32)
+            inside = vo.accumulate_static(pts, r, t, LO, VS, SHAPE, occupied, contested, counts, stop)
+            assert inside == np.count_nonzero(ref >= 0)
+            assert np.array_equal(occupied, bits_of(full))
+            assert np.array_equal(counts, np.where(full > 1, full, 0))
+
+
 def test_vote_majority_ties_to_lowest_id_and_flow_of_the_winner() -> None:
     static = np.zeros(NV, np.int32)
     # voxel 10: 2 background vs 2 pedestrian (7) -> 7 (lower id); voxel 20: 3 bg vs 2 vehicle -> 10;

@@ -40,12 +40,18 @@ following the baseline of reference §5. For every key frame ``t`` (a row of ``m
    ``track_cell_fill``, every voxel that the cell's cube overlaps *inside the box* (the cube clipped to
    the box, sampled at its corners), with the cell's point count as its vote; the class is the class of
    the box at ``t``. An object therefore never claims a voxel outside its box except through points
-   that lay outside it (within ``box_margin_m``), and the majority vote (step 5) settles voxels it
-   shares with background points (the ground under it) or with another object. Without ``whole_track``
+   that lay outside it (within ``box_margin_m``); the vote (step 5) settles voxels it shares with another
+   object and, without ``object_priority``, with background points (the ground under it: with
+   ``object_priority``, the shipped recipes' setting, the object keeps them). Without ``whole_track``
    (recipe ``openscene-v1``) the object points of the window's sweeps are placed one by one, each with
    the class of its own box (generator version 1, bit for bit).
 5. **Voxelise** on the grid (half-open range, outside points dropped, never clamped), **majority vote**
    per voxel, ties to the lowest class id; the table's ``free`` id (OpenScene: 16) where no point fell.
+   With ``object_priority`` (the shipped recipes since generator version 3) background points do not
+   vote in a voxel that object points or cells claim: the objects there vote among themselves, as the
+   synthetic truth (and OpenScene's box-based annotation) gives a voxel shared by an object and the
+   ground to the object. Without it (recipe ``openscene-v1``, and version 2's recipes) the background's
+   points count in the vote, so the ground's many returns take the voxels at an object's base.
    Flow = mean (vx, vy) of the points carrying the winning class (static points carry 0), so 0 for
    background. Any :class:`~driveengine.schemas.classes.ClassTable` with a ``background`` id works
    (OpenScene's: objects 0..9 < background 10 < free 16; Occ3D-nuScenes': ``others`` 0 is the
@@ -103,8 +109,9 @@ if TYPE_CHECKING:
 
 #: Bumped whenever the algorithm changes its output for the same inputs and config. Version 2 added
 #: whole-track objects and ``mask_camera`` (both settings of the recipe); with ``whole_track=False`` and
-#: ``camera_mask=False`` its arrays are version 1's, bit for bit.
-GENERATOR_VERSION = 2
+#: ``camera_mask=False`` its arrays are version 1's, bit for bit. Version 3 added ``object_priority`` (a
+#: setting; without it the arrays are version 2's, bit for bit).
+GENERATOR_VERSION = 3
 
 #: Loads the points of sweep ``k``: (n, 3) x, y, z in that sweep's ego frame, metres, or None if the
 #: sweep's point cloud is unavailable.
@@ -167,6 +174,9 @@ class LabelConfig:
             sweeps read.
         track_cell_fill: a cell claims every voxel its cube overlaps inside the box, not only the voxel
             of its points' mean (whole-track; see the module doc).
+        object_priority: background points do not vote in voxels that object points (or whole-track
+            cells) claim, so an object keeps the voxels it shares with the ground (see the module doc,
+            step 5); False = the plain majority vote of versions 1 and 2.
         camera_mask: also compute ``mask_camera`` (:mod:`~driveengine.labels.camera_visibility`) from
             the log's camera calibration.
         recipe: the recipe's name (:mod:`~driveengine.labels.recipe`; ``custom`` for hand-made settings).
@@ -183,6 +193,7 @@ class LabelConfig:
     track_cell_m: float = 0.1
     track_cell_fill: bool = True
     track_sweep_step: int = 0
+    object_priority: bool = False
     camera_mask: bool = False
     recipe: str = "custom"
     kind = "generator"
@@ -203,7 +214,7 @@ class LabelConfig:
             raise ValueError("LabelConfig.window_s, box_margin_m and box_ground_clearance_m must be finite")
         if not (np.isfinite(self.track_cell_m) and 0.01 <= self.track_cell_m <= 1.0):
             raise ValueError(f"LabelConfig.track_cell_m must be within 0.01..1 m, got {self.track_cell_m}")
-        for name in ("ray_dedup", "whole_track", "track_cell_fill", "camera_mask"):
+        for name in ("ray_dedup", "whole_track", "track_cell_fill", "object_priority", "camera_mask"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"LabelConfig.{name} must be true or false, got {getattr(self, name)!r}")
         if not isinstance(self.grid, VoxelGrid):
@@ -229,7 +240,8 @@ class LabelConfig:
         """The config of a :meth:`to_dict` record (a dataset's ``generator`` attribute or manifest entry).
 
         A version 1 record (no ``whole_track``/``camera_mask``) gives ``whole_track=False`` and
-        ``camera_mask=False``, which this version computes bit for bit as version 1 did.
+        ``camera_mask=False``, which this version computes bit for bit as version 1 did; a record of
+        version 1 or 2 has no ``object_priority``, which is then False (bit for bit as they did).
 
         Raises:
             ValueError: one line naming ``where``: not this generator's record, a newer generator version,
@@ -394,7 +406,9 @@ def label_sweep_set(log: LogData, key_sweeps: np.ndarray, sweep_step: int) -> np
 class _Sweep:
     """One sweep, prepared once: points in its ego frame, split into static and object points."""
 
-    points: np.ndarray  #: (n, 3) float32 ego_k: the static points first, then the object points
+    #: (n, 3) float32 ego_k: the static points first, then the object points; column-major (F order),
+    #: which :func:`~driveengine.labels.voxel_ops.accumulate_static` vectorises over
+    points: np.ndarray
     num_static: int
     obj_local: np.ndarray  #: (n_obj, 3) float32, object points in their box's frame
     obj_track: np.ndarray  #: (n_obj,) int64 track id
@@ -515,8 +529,8 @@ class LabelGenerator:
         idx = np.arange(b.start, b.stop)[self.boxes.valid[b]]
         if idx.size == 0 or pts.shape[0] == 0:
             return _Sweep(
-                pts, pts.shape[0], np.zeros((0, 3), np.float32), np.zeros(0, np.int64), np.zeros(0, np.uint8),
-                point_class,
+                np.asfortranarray(pts), pts.shape[0], np.zeros((0, 3), np.float32), np.zeros(0, np.int64),
+                np.zeros(0, np.uint8), point_class,
             )  # fmt: skip
         box_from_ego = relative_transform(self.boxes.global_from_box[idx], self.global_from_ego[k])
         half = 0.5 * self.boxes.size[idx]
@@ -536,8 +550,9 @@ class LabelGenerator:
         owner = idx[obj_box]
         static_class = None if point_class is None else point_class[box_of < 0]
         return _Sweep(
-            ordered, num_static, obj_local, self.boxes.track[owner], self.boxes.cls[owner], static_class
-        )
+            np.asfortranarray(ordered), num_static, obj_local, self.boxes.track[owner], self.boxes.cls[owner],
+            static_class,
+        )  # fmt: skip
 
     def _point_classes(self, k: int, n: int, st: LabelStats) -> np.ndarray | None:
         """The classes of sweep ``k``'s ``n`` points, checked, or None (none, or unusable: counted, noted)."""
@@ -754,17 +769,16 @@ class LabelGenerator:
             ov, oc, ovel = obj_vox[:n_obj], obj_cls[:n_obj], obj_vel[:n_obj]
             occupied.fill(0)
             contested.fill(0)
-            if not classed:  # unclassed static points vote for background against object points
-                vo.mark_voxels(ov, contested)
+            if not classed and not cfg.object_priority:
+                vo.mark_voxels(ov, contested)  # unclassed static points vote for background against objects
             for k, sw in windowed:
                 if sw.static_class is not None:
                     continue
                 rot, trans = transforms[k]
-                static = sw.points[: sw.num_static]
-                st.aggregated_points += static.shape[0]
-                st.points_in_grid += vo.accumulate_static(
-                    static, rot, trans, self.lo, self.vs, self.shape, occupied, contested, counts
-                )
+                st.aggregated_points += sw.num_static
+                st.points_in_grid += vo.accumulate_static(  # the whole (contiguous) array: its static rows
+                    sw.points, rot, trans, self.lo, self.vs, self.shape, occupied, contested, counts, sw.num_static
+                )  # fmt: skip
             if tracks is None:
                 vo.vote(
                     occupied, counts, ov, oc, ovel, semantics, flow, slot_ws,

@@ -12,12 +12,13 @@ Shipped recipes (:data:`RECIPES`):
 name           what
 ============== ==================================================================================
 openscene      OpenScene's grid ([-50, -50, -4, 50, 50, 4] m, 0.5 m); +-10 s of 2 Hz sweeps; whole-track
-               objects; mask_lidar of the key frame's sweep; mask_camera. nuPlan's default.
+               objects with priority over the background in the voxels they claim (``object_priority``);
+               mask_lidar of the key frame's sweep; mask_camera. nuPlan's default.
 occ3d          Occ3D-nuScenes' grid ([-40, -40, -1, 40, 40, 5.4] m, 0.4 m), otherwise as openscene.
                nuScenes' default.
 fine           0.25 m voxels over [-50, -50, -5, 50, 50, 3] m (400 x 400 x 32), otherwise as openscene.
 openscene-v1   DriveEngine's labels before whole-track objects and mask_camera (generator version 1),
-               bit for bit: window-only objects, no camera mask.
+               bit for bit: window-only objects, plain majority vote, no camera mask.
 ============== ==================================================================================
 
 A **custom recipe** is a YAML file of settings, optionally on top of a shipped one::
@@ -46,7 +47,9 @@ from driveengine.schemas.grid import GRID_PRESETS, grid_name
 
 #: The shipped recipes by name.
 RECIPES: dict[str, LabelConfig] = {
-    name: LabelConfig(grid=GRID_PRESETS[grid], whole_track=True, camera_mask=True, recipe=name)
+    name: LabelConfig(
+        grid=GRID_PRESETS[grid], whole_track=True, object_priority=True, camera_mask=True, recipe=name
+    )
     for name, grid in (("openscene", "openscene"), ("occ3d", "occ3d"), ("fine", "fine"))
 }
 RECIPES["openscene-v1"] = LabelConfig(

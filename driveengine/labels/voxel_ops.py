@@ -448,6 +448,10 @@ def mark_voxels(voxels: np.ndarray, bits: np.ndarray) -> None:
             bits[v >> 6] |= np.uint64(1) << np.uint64(v & 63)
 
 
+#: Points per block of :func:`accumulate_static` (voxel indices of a block are computed, then scattered).
+_BLOCK = 1024
+
+
 @numba.njit(cache=True)
 def accumulate_static(
     points: np.ndarray,
@@ -459,6 +463,7 @@ def accumulate_static(
     occupied: np.ndarray,
     contested: np.ndarray,
     counts: np.ndarray,
+    stop: int = -1,
 ) -> int:
     """Voxelise background points: mark their voxels occupied, and count them where objects compete.
 
@@ -468,11 +473,20 @@ def accumulate_static(
     640k-voxel grid: it stays in cache, where a 2.5 MB count array would not) and touches ``counts``
     only for voxels set in ``contested``.
 
+    Points go in blocks of :data:`_BLOCK`: first the voxel index of every point of the block (a
+    branch-free loop that the compiler vectorises, as ``points`` is column-major, e.g. the transpose
+    of a C-order (3, N) array, as the generator stores its sweeps: 1.7x faster than row-major), then
+    the scatter into the bitsets. Row-major points take a per-point loop. The arithmetic is the same as :func:`accumulate_counts`' (same float64
+    operations in the same order), so the voxels are the same whatever the layout.
+
     Args:
-        points: (N, 3) points in their sweep's ego frame, metres; ``points @ rotation.T + translation``
-            is the grid frame.
+        points: (N, 3) points in their sweep's ego frame, metres (column-major is fastest);
+            ``points @ rotation.T + translation`` is the grid frame.
         occupied, contested: (W,) uint64 voxel bitsets (:func:`bitset_words`); ``occupied`` is updated.
         counts: (V,) int32, incremented at contested voxels only.
+        stop: only the rows ``points[:stop]`` (all when negative). Pass a sweep's whole column-major array
+            and the number of its leading static points rather than the slice ``points[:stop]``, which is
+            no longer contiguous (and not vectorised).
 
     Returns:
         The number of points that landed in the grid.
@@ -482,16 +496,50 @@ def accumulate_static(
     a = _voxel_units_affine(rotation, translation, lo, vs)
     one = np.uint64(1)
     inside = 0
-    for i in range(points.shape[0]):
-        px, py, pz = np.float64(points[i, 0]), np.float64(points[i, 1]), np.float64(points[i, 2])
-        v = _scaled_voxel(px, py, pz, a, fnx, fny, fnz, ny, nz)
-        if v >= 0:
-            w = v >> 6
-            bit = one << np.uint64(v & 63)
-            occupied[w] |= bit
-            if contested[w] & bit:
-                counts[v] += 1
-            inside += 1
+    n = points.shape[0] if stop < 0 else min(stop, points.shape[0])
+    if not points.flags.f_contiguous or nx * ny * nz >= 2**31:
+        # row-major: the per-point loop (the blocked one is not vectorised then, and slower); and positions
+        # that do not fit int32 (no grid DriveEngine accepts is this large)
+        for i in range(n):
+            px, py, pz = np.float64(points[i, 0]), np.float64(points[i, 1]), np.float64(points[i, 2])
+            v = _scaled_voxel(px, py, pz, a, fnx, fny, fnz, ny, nz)
+            if v >= 0:
+                w = v >> 6
+                bit = one << np.uint64(v & 63)
+                occupied[w] |= bit
+                if contested[w] & bit:
+                    counts[v] += 1
+                inside += 1
+        return inside
+    a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11 = a
+    nyz32, nz32 = np.int32(ny * nz), np.int32(nz)
+    block = np.empty(_BLOCK, np.int32)
+    for b0 in range(0, n, _BLOCK):
+        m = min(n - b0, _BLOCK)
+        for j in range(m):  # as _scaled_voxel, with selects instead of a branch (vectorised)
+            px, py, pz = (
+                np.float64(points[b0 + j, 0]),
+                np.float64(points[b0 + j, 1]),
+                np.float64(points[b0 + j, 2]),
+            )
+            fx = a0 * px + a1 * py + a2 * pz + a9
+            fy = a3 * px + a4 * py + a5 * pz + a10
+            fz = a6 * px + a7 * py + a8 * pz + a11
+            ok = (fx >= 0.0) & (fy >= 0.0) & (fz >= 0.0) & (fx < fnx) & (fy < fny) & (fz < fnz)
+            # clamped before the conversion so that it is defined for every input (unused when not ok)
+            ix = np.int32(min(max(fx, 0.0), fnx - 1.0))
+            iy = np.int32(min(max(fy, 0.0), fny - 1.0))
+            iz = np.int32(min(max(fz, 0.0), fnz - 1.0))
+            block[j] = ix * nyz32 + iy * nz32 + iz if ok else np.int32(-1)
+        for j in range(m):
+            v = block[j]
+            if v >= 0:
+                w = v >> 6
+                bit = one << np.uint64(v & 63)
+                occupied[w] |= bit
+                if contested[w] & bit:
+                    counts[v] += 1
+                inside += 1
     return inside
 
 
