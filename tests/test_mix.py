@@ -33,12 +33,7 @@ from driveengine.data.plan import (
 COUNTS = [[7, 3, 11], [5], [2, 4]]  # three sources of 21, 5 and 6 frames
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_compute_thread")
 
 
 # -- the plan ------------------------------------------------------------------------------------------

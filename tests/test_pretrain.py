@@ -21,14 +21,7 @@ from driveengine.train.config import PretrainConfig
 from driveengine.train.loop import pretrain
 from driveengine.train.loss import IGNORE_INDEX, OccupancyLoss, class_weights_from_counts
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Two cores shared by many processes: one intra-op thread is much faster (and reproducible).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_compute_thread")
 
 
 @pytest.fixture(scope="module")

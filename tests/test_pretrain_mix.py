@@ -27,13 +27,7 @@ from driveengine.data import UNIFIED_CLASSES
 from driveengine.train.config import DataSource, PretrainConfig, PretrainError, data_options, data_sources
 from driveengine.train.loop import pretrain
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_compute_thread")
 
 
 @pytest.fixture(scope="module")

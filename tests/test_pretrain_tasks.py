@@ -47,13 +47,7 @@ from driveengine.train.tasks import (
     unregister_task,
 )
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_compute_thread")
 
 
 # -- the toy model and its task: everything "adding a model" takes ------------------------------------
