@@ -76,7 +76,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from driveengine.data.plan import MixedEpochPlan, mix_probabilities, plan_mixed_epoch
-from driveengine.data.stream import OCC_FIELDS, FrameStream, StreamError
+from driveengine.data.stream import OCC_FIELDS, EpochCursor, FrameStream, StreamError
 from driveengine.schemas.classes import UNIFIED, ClassTable
 from driveengine.schemas.grid import VoxelGrid
 
@@ -120,7 +120,7 @@ class MixSource:
     storage_options: dict[str, Any] | None = None
 
 
-class MixedStream(IterableDataset):
+class MixedStream(EpochCursor, IterableDataset):
     """Streams several collected splits mixed by weight, sharded over DDP ranks and DataLoader workers.
 
     Args:
@@ -237,9 +237,6 @@ class MixedStream(IterableDataset):
         self._source_counts = [
             (s.frame_counts if self.block_size is not None else [s.num_frames]) for s in self.streams
         ]
-        self._epoch = 0
-        self._start = 0
-        self._yielded = 0
 
     def _open(
         self,
@@ -345,22 +342,6 @@ class MixedStream(IterableDataset):
         return "; ".join(parts)
 
     # -- epochs and resume -------------------------------------------------------------------------
-    @property
-    def device_batch_size(self) -> int:
-        """Samples per batch on this rank: ``global_batch_size / world_size`` (1 without a global batch)."""
-        return 1 if self.global_batch_size is None else self.global_batch_size // self.world_size
-
-    @property
-    def epoch(self) -> int:
-        return self._epoch
-
-    def set_epoch(self, epoch: int) -> None:
-        """Select the epoch; a different epoch than a resumed one starts from its beginning."""
-        if int(epoch) != self._epoch:
-            self._start = 0
-            self._yielded = 0
-        self._epoch = int(epoch)
-
     def _plan(self, worker: int = 0, num_workers: int = 1) -> MixedEpochPlan:
         return plan_mixed_epoch(
             self._source_counts, self.weights, homogeneous=self.homogeneous,

@@ -165,7 +165,37 @@ def _runs(keys: np.ndarray) -> list[tuple[int, int]]:
     return out
 
 
-class FrameStream(IterableDataset):
+class EpochCursor:
+    """Where an epoch-based stream stands: the epoch, the samples of its global order consumed before this
+    run (``_start``, set by a resume) and the samples this process yielded since (``_yielded``, in-process
+    loading). Shared by :class:`FrameStream` and :class:`~driveengine.data.mix.MixedStream`; a subclass
+    sets ``global_batch_size`` and ``world_size``.
+    """
+
+    global_batch_size: int | None
+    world_size: int
+    _epoch: int = 0
+    _start: int = 0
+    _yielded: int = 0
+
+    @property
+    def device_batch_size(self) -> int:
+        """Samples per batch on this rank: ``global_batch_size / world_size`` (1 without a global batch)."""
+        return 1 if self.global_batch_size is None else self.global_batch_size // self.world_size
+
+    @property
+    def epoch(self) -> int:
+        return self._epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch (its shuffle); a different epoch than a resumed one starts from its beginning."""
+        if int(epoch) != self._epoch:
+            self._start = 0
+            self._yielded = 0
+        self._epoch = int(epoch)
+
+
+class FrameStream(EpochCursor, IterableDataset):
     """Streams the key frames of a collected split, sharded over DDP ranks and DataLoader workers.
 
     Args:
@@ -348,9 +378,6 @@ class FrameStream(IterableDataset):
         if self.history:
             meta += ["scene_token", "ego2global", "token"]
         self._meta_columns = tuple(dict.fromkeys([*meta, "token"]))
-        self._epoch = 0
-        self._start = 0  # samples of the epoch's global order already consumed (resume)
-        self._yielded = 0  # samples yielded by this process in the current epoch (in-process loading)
         self._readers: OrderedDict[int, LogReader] = OrderedDict()
         self._readers_pid = os.getpid()
         self._blobs = BlobFiles(self.sensor_storage_options, self._cache_options)
@@ -514,22 +541,6 @@ class FrameStream(IterableDataset):
     def num_frames(self) -> int:
         """Frames the stream serves (of the selected logs, after the filters): the range of ``stream[i]``."""
         return self.selection.num_frames
-
-    @property
-    def device_batch_size(self) -> int:
-        """Samples per batch on this rank: ``global_batch_size / world_size`` (1 without a global batch)."""
-        return 1 if self.global_batch_size is None else self.global_batch_size // self.world_size
-
-    @property
-    def epoch(self) -> int:
-        return self._epoch
-
-    def set_epoch(self, epoch: int) -> None:
-        """Select the epoch (its shuffle); a different epoch than a resumed one starts from its beginning."""
-        if int(epoch) != self._epoch:
-            self._start = 0
-            self._yielded = 0
-        self._epoch = int(epoch)
 
     def _plan(self, worker: int = 0, num_workers: int = 1):
         return plan_epoch(
