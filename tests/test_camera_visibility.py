@@ -204,3 +204,127 @@ def test_kernel_marks_the_stopping_voxel_and_reports_where_it_came_near() -> Non
     assert mask.tolist() == [True] * 7 + [False] * 3
     assert t_near[0] == pytest.approx(4.5) and t_near[1] == pytest.approx(4.5)
     assert visits == 7 + 3  # the child walked from x = 4 m (voxel 4) to the occupied voxel 6
+
+
+# -- the lattice's guarantee: every voxel seen head-on is entered by a ray walked at its depth -------------
+
+NUPLAN_K = np.array([[1545.0, 0.0, 960.0], [0.0, 1545.0, 560.0], [0.0, 0.0, 1.0]])  # 1920 x 1080 cameras
+BARREL = np.array([-0.356, 0.172, -0.0002, -0.0005, -0.05])  # k1, k2, p1, p2, k3 of nuPlan's order
+
+
+def _distort(x: np.ndarray, y: np.ndarray, dist: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    k1, k2, p1, p2, k3 = dist
+    r2 = x * x + y * y
+    radial = 1 + r2 * (k1 + r2 * (k2 + r2 * k3))
+    return x * radial + 2 * p1 * x * y + p2 * (r2 + 2 * x * x), y * radial + p1 * (
+        r2 + 2 * y * y
+    ) + 2 * p2 * x * y
+
+
+def _worst_gap(
+    k: np.ndarray, m: np.ndarray, size: tuple[int, int], dist: np.ndarray, grid: VoxelGrid
+) -> float:
+    """The largest distance, over random points of the grid box inside the lattice, from a point to the
+    nearest ray walked at its depth (started before it), in units of half a voxel (the radius of a face
+    seen head-on): <= 1 is the module's guarantee."""
+    direction, start, _, _, stride = cv._camera_levels(k, dist, size[0], size[1], m, grid)
+    cam = direction @ m[:3, :3]  # camera frame
+    x, y = cam[:, 0] / cam[:, 2], cam[:, 1] / cam[:, 2]
+    xd, yd = _distort(x, y, dist)
+    iu = np.rint((k[0, 0] * xd + k[0, 2]) / stride - 0.5).astype(int)
+    iv = np.rint((k[1, 1] * yd + k[1, 2]) / stride - 0.5).astype(int)
+    nu, nv = iu.max() + 1, iv.max() + 1
+    assert nu * nv == direction.shape[0]  # every lattice point once
+    lattice = np.empty((nv, nu, 3))
+    lattice[iv, iu] = direction
+    start_depth = np.empty((nv, nu))
+    start_depth[iv, iu] = start * cam[:, 2]
+    rmax = np.hypot(x, y).max()
+    rng = np.random.default_rng(0)
+    lo, hi = np.asarray(grid.range_min_m), np.asarray(grid.range_max_m)
+    q = lo + rng.random((30000, 3)) * (hi - lo)
+    pc = (q - m[:3, 3]) @ m[:3, :3]
+    q, pc = q[pc[:, 2] > 1.0], pc[pc[:, 2] > 1.0]
+    qx, qy = pc[:, 0] / pc[:, 2], pc[:, 1] / pc[:, 2]
+    qxd, qyd = _distort(qx, qy, dist)
+    fu = (k[0, 0] * qxd + k[0, 2]) / stride - 0.5
+    fv = (k[1, 1] * qyd + k[1, 2]) / stride - 0.5
+    inside = (np.hypot(qx, qy) <= rmax) & (fu >= 0) & (fu <= nu - 1) & (fv >= 0) & (fv <= nv - 1)
+    q, fu, fv, depth = q[inside], fu[inside], fv[inside], pc[inside, 2]
+    assert q.shape[0] > 1000
+    rel = q - m[:3, 3]
+    best = np.full(q.shape[0], np.inf)
+    reach = 2**cv.LEVELS + 2  # the coarsest lattice's spacing, with a margin
+    for a in range(-reach, reach + 1):
+        for b in range(-reach, reach + 1):
+            cu, cv_ = np.floor(fu).astype(int) + a, np.floor(fv).astype(int) + b
+            ok = (cu >= 0) & (cu < nu) & (cv_ >= 0) & (cv_ < nv)
+            cu, cv_ = np.clip(cu, 0, nu - 1), np.clip(cv_, 0, nv - 1)
+            d = lattice[cv_, cu]
+            apart = np.linalg.norm(rel - (rel * d).sum(axis=1, keepdims=True) * d, axis=1)
+            walked = ok & (start_depth[cv_, cu] <= depth)
+            best = np.where(walked, np.minimum(best, apart), best)
+    return float(best.max() / (grid.voxel_size_m / 2))
+
+
+@pytest.mark.parametrize("dist", [np.zeros(5), BARREL], ids=["pinhole", "barrel"])
+@pytest.mark.parametrize("yaw", [0.0, np.radians(55)], ids=["front", "front-left"])
+def test_every_point_of_the_grid_in_view_is_within_half_a_voxel_of_a_walked_ray(dist, yaw) -> None:
+    _, m, _ = _front_camera(yaw=yaw)
+    worst = _worst_gap(NUPLAN_K, m, (1920, 1080), dist, GRID_PRESETS["openscene"])
+    assert worst <= 1.0, worst
+
+
+def test_the_stride_follows_the_depth_the_camera_sees_and_the_lens() -> None:
+    grid = GRID_PRESETS["openscene"]
+    _, front, _ = _front_camera()
+    _, corner, _ = _front_camera(yaw=np.radians(45))
+    corner_distance = float(np.linalg.norm(np.array([50.0, 50.0, -4.0]) - front[:3, 3]))
+    by_distance = cv.lattice_stride(1545.0, grid, corner_distance)  # the old rule: 7
+    strides = {}
+    for name, m in (("front", front), ("corner", corner)):
+        for lens, dist in (("pinhole", np.zeros(5)), ("barrel", BARREL)):
+            strides[name, lens] = cv._camera_levels(NUPLAN_K, dist, 1920, 1080, m, grid)[4]
+    # the front camera sees at most 48.2 m deep (x = 50 m): a coarser lattice than the grid corner's rule
+    assert strides["front", "pinhole"] == cv.lattice_stride(1545.0, grid, 50.0 - front[0, 3]) > by_distance
+    assert strides["corner", "pinhole"] < strides["front", "pinhole"]
+    # barrel distortion spreads the lattice at the image's edges: never a coarser stride
+    assert strides["front", "barrel"] <= strides["front", "pinhole"]
+    assert strides["corner", "barrel"] <= strides["corner", "pinhole"]
+
+
+def test_cone_depths_is_the_deepest_point_of_the_box_in_each_pyramid() -> None:
+    grid = VoxelGrid((-20.0, -10.0, -2.0), (30.0, 10.0, 4.0), 0.5)
+    _, m, _ = _front_camera(yaw=0.3)
+    rng = np.random.default_rng(1)
+    x0 = rng.uniform(-0.8, 0.6, 40)
+    y0 = rng.uniform(-0.5, 0.4, 40)
+    rect = np.stack([x0, x0 + rng.uniform(0.01, 0.3, 40), y0, y0 + rng.uniform(0.01, 0.2, 40)], axis=1)
+    rect[0] = (-0.1, 0.1, -3.0, -2.9)  # steeply up: misses the box (the camera is inside it, under the top)
+    depths = cv.cone_depths(m, grid, rect)
+    for (a, b, c, d), found in zip(rect, depths, strict=True):
+        # brute force: the deepest exit point of a dense fan of rays through the rectangle
+        xx, yy = np.meshgrid(np.linspace(a, b, 60), np.linspace(c, d, 60))
+        rays = np.stack([xx.ravel(), yy.ravel(), np.ones(xx.size)], axis=1) @ m[:3, :3].T
+        exit_m = cv._exit_distances(m[:3, 3], rays, grid)  # in units of the rays' depth (z = 1 per unit)
+        brute = float(np.where(np.isfinite(exit_m), exit_m, 0.0).max())
+        assert brute <= found + 1e-6 and found <= brute * 1.05 + 0.05, (a, b, c, d, found, brute)
+    assert depths[0] < 3.0  # only the few metres up to the grid's top
+
+
+def test_every_ray_is_within_a_voxel_of_the_ancestors_it_relies_on() -> None:
+    """Up to its start a ray is not walked: the ancestors whose walks vouch for that part of its path
+    (an ancestor ``a`` up to the start of its child on the ray's line) are less than a voxel beside it
+    there, so nothing occupied lies on the skipped part when their walks met nothing near."""
+    grid = GRID_PRESETS["openscene"]
+    for dist in (np.zeros(5), BARREL):
+        _, m, _ = _front_camera(yaw=0.4)
+        direction, start, parent, level, _ = cv._camera_levels(NUPLAN_K, dist, 1920, 1080, m, grid)
+        assert (parent[level == 0] == -1).all() and (parent[level > 0] < np.flatnonzero(level > 0)).all()
+        worst = 0.0
+        for r in np.flatnonzero(level == cv.LEVELS)[::7]:
+            child, up = r, parent[r]
+            while up >= 0:
+                worst = max(worst, np.linalg.norm(direction[r] - direction[up]) * start[child])
+                child, up = up, parent[up]
+        assert 0 < worst < grid.voxel_size_m

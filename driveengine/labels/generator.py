@@ -110,8 +110,10 @@ if TYPE_CHECKING:
 #: Bumped whenever the algorithm changes its output for the same inputs and config. Version 2 added
 #: whole-track objects and ``mask_camera`` (both settings of the recipe); with ``whole_track=False`` and
 #: ``camera_mask=False`` its arrays are version 1's, bit for bit. Version 3 added ``object_priority`` (a
-#: setting; without it the arrays are version 2's, bit for bit).
-GENERATOR_VERSION = 3
+#: setting; without it the arrays are version 2's, bit for bit). Version 4 changed ``mask_camera``'s rays (a
+#: stride per camera from the depth it sees, levels started per ray; :mod:`~driveengine.labels.camera_visibility`):
+#: every array but ``mask_camera`` is version 3's, bit for bit.
+GENERATOR_VERSION = 4
 
 #: Loads the points of sweep ``k``: (n, 3) x, y, z in that sweep's ego frame, metres, or None if the
 #: sweep's point cloud is unavailable.
