@@ -187,6 +187,22 @@ def test_model_outputs_and_visibility():
         lift_grid_for(GRID, 3.0)
 
 
+def test_uint8_images_from_the_loader_give_the_float_images_output():
+    """The camera task streams uint8 images (a quarter of the bytes); the model scales them on the device."""
+    from driveengine.train.tasks import StreamOptions
+
+    assert StreamOptions().image_dtype == "uint8"
+    torch.manual_seed(0)
+    k, e = _rig()
+    model = _small_model(lift_voxel_size_m=2.0).eval()
+    pixels = torch.randint(0, 256, (1, 8, 3, H, W), dtype=torch.uint8)
+    with torch.no_grad():
+        as_uint8 = model(pixels, k.expand(1, -1, -1, -1), e.expand(1, -1, -1, -1))
+        as_float = model(pixels.float() / 255.0, k.expand(1, -1, -1, -1), e.expand(1, -1, -1, -1))
+    assert torch.equal(as_uint8["semantics"], as_float["semantics"])
+    assert torch.equal(model.normalise(pixels), model.normalise(pixels.float() / 255.0))
+
+
 def test_history_frames_are_warped_by_ego_motion():
     """A previous frame whose cameras saw the same images from the same place in the world gives the same
     output whichever ego frame it is expressed in; claiming the ego moved while the cameras did not

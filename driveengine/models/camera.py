@@ -383,9 +383,12 @@ class CameraOccupancyNet(nn.Module):
         self._visibility_cache: dict[tuple, torch.Tensor] = {}
 
     def normalise(self, images: torch.Tensor) -> torch.Tensor:
-        """Backbone input (..., 3, H, W) from RGB images in [0, 1]: reordered to the backbone's channel
-        order and standardised with its statistics (see the module docstring)."""
+        """Backbone input (..., 3, H, W) from RGB images, float in [0, 1] or uint8 0..255 (the loader's
+        compact form, scaled here, on the device): reordered to the backbone's channel order and
+        standardised with its statistics (see the module docstring)."""
         x = images.to(self.mean.dtype)
+        if images.dtype == torch.uint8:
+            x = x / 255.0
         if self._channel_order != [0, 1, 2]:
             x = x[..., self._channel_order, :, :]
         return (x - self.mean) / self.std

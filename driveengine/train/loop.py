@@ -734,7 +734,7 @@ def _open_stream(
             sources[0].root, sources[0].split, fields=task.fields, history=options.history, shuffle=shuffle,
             seed=config.seed, global_batch_size=config.batch_size * world, rank=rank, world_size=world,
             storage_options=config.storage_options, blob_root=config.blob_root, image_size=options.image_size,
-            point_sweeps=options.point_sweeps,
+            point_sweeps=options.point_sweeps, image_dtype=options.image_dtype,
         )  # fmt: skip
     weighted = not evaluation and all(s.weight is not None for s in sources)
     mix = [
@@ -746,6 +746,7 @@ def _open_stream(
         global_batch_size=config.batch_size * world, rank=rank, world_size=world,
         samples_per_epoch=(config.samples_per_epoch or None) if weighted else None, classes=classes,
         storage_options=config.storage_options, image_size=options.image_size, point_sweeps=options.point_sweeps,
+        image_dtype=options.image_dtype,
     )  # fmt: skip
 
 

@@ -63,11 +63,14 @@ class StreamOptions:
         image_size: (width, height) pixels images are resized to (intrinsics scaled accordingly).
         history: previous key frames delivered with each sample (``history_*`` keys).
         point_sweeps: previous key frames' points added to ``points`` (with a time-lag column).
+        image_dtype: ``"uint8"`` (RGB 0..255: a quarter of the bytes through the loader; the model scales
+            them on the device) or ``"float32"`` (RGB in [0, 1]).
     """
 
     image_size: tuple[int, int] = DEFAULT_IMAGE_SIZE
     history: int = 0
     point_sweeps: int = 0
+    image_dtype: str = "uint8"
 
 
 @runtime_checkable
