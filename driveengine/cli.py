@@ -805,11 +805,9 @@ def evaluate(
     from driveengine.evaluation.evaluate import evaluate as run_evaluate
     from driveengine.evaluation.evaluate import to_json_ready
     from driveengine.evaluation.metrics import format_metrics_table
-    from driveengine.progress import is_quiet, is_terminal
 
     pred_dir, gt_dir = _one_of(pred, pred_option, "PRED", "--pred"), _one_of(gt, gt_option, "GT", "--gt")
-    # evaluate draws a tqdm bar: only on a terminal (a file gets no carriage returns).
-    progress = progress and not json_out and not is_quiet() and is_terminal(sys.stderr)
+    progress = progress and not json_out
     result = run_evaluate(
         resolve_split_dir(pred_dir), resolve_split_dir(gt_dir), mask_lidar=mask_lidar, mask=mask, workers=workers,
         progress=progress,

@@ -293,7 +293,7 @@ def evaluate(
         workers: threads loading and scoring frames (Zarr decompression and numpy release the GIL);
             their statistics are added in ground-truth frame order, so the result does not depend on it
             (bit for bit, the EPE float sums included).
-        progress: show a progress bar (tqdm) on stderr.
+        progress: show progress on stderr (:mod:`driveengine.progress`: a bar on a terminal, lines in a file).
 
     Returns:
         :meth:`OccupancyMetrics.compute`'s dict plus ``pred``, ``gt``, ``mask`` (the mask used),
@@ -304,9 +304,8 @@ def evaluate(
         EvaluationError: mismatched inputs (see :func:`match_frames`), an unknown mask, or a mask the
             ground truth does not have.
     """
-    from tqdm import tqdm
-
     from driveengine.evaluation.metrics import OccupancyMetrics
+    from driveengine.progress import track
 
     if mask is not None and mask not in MASKS:
         raise EvaluationError(f"--mask {mask!r}: use one of {', '.join(MASKS)}")
@@ -344,9 +343,9 @@ def evaluate(
         return metrics.frame_stats(p_sem, g_sem, p_flow, g_flow, mask=keep)
 
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        for stats in tqdm(
+        for stats in track(
             _ordered_map(pool, score, pairs, ahead=4 * max(1, workers)),
-            total=len(pairs), desc="evaluate", unit="frame", disable=not progress,
+            total=len(pairs), desc="evaluate", unit="frame", show=progress,
         ):  # fmt: skip
             metrics.add(stats)  # in ground-truth frame order: the EPE float sums are OpenScene's
     out = metrics.compute()
