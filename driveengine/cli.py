@@ -267,7 +267,7 @@ def synth(
     from driveengine.synth.nuscenes import format_nuscenes_summary, write_nuscenes
 
     size = parse_image_size(image_size)
-    # The writers draw a tqdm bar: only on a terminal (a file gets no carriage returns).
+    # The writers show a per-log file count: a bar on a terminal; in a log file it would only be noise.
     progress = progress and not is_quiet() and is_terminal(sys.stderr)
 
     def nuplan_logs() -> str:

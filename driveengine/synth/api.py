@@ -165,7 +165,7 @@ def synthesize(
 
 
 def _write_blobs(log: SynthLog, rays: int, key_frames_only: bool, faults: Faults, progress: bool) -> None:
-    from tqdm import tqdm
+    from driveengine.progress import progress as progress_display
 
     world, plan = log.world, log.plan
     missing_pcd = set(faults.missing_pcd)
@@ -180,33 +180,32 @@ def _write_blobs(log: SynthLog, rays: int, key_frames_only: bool, faults: Faults
             jobs.append(("jpg", ch, k, ts))
     cameras = {c.channel: c for c in world.cameras}
     cam_rays = {c.channel: pixel_rays(c) for c in world.cameras}
-    bar = tqdm(total=len(jobs), desc=log.log_name, unit="file", disable=not progress, leave=False)
-    for start in range(0, len(jobs), _BATCH):
-        batch = jobs[start : start + _BATCH]
-        stamps = np.array([job[3] for job in batch], dtype=np.int64)
-        # world state of the whole batch in one vectorised evaluation
-        solids = world.solids_many(stamps)
-        poses = world.frame_poses(stamps)
-        for (kind, ch, idx, ts), known_solids, pose in zip(batch, solids, poses, strict=True):
-            bar.update()
-            known = {"solids": known_solids, "global_from_ego": pose}
-            if kind == "pcd":
-                rel = plan.sweep_filename[idx]
-                if idx in missing_pcd:
-                    log.missing_files.append(rel)
-                    continue
-                path = log.sensor_root / rel
-                write_sweep(world, path, ts, rays, idx, **known)
-            else:
-                rel = plan.image_filename[ch][idx]
-                if (ch, idx) in missing_jpg:
-                    log.missing_files.append(rel)
-                    continue
-                path = log.sensor_root / rel
-                write_image(world, cameras[ch], path, ts, cam_rays[ch], **known)
-            log.files += 1
-            log.bytes += path.stat().st_size
-    bar.close()
+    with progress_display(total=len(jobs), desc=log.log_name, unit="file", show=progress) as bar:
+        for start in range(0, len(jobs), _BATCH):
+            batch = jobs[start : start + _BATCH]
+            stamps = np.array([job[3] for job in batch], dtype=np.int64)
+            # world state of the whole batch in one vectorised evaluation
+            solids = world.solids_many(stamps)
+            poses = world.frame_poses(stamps)
+            for (kind, ch, idx, ts), known_solids, pose in zip(batch, solids, poses, strict=True):
+                bar.update()
+                known = {"solids": known_solids, "global_from_ego": pose}
+                if kind == "pcd":
+                    rel = plan.sweep_filename[idx]
+                    if idx in missing_pcd:
+                        log.missing_files.append(rel)
+                        continue
+                    path = log.sensor_root / rel
+                    write_sweep(world, path, ts, rays, idx, **known)
+                else:
+                    rel = plan.image_filename[ch][idx]
+                    if (ch, idx) in missing_jpg:
+                        log.missing_files.append(rel)
+                        continue
+                    path = log.sensor_root / rel
+                    write_image(world, cameras[ch], path, ts, cam_rays[ch], **known)
+                log.files += 1
+                log.bytes += path.stat().st_size
 
 
 def format_summary(results: list[SynthLog]) -> str:

@@ -1427,7 +1427,7 @@ def _write_blobs(
     scene: SynthNuScenesScene, g: _Geometry, rays: int, faults: NuScenesFaults, index: int, progress: bool
 ) -> None:
     """Write the scene's ``.pcd.bin`` sweeps and ``.jpg`` images (the capture rule of the module docstring)."""
-    from tqdm import tqdm
+    from driveengine.progress import progress as progress_display
 
     world = g.world
     sd = scene.sample_data
@@ -1436,46 +1436,45 @@ def _write_blobs(
     missing_img = {(ch, k) for s, ch, k in faults.missing_images if s == index}
     rows = np.flatnonzero(np.isin(sd.channel, (LIDAR_CHANNEL, *CAMERA_CHANNELS)))
     cam_rays = {ch: pixel_rays(c) for ch, c in g.cameras_world.items()}
-    bar = tqdm(total=len(rows), desc=scene.name, unit="file", disable=not progress, leave=False)
-    for start in range(0, len(rows), _BATCH):
-        batch = rows[start : start + _BATCH]
-        stamps = g.sd_ts[batch]  # world time (write_nuscenes does not shift scenes)
-        solids = world.solids_many(stamps)
-        poses = world.frame_poses(stamps)
-        for r, known_solids, pose in zip(batch.tolist(), solids, poses, strict=True):
-            bar.update()
-            ch, k, rel = str(sd.channel[r]), int(sd.chain_index[r]), str(sd.filename[r])
-            if ch == LIDAR_CHANNEL:
-                if k in missing:
-                    scene.missing_files.append(rel)
-                    continue
-                sweep_i = int(sd.sweep_index[r])
-                key = g.key_sweeps.get(sweep_i)
-                if key is None:
-                    sweep = lidar_sweep(
-                        world, int(g.sd_ts[r]), rays, sweep_i, solids=known_solids, global_from_ego=pose
-                    )
-                    data = _sweep_points(world, sweep).tobytes()
+    with progress_display(total=len(rows), desc=scene.name, unit="file", show=progress) as bar:
+        for start in range(0, len(rows), _BATCH):
+            batch = rows[start : start + _BATCH]
+            stamps = g.sd_ts[batch]  # world time (write_nuscenes does not shift scenes)
+            solids = world.solids_many(stamps)
+            poses = world.frame_poses(stamps)
+            for r, known_solids, pose in zip(batch.tolist(), solids, poses, strict=True):
+                bar.update()
+                ch, k, rel = str(sd.channel[r]), int(sd.chain_index[r]), str(sd.filename[r])
+                if ch == LIDAR_CHANNEL:
+                    if k in missing:
+                        scene.missing_files.append(rel)
+                        continue
+                    sweep_i = int(sd.sweep_index[r])
+                    key = g.key_sweeps.get(sweep_i)
+                    if key is None:
+                        sweep = lidar_sweep(
+                            world, int(g.sd_ts[r]), rays, sweep_i, solids=known_solids, global_from_ego=pose
+                        )
+                        data = _sweep_points(world, sweep).tobytes()
+                    else:
+                        data = key.points.tobytes()
+                    if k in truncated:
+                        data = data[:-6]
+                        scene.truncated_files.append(rel)
                 else:
-                    data = key.points.tobytes()
-                if k in truncated:
-                    data = data[:-6]
-                    scene.truncated_files.append(rel)
-            else:
-                if (ch, k) in missing_img:
-                    scene.missing_files.append(rel)
-                    continue
-                rgb, _ = render_camera(
-                    world,
-                    g.cameras_world[ch],
-                    int(g.sd_ts[r]),
-                    cam_rays[ch],
-                    solids=known_solids,
-                    global_from_ego=pose,
-                )
-                data = jpeg_bytes(rgb)
-            _put(scene, scene.root / rel, data)
-    bar.close()
+                    if (ch, k) in missing_img:
+                        scene.missing_files.append(rel)
+                        continue
+                    rgb, _ = render_camera(
+                        world,
+                        g.cameras_world[ch],
+                        int(g.sd_ts[r]),
+                        cam_rays[ch],
+                        solids=known_solids,
+                        global_from_ego=pose,
+                    )
+                    data = jpeg_bytes(rgb)
+                _put(scene, scene.root / rel, data)
 
 
 def _put(scene: SynthNuScenesScene, path: Path, data: bytes) -> None:
