@@ -60,6 +60,7 @@ import numpy as np
 from fsspec.implementations.chained import ChainedFileSystem
 
 from driveengine.errors import DriveEngineError
+from driveengine.store.commit import process_alive
 
 logger = logging.getLogger(__name__)
 
@@ -223,16 +224,6 @@ def _flock(path: Path, timeout_s: float, what: str) -> Iterator[None]:
         yield
     finally:
         os.close(fd)  # releases the lock
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class FileCache:
@@ -609,7 +600,7 @@ class FileCache:
                 pid, declared = int(parts[1]), int(parts[3])
             except (FileNotFoundError, IndexError, ValueError):
                 continue
-            if not _pid_alive(pid) or now - st.st_mtime > STALE_PART_S:
+            if not process_alive(pid) or now - st.st_mtime > STALE_PART_S:
                 self._unlink(Path(e.path))
                 continue
             used += max(st.st_size, declared + 4 * (-(-declared // BLOCK_BYTES)) + _TRAILER.size)

@@ -72,6 +72,7 @@ from driveengine.geometry import (
     transform_points,
     yaw_to_quaternion,
 )
+from driveengine.sources.nuscenes.constants import CAMERA_CHANNELS, LIDAR_CHANNEL
 from driveengine.synth.api import DEFAULT_RAYS, KEY_FRAME_EVERY, world_for_log
 from driveengine.synth.blobs import jpeg_bytes
 from driveengine.synth.nuplan_db import SynthError
@@ -82,16 +83,6 @@ from driveengine.synth.world import BOX_RANGE_M, EGO_Z_M, Camera, Loop, World
 # sensors and timeline
 # ---------------------------------------------------------------------------------------------------
 
-LIDAR_CHANNEL = "LIDAR_TOP"
-#: The six nuScenes cameras.
-CAMERA_CHANNELS: tuple[str, ...] = (
-    "CAM_FRONT",
-    "CAM_FRONT_RIGHT",
-    "CAM_FRONT_LEFT",
-    "CAM_BACK",
-    "CAM_BACK_LEFT",
-    "CAM_BACK_RIGHT",
-)
 #: The five nuScenes radars (rows only, ``radar=True`` with ``blobs=False``).
 RADAR_CHANNELS: tuple[str, ...] = (
     "RADAR_FRONT",
