@@ -11,7 +11,7 @@ takes it as ``CollectConfig.labels``.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -72,3 +72,29 @@ class LabelProducer(Protocol):
     def write(self, job: LabelJob) -> dict[str, Any]:
         """Write the log's label group at ``job.out``; returns JSON-ready statistics."""
         ...
+
+
+#: An importer of others' label files into one group (``import_openscene_labels``, ``import_occ3d_labels``):
+#: ``(files, out, *, grid, classes, storage, timestamps_us, source, tokens) -> frames written``.
+LabelFileImporter = Callable[..., int]
+
+
+def import_label_files(
+    job: LabelJob, importer: LabelFileImporter, files: Sequence[Path], grid: VoxelGrid, folder: str | Path
+) -> dict[str, Any]:
+    """The ``write`` of an importer producer: ``files`` (one per frame row, in row order) imported by
+    ``importer`` into ``job.out`` on ``grid`` with the job's classes, storage, timestamps and tokens, the
+    job's progress told; returns the statistics recorded with the log (``imported_from``, ``frames``)."""
+    frames = importer(
+        files,
+        job.out,
+        grid=grid,
+        classes=job.classes,
+        storage=job.storage,
+        timestamps_us=job.log.sweep_timestamp_us[job.key_sweeps],
+        source=str(folder),
+        tokens=job.log.sweep_token[job.key_sweeps],
+    )
+    if job.progress is not None:
+        job.progress(frames)
+    return {"imported_from": str(folder), "frames": frames}

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from driveengine.errors import DriveEngineError
-from driveengine.labels.base import LabelJob
+from driveengine.labels.base import LabelJob, import_label_files
 from driveengine.schemas.classes import OCC3D_NUSCENES_CLASSES, ClassTable
 from driveengine.schemas.grid import VoxelGrid
 from driveengine.sources.base import Source
@@ -224,16 +224,4 @@ class Occ3DImport:
         gts = gts_folder(Path(self.folder))
         tokens = [str(t) for t in job.log.sweep_token[job.key_sweeps]]
         files = [labels_path(gts, job.input.name, token) for token in tokens]
-        frames = import_occ3d_labels(
-            files,
-            job.out,
-            grid=self.grid,
-            classes=job.classes,
-            storage=job.storage,
-            timestamps_us=job.log.sweep_timestamp_us[job.key_sweeps],
-            source=str(self.folder),
-            tokens=job.log.sweep_token[job.key_sweeps],
-        )
-        if job.progress is not None:
-            job.progress(frames)
-        return {"imported_from": str(self.folder), "frames": frames}
+        return import_label_files(job, import_occ3d_labels, files, self.grid, self.folder)

@@ -25,7 +25,7 @@ from driveengine.formats.openscene_labels import (
     locate_label_files,
     read_label_file,
 )
-from driveengine.labels.base import LabelJob
+from driveengine.labels.base import LabelJob, import_label_files
 from driveengine.schemas.classes import OPENSCENE_CLASSES, ClassTable
 from driveengine.schemas.grid import GRID, VoxelGrid
 from driveengine.sources.base import Source
@@ -117,16 +117,4 @@ class OpenSceneImport:
         rows = [by_token[str(tok)] for tok in job.log.sweep_token[job.key_sweeps]]
         folder = Path(job.input.path).parent.name  # meta_datas/<folder>/<log>.pkl
         files = locate_label_files(rows, Path(self.folder), folder)
-        frames = import_openscene_labels(
-            files,
-            job.out,
-            grid=self.grid,
-            classes=job.classes,
-            storage=job.storage,
-            timestamps_us=job.log.sweep_timestamp_us[job.key_sweeps],
-            source=str(self.folder),
-            tokens=job.log.sweep_token[job.key_sweeps],
-        )
-        if job.progress is not None:
-            job.progress(frames)
-        return {"imported_from": str(self.folder), "frames": frames}
+        return import_label_files(job, import_openscene_labels, files, self.grid, self.folder)

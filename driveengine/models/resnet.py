@@ -33,6 +33,17 @@ def _conv1x1(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
     return nn.Conv2d(cin, cout, kernel_size=1, stride=stride, bias=False)
 
 
+def init_convs_and_norms(module: nn.Module) -> None:
+    """torchvision's initialisation of a convolutional backbone: every convolution Kaiming-normal
+    (fan-out, ReLU), every batch norm weight 1 and bias 0 (in module order)."""
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
 class BasicBlock(nn.Module):
     """Two 3x3 convolutions with a residual connection (ResNet-18/34)."""
 
@@ -115,12 +126,7 @@ class ResNet(nn.Module):
         self.layer4 = self._make_layer(block, width * 8, layers[3], stride=2)
         self.out_channels = tuple(width * m * block.expansion for m in (1, 2, 4, 8))
         self.strides = tuple(stem_stride * s for s in (1, 2, 4, 8))
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_convs_and_norms(self)
         # Zero-init the last BN of each residual branch: every block starts as the identity.
         for m in self.modules():
             if isinstance(m, Bottleneck):

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from driveengine.errors import DriveEngineError
+from driveengine.models.resnet import init_convs_and_norms
 
 #: The channel counts below are those of ``width=64`` (the published network).
 PUBLISHED_WIDTH = 64
@@ -241,12 +242,7 @@ class VoVNet(nn.Module):
         self.out_channels = tuple(concat)
         self.strides = (4, 8, 16, 32)
         self.min_input_px = min_input_px()
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_convs_and_norms(self)
         for m in self.modules():
             if isinstance(m, EffectiveSE):  # every gate starts at hsigmoid(0) = 0.5
                 nn.init.zeros_(m.fc.weight)
