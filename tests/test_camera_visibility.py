@@ -184,26 +184,28 @@ def test_synthetic_world_buildings_hide_what_is_behind_them(tmp_path) -> None:
 def test_kernel_marks_the_stopping_voxel_and_reports_where_it_came_near() -> None:
     grid = VoxelGrid((0.0, 0.0, 0.0), (10.0, 1.0, 1.0), 1.0)
     lo, vs, shape = vo.grid_params(grid)
-    occupied = np.zeros(vo.bitset_words(grid.num_voxels), np.uint64)
-    vo.mark_voxels(np.array([6]), occupied)  # voxel x = 6
-    near = np.zeros_like(occupied)
-    vo.dilate_bits(occupied, shape, near)
-    near_mask = np.zeros(grid.num_voxels, bool)
-    vo.bits_to_mask(near, near_mask)
-    assert near_mask.tolist() == [False] * 5 + [True] * 3 + [False] * 2
-    observed = np.zeros_like(occupied)
-    t_near = np.empty(2)
-    origin = np.array([[0.5, 0.5, 0.5], [0.5, 0.5, 0.5]])
-    # ray 1 is ray 0's child, starting at 8 m: ray 0 came near at 4.5 m, so ray 1 starts at 4.5 - 1 m
+    semantics = np.full(grid.num_voxels, FREE, np.uint8)
+    semantics[6] = 3  # voxel x = 6
+    code = np.empty(grid.num_voxels, np.uint8)
+    vo.occupancy_codes(semantics, FREE, shape, code)
+    assert code.tolist() == [0] * 5 + [vo.NEAR, vo.NEAR | vo.OCCUPIED, vo.NEAR] + [0] * 2
+    origin = np.array([[0.5, 0.5, 0.5], [0.5, 0.5, 0.5], [0.5, 0.5, 0.5]])
+    direction = np.array([[1.0, 0.0, 0.0], [1.0, 0.0, 0.0], [1.0, 0.0, 0.0]])
+    # ray 1 is ray 0's child, starting at 8 m: ray 0 came near at 4.5 m, so ray 1 starts at 4.5 - 1 m (walked);
+    # ray 2 is ray 1's child, starting at 2 m, before ray 1 came near: it follows its path from 2 m
+    start, exit_m, parent = np.array([0.0, 8.0, 2.0]), np.array([9.5, 9.5, 9.5]), np.array([-1, 0, 1])
+    offsets, voxels = vo.camera_ray_paths(origin, direction, start, exit_m, lo, vs, shape)
+    assert offsets.tolist() == [0, 10, 12, 20] and voxels[:10].tolist() == list(range(10))
+    assert voxels[10:].tolist() == [8, 9, *range(2, 10)]
+    observed = np.zeros(grid.num_voxels, bool)
+    t_near = np.empty(3)
     visits = vo.cast_camera_rays(
-        origin, np.array([[1.0, 0.0, 0.0], [1.0, 0.0, 0.0]]), np.array([0.0, 8.0]), np.array([9.5, 9.5]),
-        np.array([-1, 0]), occupied, near, lo, vs, shape, observed, t_near, 1.0,
+        origin, direction, start, exit_m, parent, offsets, voxels, code, lo, vs, shape, observed.view(np.uint8),
+        t_near, 1.0,
     )  # fmt: skip
-    mask = np.zeros(grid.num_voxels, bool)
-    vo.bits_to_mask(observed, mask)
-    assert mask.tolist() == [True] * 7 + [False] * 3
-    assert t_near[0] == pytest.approx(4.5) and t_near[1] == pytest.approx(4.5)
-    assert visits == 7 + 3  # the child walked from x = 4 m (voxel 4) to the occupied voxel 6
+    assert observed.tolist() == [True] * 7 + [False] * 3
+    assert t_near.tolist() == pytest.approx([4.5, 4.5, 4.5])
+    assert visits == 7 + 3 + 5  # the child walked from x = 4 m (voxel 4) to voxel 6; ray 2 from voxel 2 to 6
 
 
 # -- the lattice's guarantee: every voxel seen head-on is entered by a ray walked at its depth -------------
@@ -328,3 +330,21 @@ def test_every_ray_is_within_a_voxel_of_the_ancestors_it_relies_on() -> None:
                 worst = max(worst, np.linalg.norm(direction[r] - direction[up]) * start[child])
                 child, up = up, parent[up]
         assert 0 < worst < grid.voxel_size_m
+
+
+def test_a_rigs_rays_are_built_once_per_calibration_and_grid() -> None:
+    k, m, size = _front_camera()
+    first = cv.rig_rays(k[None], m[None], size[None], GRID)
+    assert (
+        cv.rig_rays(k[None].copy(), m[None].copy(), size[None].copy(), GRID) is first
+    )  # same values: cached
+    assert not first.direction.flags.writeable and not first.paths(GRID)[1].flags.writeable
+    moved = m.copy()
+    moved[2, 3] += 0.01  # another mount height: other rays
+    other = cv.rig_rays(k[None], moved[None], size[None], GRID)
+    assert other is not first and not np.array_equal(other.origin, first.origin)
+    finer = VoxelGrid(GRID.range_min_m, GRID.range_max_m, 0.25)
+    assert cv.rig_rays(k[None], m[None], size[None], finer) is not first
+    # the cache keeps the last rig whatever its size, and older ones within its byte budget
+    assert cv.rig_rays(k[None], m[None], size[None], finer).nbytes > 0
+    assert sum(r.nbytes for r in cv._RIG_CACHE.values()) <= max(cv.RIG_CACHE_BYTES, first.nbytes)

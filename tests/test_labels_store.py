@@ -93,7 +93,7 @@ def test_writer_holds_one_shard_and_checks_the_frame_count(tmp_path: Path) -> No
     ) as w:
         for i, f in enumerate(frames):
             w.append(**frame_arrays(f))
-            assert w._buffers is None or w._buffers["semantics"].shape[0] == 2  # one shard of buffer
+            assert all(len(d._chunks) < 2 for d in w._direct.values())  # at most one shard held
             # complete shards are on disk, the buffered frames are not yet
             on_disk = zarr.open_group(str(tmp_path / "a.zarr"), mode="r")["semantics"][:]
             done = (i + 1) // 2 * 2
@@ -286,3 +286,53 @@ def test_sparse_float16_copy_gives_the_bytes_of_the_plain_cast(set_fraction: flo
         _copy_into(out, value)
         expected = value.astype(np.float16)
     assert out.tobytes() == expected.tobytes()
+
+
+@pytest.mark.parametrize("num_frames", [1, 5, 16, 21])
+def test_direct_shard_writer_writes_the_bytes_zarr_writes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, num_frames: int
+) -> None:
+    """store/shards.py's writer (used for local groups) against zarr's own writer: the same files, byte for
+    byte, for full and partial shards (frames beyond the array are empty index entries)."""
+    import driveengine.store.occ as occ_module
+
+    frames = _frames(num_frames, SMALL, seed=num_frames)
+    arrays = (*REQUIRED_ARRAYS, "mask_camera")
+
+    def write(path: Path) -> None:
+        with create_occ(path, num_frames, generator={}, grid=SMALL, arrays=arrays) as w:
+            for sem, flow, mask in frames:
+                w.append(semantics=sem, flow=flow.astype(np.float32), mask_lidar=mask, mask_camera=~mask)
+
+    write(tmp_path / "direct.zarr")
+    with monkeypatch.context() as m:
+        m.setattr(occ_module.FrameArrayWriter, "for_array", classmethod(lambda cls, *args: None))
+        write(tmp_path / "zarr.zarr")
+    files = sorted(
+        p.relative_to(tmp_path / "zarr.zarr") for p in (tmp_path / "zarr.zarr").rglob("*") if p.is_file()
+    )
+    direct = sorted(
+        p.relative_to(tmp_path / "direct.zarr") for p in (tmp_path / "direct.zarr").rglob("*") if p.is_file()
+    )
+    assert files == direct and any(f.parts[1] == "c" for f in files)
+    for f in files:
+        assert (tmp_path / "direct.zarr" / f).read_bytes() == (tmp_path / "zarr.zarr" / f).read_bytes(), f
+    occ = open_occ(tmp_path / "direct.zarr")
+    for i in (0, num_frames - 1):
+        assert np.array_equal(occ.frame(i).semantics, frames[i][0])
+        assert np.array_equal(occ.read(i, i + 1)["mask_camera"][0], ~frames[i][2])
+
+
+def test_other_compressors_and_object_stores_take_zarrs_writer(tmp_path: Path) -> None:
+    frames = _frames(3, SMALL)
+    storage = OccStorage(compressor="blosc-lz4", compression_level=5)
+    with create_occ(tmp_path / "b.zarr", 3, generator={}, grid=SMALL, storage=storage) as w:
+        assert not w._direct  # blosc is not a layout store/shards.py writes
+        for f in frames:
+            w.append(**frame_arrays(f))
+    with create_occ(tmp_path / "z.zarr", 3, generator={}, grid=SMALL) as w:
+        assert set(w._direct) == set(REQUIRED_ARRAYS)
+        for f in frames:
+            w.append(**frame_arrays(f))
+    for name in ("b.zarr", "z.zarr"):
+        assert np.array_equal(open_occ(tmp_path / name).frame(2).semantics, frames[2][0])

@@ -75,10 +75,12 @@ points once per pass, and reused by every frame whose window holds it (a sliding
 with whole-track objects the first pass reads every sweep once more, the first window's sweeps being
 kept for the frame pass). Frames are written one shard at a time, so memory is bounded by the window
 of prepared sweeps (about 12 bytes per point: 1.4 MB for a 117k-point nuPlan sweep, so ~60 MB at 2 Hz
-and ~560 MB at 20 Hz for +-10 s) plus one shard (``shard_frames`` x 6 bytes per voxel: 3.8 MB a frame
+and ~560 MB at 20 Hz for +-10 s) plus at most one shard (``shard_frames`` x 6 bytes per voxel: 3.8 MB a frame
 on OpenScene's grid, 31 MB on ``fine``) plus the track cells (~36 bytes each) plus per-frame workspaces
 (~20 bytes per voxel: 12 MB on OpenScene's grid, 100 MB on ``fine``) plus the camera rays (~64 bytes
-per ray: 30 MB for nuPlan's eight 1920 x 1080 cameras on OpenScene's grid, 120 MB on ``fine``).
+per ray and their paths, 4 bytes per voxel a ray enters: 53 MB for nuPlan's eight 1920 x 1080 cameras on
+OpenScene's grid, 300 MB on ``fine``). Shards go to disk as they fill (each frame is compressed when it is
+appended, :mod:`driveengine.store.shards`).
 
 Kernels are serial (see :mod:`~driveengine.labels.voxel_ops`); ``collect`` runs one log per process.
 """

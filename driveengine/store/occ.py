@@ -68,6 +68,7 @@ from driveengine.schemas.occ import (
     occ_array_specs,
     occ_group_attributes,
 )
+from driveengine.store.shards import FrameArrayWriter
 
 PathLike = str | os.PathLike[str]
 
@@ -195,6 +196,7 @@ class OccWriter:
         specs: dict[str, OccArraySpec],
         shard_frames: int,
         arrays: dict[str, zarr.Array],
+        direct: dict[str, FrameArrayWriter] | None = None,
     ) -> None:
         self._group = group
         self.path = path
@@ -203,7 +205,10 @@ class OccWriter:
         self._specs = specs
         # the arrays as created: their write_empty_chunks config is not stored, a group lookup drops it
         self._arrays = arrays
-        self._buffers: dict[str, np.ndarray] | None = None
+        # arrays written without zarr (store/shards.py), each with one frame buffer for the cast
+        self._direct = direct or {}
+        self._frame_buffers: dict[str, np.ndarray] = {}
+        self._buffers: dict[str, np.ndarray] | None = None  # the shard buffers of the other arrays
         self._shard_start = 0  # first frame of the buffered shard
         self._filled = 0  # frames in the buffer
         self._closed = False
@@ -230,6 +235,7 @@ class OccWriter:
             self._buffers = {
                 name: np.empty(spec.shards(self.shard_frames), dtype=spec.dtype)
                 for name, spec in self._specs.items()
+                if name not in self._direct
             }
         for name, spec in self._specs.items():
             value = np.asarray(frame[name])
@@ -237,7 +243,19 @@ class OccWriter:
                 raise ValueError(
                     f"{self.path}: {name} frame has shape {value.shape}, expected {spec.frame_shape}"
                 )
-            _copy_into(self._buffers[name][self._filled], value)  # casts (e.g. float32 flow to float16)
+        for name, spec in self._specs.items():
+            direct = self._direct.get(name)
+            if direct is None:
+                _copy_into(self._buffers[name][self._filled], frame[name])  # casts (e.g. flow to float16)
+                continue
+            value = np.asarray(frame[name])
+            if value.dtype != spec.dtype or not value.flags.c_contiguous:
+                out = self._frame_buffers.get(name)
+                if out is None:
+                    out = self._frame_buffers[name] = np.empty(spec.frame_shape, dtype=spec.dtype)
+                _copy_into(out, value)
+                value = out
+            direct.append(value)
         self._filled += 1
         if self._filled == self.shard_frames:
             self._flush()
@@ -250,8 +268,10 @@ class OccWriter:
         if not self._filled or self._buffers is None:
             return
         start, stop = self._shard_start, self._shard_start + self._filled
-        for name in self._specs:
-            self._arrays[name][start:stop] = self._buffers[name][: self._filled]
+        for name, buffer in self._buffers.items():
+            self._arrays[name][start:stop] = buffer[: self._filled]
+        for writer in self._direct.values():
+            writer.flush()  # the last, partial shard (full ones were written as they filled)
         self._shard_start = stop
         self._filled = 0
 
@@ -360,7 +380,13 @@ def create_occ(
             # compression itself on 640k-voxel frames.
             config={"write_empty_chunks": True},
         )
-    return OccWriter(group, path, num_frames, specs, shard_frames, created)
+    direct: dict[str, FrameArrayWriter] = {}
+    if "://" not in store and not storage_options:  # local: shards written without zarr's writer
+        for name, array in created.items():
+            writer = FrameArrayWriter.for_array(array, os.path.join(store, name), num_frames)
+            if writer is not None:
+                direct[name] = writer
+    return OccWriter(group, path, num_frames, specs, shard_frames, created, direct)
 
 
 def _write_coordinates(
