@@ -244,11 +244,11 @@ class OccWriter:
                     f"{self.path}: {name} frame has shape {value.shape}, expected {spec.frame_shape}"
                 )
         for name, spec in self._specs.items():
+            value = np.asarray(frame[name])
             direct = self._direct.get(name)
             if direct is None:
-                _copy_into(self._buffers[name][self._filled], frame[name])  # casts (e.g. flow to float16)
+                _copy_into(self._buffers[name][self._filled], value)  # casts (e.g. float32 flow to float16)
                 continue
-            value = np.asarray(frame[name])
             if value.dtype != spec.dtype or not value.flags.c_contiguous:
                 out = self._frame_buffers.get(name)
                 if out is None:
