@@ -149,7 +149,9 @@ def _results_dask(tasks: list[LogTask], scheduler: str) -> Iterator[LogResult]:
                 host="127.0.0.1",
                 dashboard_address="127.0.0.1:0",
                 processes=True,
-                silence_logs=logging.ERROR,  # not the warnings of tasks cancelled by Ctrl-C; failures are ours
+                # quiet workers: a task's failure reaches us through its future (reported per log), and on
+                # Ctrl-C a worker's heartbeat can race the scheduler's shutdown and log a traceback at ERROR
+                silence_logs=logging.CRITICAL,
             )
         client = Client(cluster)
     elif scheduler.startswith("tcp://"):
