@@ -18,7 +18,8 @@ a floor measured in the same run:
   same frame (casting the key frame's sweep), per preset (goal <= 2x), and the same frame through cameras
   of nuPlan's size (1920 x 1080, f = 1545 px) on the log's mounts (the synthetic rig's 160 x 90 images
   are coarser than the lattice needs, so its rays are every pixel's); and the one-time cost of the rig's
-  rays (built once per rig and process, so the end-to-end runs, best of 3, reuse them);
+  rays and their recorded walks (built once per rig and process, so the end-to-end runs, best of 3, reuse
+  them);
 * peak memory of labelling one log at ``fine`` (and ``openscene``), in a fresh process, against that
   process's peak after loading the inputs.
 """
@@ -269,7 +270,7 @@ def _presets(tmp: Path, log, keys: np.ndarray, sweeps: dict[int, np.ndarray]) ->
         cv._RIG_CACHE.clear()  # the rig's rays and paths from scratch: what a worker's first log of a rig pays
         start = time.perf_counter()
         rays, _ = camera_rays(log, grid)
-        rays.paths(grid)
+        rays.steps(grid)
         rig_seconds[name] = time.perf_counter() - start
         masker = CameraMasker(rays, grid, OPENSCENE_CLASSES.free)
         out = np.zeros(grid.num_voxels, dtype=bool)
@@ -310,7 +311,7 @@ def _presets(tmp: Path, log, keys: np.ndarray, sweeps: dict[int, np.ndarray]) ->
         report(f"{name}: mask_camera vs mask_lidar, ms per frame", t_cam * 1e3, t_lidar * 1e3, "ms", "<= 2")
         report(f"{name}: mask_camera of nuPlan-size cameras vs mask_lidar, ms per frame", t_full * 1e3,
                t_lidar * 1e3, "ms", "<= 2")  # fmt: skip
-        print(f"    {name}: the rig's camera rays and paths, built once per rig and process (a worker's first log of "
+        print(f"    {name}: the rig's camera rays and their recorded walks, built once per rig and process (a worker's first log of "
               f"a vehicle): {rig_seconds[name] * 1e3:.0f} ms = {rig_seconds[name] * 1e3 / len(keys):.1f} ms per "
               f"frame of this {len(keys)}-frame log (the end-to-end runs above reuse them)")  # fmt: skip
 

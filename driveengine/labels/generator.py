@@ -78,8 +78,8 @@ of prepared sweeps (about 12 bytes per point: 1.4 MB for a 117k-point nuPlan swe
 and ~560 MB at 20 Hz for +-10 s) plus at most one shard (``shard_frames`` x 6 bytes per voxel: 3.8 MB a frame
 on OpenScene's grid, 31 MB on ``fine``) plus the track cells (~36 bytes each) plus per-frame workspaces
 (~20 bytes per voxel: 12 MB on OpenScene's grid, 100 MB on ``fine``) plus the camera rays (~64 bytes
-per ray and their paths, 4 bytes per voxel a ray enters: 53 MB for nuPlan's eight 1920 x 1080 cameras on
-OpenScene's grid, 300 MB on ``fine``). Shards go to disk as they fill (each frame is compressed when it is
+per ray and their recorded walks, ~1 byte per voxel a ray enters: 66 MB for nuPlan's eight 1920 x 1080
+cameras on OpenScene's grid, 340 MB on ``fine``). Shards go to disk as they fill (each frame is compressed when it is
 appended, :mod:`driveengine.store.shards`).
 
 Kernels are serial (see :mod:`~driveengine.labels.voxel_ops`); ``collect`` runs one log per process.
@@ -114,8 +114,10 @@ if TYPE_CHECKING:
 #: ``camera_mask=False`` its arrays are version 1's, bit for bit. Version 3 added ``object_priority`` (a
 #: setting; without it the arrays are version 2's, bit for bit). Version 4 changed ``mask_camera``'s rays (a
 #: stride per camera from the depth it sees, levels started per ray; :mod:`~driveengine.labels.camera_visibility`):
-#: every array but ``mask_camera`` is version 3's, bit for bit.
-GENERATOR_VERSION = 4
+#: every array but ``mask_camera`` is version 3's, bit for bit. Version 5 restarts ``mask_camera``'s child rays
+#: at a checkpoint of their recorded walk, up to 16 voxels earlier (a few more voxels observed; the other
+#: arrays are version 4's, bit for bit).
+GENERATOR_VERSION = 5
 
 #: Loads the points of sweep ``k``: (n, 3) x, y, z in that sweep's ego frame, metres, or None if the
 #: sweep's point cloud is unavailable.

@@ -1116,117 +1116,104 @@ def _walk_start(
     return ok, v, s0, tmx, tmy, tmz, tdx, tdy, tdz, rx, ry, rz, sx * ny * nz, sy * nz, sz
 
 
-@numba.njit(cache=True, inline="always")
-def _camera_walk(
-    ox: float, oy: float, oz: float, dx: float, dy: float, dz: float, s: float, exit_r: float, lo: np.ndarray,
-    vs: float, shape: np.ndarray, code: np.ndarray, observed: np.ndarray,
-) -> tuple[int, float]:  # fmt: skip
-    """Walk one ray (Amanatides-Woo) from ``s`` metres, or where it enters the grid box, to ``exit_r``: set
-    every voxel it enters in ``observed``, stop after the first :data:`OCCUPIED` one. Returns the number of
-    voxels entered and the distance at which the ray entered the first :data:`NEAR` voxel (1e30: never)."""
-    ok, v, t, tmx, tmy, tmz, tdx, tdy, tdz, rx, ry, rz, sxv, syv, szv = _walk_start(
-        ox, oy, oz, dx, dy, dz, s, exit_r, lo, vs, shape
-    )
-    if not ok:
-        return 0, 1e30
-    tn = 1e30
-    n = 0
-    while True:
-        n += 1
-        observed[v] = 1
-        c = code[v]
-        if c:
-            if tn > 1e29:
-                tn = t
-            if c & OCCUPIED:
-                break
-        if tmx <= tmy and tmx <= tmz:
-            if rx == 0:
-                break
-            rx -= 1
-            t = tmx
-            tmx += tdx
-            v += sxv
-        elif tmy <= tmz:
-            if ry == 0:
-                break
-            ry -= 1
-            t = tmy
-            tmy += tdy
-            v += syv
-        else:
-            if rz == 0:
-                break
-            rz -= 1
-            t = tmz
-            tmz += tdz
-            v += szv
-    return n, tn
+#: A ray's path keeps a checkpoint (entry distance and voxel) every this many steps (:func:`camera_ray_steps`).
+CHECKPOINT_STEPS = 8
 
 
 @numba.njit(cache=True)
-def _record_walk(
-    ox: float, oy: float, oz: float, dx: float, dy: float, dz: float, s: float, exit_r: float, lo: np.ndarray,
-    vs: float, shape: np.ndarray, path: np.ndarray, at: int,
-) -> int:  # fmt: skip
-    """The voxels :func:`_camera_walk` enters through free space, written to ``path[at:]`` (an empty ``path``:
-    only counted). Returns their number."""
-    ok, v, _t, tmx, tmy, tmz, tdx, tdy, tdz, rx, ry, rz, sxv, syv, szv = _walk_start(
-        ox, oy, oz, dx, dy, dz, s, exit_r, lo, vs, shape
-    )
-    if not ok:
-        return 0
-    n = 0
-    keep = path.shape[0] > 0
-    while True:
-        if keep:
-            path[at + n] = v
-        n += 1
-        if tmx <= tmy and tmx <= tmz:
-            if rx == 0:
-                break
-            rx -= 1
-            tmx += tdx
-            v += sxv
-        elif tmy <= tmz:
-            if ry == 0:
-                break
-            ry -= 1
-            tmy += tdy
-            v += syv
-        else:
-            if rz == 0:
-                break
-            rz -= 1
-            tmz += tdz
-            v += szv
-    return n
-
-
-@numba.njit(cache=True)
-def camera_ray_paths(
+def camera_ray_steps(
     origin: np.ndarray, direction: np.ndarray, start: np.ndarray, exit_m: np.ndarray, lo: np.ndarray, vs: float,
     shape: np.ndarray,
-) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
-    """The voxels each ray enters from its start to where it leaves the grid, as :func:`cast_camera_rays`
-    walks them through free space: ``(offsets (R + 1,) int64, voxels (offsets[-1],) int32)``, ray ``r``'s
-    being ``voxels[offsets[r]:offsets[r + 1]]`` in order (C-order positions)."""
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:  # fmt: skip
+    """Each ray's walk (Amanatides-Woo) from where it enters the grid box to where it leaves it, recorded so
+    that :func:`cast_camera_rays` replays it without the walk's arithmetic.
+
+    Returns:
+        ``(step_offsets, step_axes, checkpoint_offsets, checkpoint_m, checkpoint_voxel, start_step,
+        start_voxel)``: ray ``r``'s steps are ``step_offsets[r]:step_offsets[r + 1]``, each the axis it
+        crosses (0, 1, 2: x, y, z; the direction's sign gives the way), two bits a step packed four to a
+        byte in ``step_axes`` (uint8); ``checkpoint_offsets`` (R + 1,) index ``checkpoint_m`` (float32, entry
+        distance in metres) and ``checkpoint_voxel`` (int32) of the voxel before every
+        :data:`CHECKPOINT_STEPS`-th step; ``start_step``, ``start_voxel`` (R,) the step and voxel where the
+        ray's walk from ``start`` begins (the last voxel entered at or before ``start``); ``start_voxel``
+        is -1 for a ray that misses the box.
+    """
     rays = direction.shape[0]
-    offsets = np.zeros(rays + 1, np.int64)
-    none = np.zeros(0, np.int32)
-    for r in range(rays):  # the lengths first: one array of the exact size
-        n = _record_walk(
-            origin[r, 0], origin[r, 1], origin[r, 2], direction[r, 0], direction[r, 1], direction[r, 2], start[r],
-            exit_m[r], lo, vs, shape, none, 0,
-        )  # fmt: skip
-        offsets[r + 1] = offsets[r] + n
-    voxels = np.empty(offsets[rays], np.int32)
-    for r in range(rays):
-        _record_walk(
-            origin[r, 0], origin[r, 1], origin[r, 2], direction[r, 0], direction[r, 1], direction[r, 2], start[r],
-            exit_m[r], lo, vs, shape, voxels, offsets[r],
-        )  # fmt: skip
-    return offsets, voxels
+    step_offsets = np.zeros(rays + 1, np.int64)
+    checkpoint_offsets = np.zeros(rays + 1, np.int64)
+    start_step = np.zeros(rays, np.int64)
+    start_voxel = np.full(rays, -1, np.int64)
+    step_axes = np.zeros(0, np.uint8)
+    checkpoint_m = np.zeros(0, np.float32)
+    checkpoint_voxel = np.zeros(0, np.int32)
+    for record in (False, True):  # the lengths first: arrays of the exact size
+        if record:
+            step_axes = np.zeros((step_offsets[rays] + 3) // 4, np.uint8)
+            checkpoint_m = np.empty(checkpoint_offsets[rays], np.float32)
+            checkpoint_voxel = np.empty(checkpoint_offsets[rays], np.int32)
+        for r in range(rays):
+            ok, v, t, tmx, tmy, tmz, tdx, tdy, tdz, rx, ry, rz, sxv, syv, szv = _walk_start(
+                origin[r, 0], origin[r, 1], origin[r, 2], direction[r, 0], direction[r, 1], direction[r, 2], 0.0,
+                exit_m[r], lo, vs, shape,
+            )  # fmt: skip
+            if not ok:
+                if not record:
+                    step_offsets[r + 1] = step_offsets[r]
+                    checkpoint_offsets[r + 1] = checkpoint_offsets[r]
+                continue
+            n = 0
+            at = step_offsets[r]
+            ck = checkpoint_offsets[r]
+            if record:
+                start_voxel[r] = v
+            while True:
+                if record:
+                    if n % CHECKPOINT_STEPS == 0:
+                        checkpoint_m[ck + n // CHECKPOINT_STEPS] = t
+                        checkpoint_voxel[ck + n // CHECKPOINT_STEPS] = v
+                    if t <= start[r]:
+                        start_voxel[r] = v
+                        start_step[r] = n
+                if tmx <= tmy and tmx <= tmz:
+                    if rx == 0:
+                        break
+                    axis = 0
+                    rx -= 1
+                    t = tmx
+                    tmx += tdx
+                    v += sxv
+                elif tmy <= tmz:
+                    if ry == 0:
+                        break
+                    axis = 1
+                    ry -= 1
+                    t = tmy
+                    tmy += tdy
+                    v += syv
+                else:
+                    if rz == 0:
+                        break
+                    axis = 2
+                    rz -= 1
+                    t = tmz
+                    tmz += tdz
+                    v += szv
+                if record:
+                    i = at + n
+                    step_axes[i >> 2] |= np.uint8(axis << (2 * (i & 3)))
+                n += 1
+            if not record:
+                step_offsets[r + 1] = at + n
+                checkpoint_offsets[r + 1] = ck + n // CHECKPOINT_STEPS + 1
+    return (
+        step_offsets,
+        step_axes,
+        checkpoint_offsets,
+        checkpoint_m,
+        checkpoint_voxel,
+        start_step,
+        start_voxel,
+    )
 
 
 @numba.njit(cache=True)
@@ -1234,10 +1221,14 @@ def cast_camera_rays(
     origin: np.ndarray,
     direction: np.ndarray,
     start: np.ndarray,
-    exit_m: np.ndarray,
     parent: np.ndarray,
-    path_offsets: np.ndarray,
-    path_voxels: np.ndarray,
+    step_offsets: np.ndarray,
+    step_axes: np.ndarray,
+    checkpoint_offsets: np.ndarray,
+    checkpoint_m: np.ndarray,
+    checkpoint_voxel: np.ndarray,
+    start_step: np.ndarray,
+    start_voxel: np.ndarray,
     code: np.ndarray,
     lo: np.ndarray,
     vs: float,
@@ -1248,27 +1239,22 @@ def cast_camera_rays(
 ) -> int:
     """Trace camera rays through the labels, marking the voxels they enter up to the first occupied one.
 
-    Rays come parents first (see :mod:`driveengine.labels.camera_visibility`): ray ``r`` starts at
-    ``start[r]`` metres along its direction, or ``restart_m`` before the point where its parent first
-    entered a :data:`NEAR` voxel if that comes earlier (at 0 at the earliest); level-0 rays
-    (``parent == -1``) start at ``start[r]`` (0). Every voxel a ray enters from its start (or where it
-    enters the grid box) is set in ``observed``; it stops after the first :data:`OCCUPIED` voxel, or where
-    it leaves the box (``exit_m[r]``).
-
-    A ray that starts at ``start[r]`` follows its precomputed path (:func:`camera_ray_paths`: the same
-    voxels the walk would enter, without its arithmetic: ~2x faster a voxel); a restarted one is walked
-    (Amanatides-Woo). For a followed ray, the distance at which it entered its first near voxel is that
-    voxel's entry distance (its farthest entry face).
+    Rays come parents first (see :mod:`driveengine.labels.camera_visibility`). Ray ``r`` starts at
+    ``start[r]`` metres along its direction (level-0 rays, ``parent == -1``: at 0), unless its parent first
+    entered a :data:`NEAR` voxel at ``t_near[parent] <= start[r]``: then it restarts at its last checkpoint
+    at or before ``t_near[parent] - restart_m`` (at most :data:`CHECKPOINT_STEPS` voxels earlier: starting
+    earlier is always allowed). Every voxel the ray enters from there is set in ``observed``; it stops after
+    the first :data:`OCCUPIED` voxel, or where it leaves the grid box. The walk is replayed from
+    :func:`camera_ray_steps` (one table look-up a voxel, no arithmetic or unpredictable branch).
 
     Args:
         origin, direction: (R, 3) optical centre and unit direction of each ray, ego frame, metres.
-        start: (R,) start distance along the ray; exit_m: (R,) distance where it leaves the grid box
-            (the ray's start is clipped to the box's entry point); parent: (R,) index or -1.
-        path_offsets, path_voxels: the rays' paths from ``start`` (:func:`camera_ray_paths`).
+        start: (R,) start distance along the ray; parent: (R,) index or -1.
+        step_offsets .. start_voxel: the rays' walks (:func:`camera_ray_steps`).
         code: (V,) uint8 :func:`occupancy_codes` of the frame.
         observed: (V,) uint8 (a bool array's ``view(np.uint8)``), set to 1 where observed, in place.
-        t_near: (R,) float64 output: distance at which each ray first entered a :data:`NEAR` voxel, or
-            1e30 when it never did (a ray that stops has entered one: its occupied voxel).
+        t_near: (R,) float64 output: distance at which each ray entered its first :data:`NEAR` voxel
+            (that voxel's entry distance), or 1e30 when it never did (a ray that stops has entered one).
         restart_m: see above, metres.
 
     Returns:
@@ -1276,38 +1262,36 @@ def cast_camera_rays(
     """
     ny, nz = shape[1], shape[2]
     visits = 0
+    stride = np.empty(3, np.int64)
     for r in range(direction.shape[0]):
+        t_near[r] = 1e30
+        if start_voxel[r] < 0:
+            continue  # misses the box
         s = start[r]
         p = parent[r]
+        if p >= 0 and not (t_near[p] > s):
+            s = t_near[p] - restart_m
+            c0, c = checkpoint_offsets[r], checkpoint_offsets[r]
+            while c + 1 < checkpoint_offsets[r + 1] and checkpoint_m[c + 1] <= s:
+                c += 1
+            v = np.int64(checkpoint_voxel[c])
+            step = (c - c0) * CHECKPOINT_STEPS
+            s = checkpoint_m[c]
+        else:
+            v = start_voxel[r]
+            step = start_step[r]
         ox, oy, oz = origin[r, 0], origin[r, 1], origin[r, 2]
         dx, dy, dz = direction[r, 0], direction[r, 1], direction[r, 2]
-        if p >= 0 and not (t_near[p] > s):
-            n, tn = _camera_walk(
-                ox,
-                oy,
-                oz,
-                dx,
-                dy,
-                dz,
-                max(0.0, t_near[p] - restart_m),
-                exit_m[r],
-                lo,
-                vs,
-                shape,
-                code,
-                observed,
-            )
-            visits += n
-            t_near[r] = tn
-            continue
+        stride[0] = ny * nz if dx > 0 else -ny * nz
+        stride[1] = nz if dy > 0 else -nz
+        stride[2] = 1 if dz > 0 else -1
+        base = step_offsets[r]
+        steps = step_offsets[r + 1] - base
         tn = 1e30
-        j0, j1 = path_offsets[r], path_offsets[r + 1]
-        j = j0
-        while j < j1:
-            v = path_voxels[j]
+        while True:
+            visits += 1
             observed[v] = 1
             c = code[v]
-            j += 1
             if c:
                 if tn > 1e29:  # the voxel's entry distance: the farthest of its entry faces, or the start
                     tn = s
@@ -1319,6 +1303,10 @@ def cast_camera_rays(
                         tn = max(tn, (lo[2] + (v % nz + (0 if dz > 0 else 1)) * vs - oz) / dz)
                 if c & OCCUPIED:
                     break
-        visits += j - j0
+            if step >= steps:
+                break
+            i = base + step
+            v += stride[(step_axes[i >> 2] >> (2 * (i & 3))) & 3]
+            step += 1
         t_near[r] = tn
     return visits
