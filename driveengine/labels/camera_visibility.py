@@ -76,9 +76,10 @@ LEVELS = 4
 #: Neighbouring rays are at most ``voxel / SPACING_DIVISOR`` apart (sqrt(2): every voxel seen head-on is hit).
 SPACING_DIVISOR = math.sqrt(2.0)
 
-#: A ray of level >= 1 whose parent stopped before the ray's start distance starts this many voxels
-#: before the parent's stop.
-RESTART_VOXELS = 2.0
+#: A ray of level >= 1 whose parent came near something before the ray's start distance restarts at its last
+#: checkpoint at or before this many voxels before the parent's ``t_near`` (any point before ``t_near`` is
+#: safe, see the module doc; this is slack for rounding).
+RESTART_VOXELS = 0.25
 
 
 class RaySteps(NamedTuple):

@@ -1069,9 +1069,7 @@ def occupancy_codes(semantics: np.ndarray, free: int, shape: np.ndarray, code: n
                 base = (i * ny + j) * nz
                 for k in range(max(z - 1, 0), min(z + 2, nz)):
                     code[base + k] |= NEAR
-    for v in range(semantics.shape[0]):
-        if semantics[v] != fr:
-            code[v] |= OCCUPIED
+        code[v] |= OCCUPIED
 
 
 @numba.njit(cache=True, inline="always")
