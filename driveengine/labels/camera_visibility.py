@@ -549,7 +549,7 @@ class CameraMasker:
         self.free = int(free)
         self.lo, self.vs, self.shape = vo.grid_params(grid)
         self.steps = rays.steps(grid)
-        self._code = np.zeros(grid.num_voxels, np.uint8)
+        self._state = np.zeros(grid.num_voxels, np.uint8)
         self._t_near = np.empty(rays.num_rays, np.float64)
         self.visits = 0  #: voxel visits of the last frame
 
@@ -563,13 +563,13 @@ class CameraMasker:
         from driveengine.labels import voxel_ops as vo
 
         r = self.rays
-        vo.occupancy_codes(np.ascontiguousarray(semantics).reshape(-1), self.free, self.shape, self._code)
-        result = np.empty(self.grid.num_voxels, dtype=bool) if out is None else out
-        result.fill(False)
+        vo.occupancy_codes(np.ascontiguousarray(semantics).reshape(-1), self.free, self.shape, self._state)
         self.visits = vo.cast_camera_rays(
-            r.origin, r.direction, r.start_m, r.parent, *self.steps, self._code, self.lo, self.vs, self.shape,
-            result.view(np.uint8), self._t_near, RESTART_VOXELS * self.vs,
+            r.origin, r.direction, r.start_m, r.parent, *self.steps, self._state, self.lo, self.vs, self.shape,
+            self._t_near, RESTART_VOXELS * self.vs,
         )  # fmt: skip
+        result = np.empty(self.grid.num_voxels, dtype=bool) if out is None else out
+        np.greater_equal(self._state, vo.OBSERVED, out=result)  # OBSERVED is the highest bit
         return result.reshape(self.grid.shape)
 
 

@@ -1047,8 +1047,9 @@ def cast_rays_dedup(
 
 # -- camera visibility ----------------------------------------------------------------------------------
 
-#: :func:`occupancy_codes` values: a voxel within one voxel of an occupied one (itself included), occupied.
-NEAR, OCCUPIED = 1, 2
+#: Bits of a voxel's camera state (:func:`occupancy_codes`, :func:`cast_camera_rays`): within one voxel of an
+#: occupied one (itself included), occupied, and observed by a camera ray.
+NEAR, OCCUPIED, OBSERVED = 1, 2, 4
 
 
 @numba.njit(cache=True)
@@ -1227,11 +1228,10 @@ def cast_camera_rays(
     checkpoint_voxel: np.ndarray,
     start_step: np.ndarray,
     start_voxel: np.ndarray,
-    code: np.ndarray,
+    state: np.ndarray,
     lo: np.ndarray,
     vs: float,
     shape: np.ndarray,
-    observed: np.ndarray,
     t_near: np.ndarray,
     restart_m: float,
 ) -> int:
@@ -1241,7 +1241,7 @@ def cast_camera_rays(
     ``start[r]`` metres along its direction (level-0 rays, ``parent == -1``: at 0), unless its parent first
     entered a :data:`NEAR` voxel at ``t_near[parent] <= start[r]``: then it restarts at its last checkpoint
     at or before ``t_near[parent] - restart_m`` (at most :data:`CHECKPOINT_STEPS` voxels earlier: starting
-    earlier is always allowed). Every voxel the ray enters from there is set in ``observed``; it stops after
+    earlier is always allowed). Every voxel the ray enters from there gets :data:`OBSERVED`; it stops after
     the first :data:`OCCUPIED` voxel, or where it leaves the grid box. The walk is replayed from
     :func:`camera_ray_steps` (one table look-up a voxel, no arithmetic or unpredictable branch).
 
@@ -1249,8 +1249,8 @@ def cast_camera_rays(
         origin, direction: (R, 3) optical centre and unit direction of each ray, ego frame, metres.
         start: (R,) start distance along the ray; parent: (R,) index or -1.
         step_offsets .. start_voxel: the rays' walks (:func:`camera_ray_steps`).
-        code: (V,) uint8 :func:`occupancy_codes` of the frame.
-        observed: (V,) uint8 (a bool array's ``view(np.uint8)``), set to 1 where observed, in place.
+        state: (V,) uint8 :func:`occupancy_codes` of the frame; :data:`OBSERVED` is added in place (one array
+            rather than a separate mask: one cache line a voxel visit, ~5 % faster).
         t_near: (R,) float64 output: distance at which each ray entered its first :data:`NEAR` voxel
             (that voxel's entry distance), or 1e30 when it never did (a ray that stops has entered one).
         restart_m: see above, metres.
@@ -1288,9 +1288,9 @@ def cast_camera_rays(
         tn = 1e30
         while True:
             visits += 1
-            observed[v] = 1
-            c = code[v]
-            if c:
+            c = state[v]
+            state[v] = c | OBSERVED
+            if c & (NEAR | OCCUPIED):
                 if tn > 1e29:  # the voxel's entry distance: the farthest of its entry faces, or the start
                     tn = s
                     if dx != 0.0:
