@@ -87,7 +87,7 @@ class RaySteps(NamedTuple):
     """The rays' walks through a grid, for :func:`~driveengine.labels.voxel_ops.cast_camera_rays` to replay
     (:func:`~driveengine.labels.voxel_ops.camera_ray_steps` documents the arrays). Two bits a voxel a ray
     enters plus a checkpoint every 8 (~1.3 bytes a voxel): 16 MB for the synthetic rig, 39 MB for nuPlan's
-    eight 1920 x 1080 cameras on OpenScene's grid."""
+    eight 1920 x 1080 cameras on OpenScene's grid (26 / 325 MB on ``fine``)."""
 
     step_offsets: np.ndarray
     step_axes: np.ndarray
