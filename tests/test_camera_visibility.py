@@ -206,9 +206,12 @@ def test_kernel_marks_the_stopping_voxel_and_reports_where_it_came_near() -> Non
     assert steps[3][:checkpoints].tolist() == [0.0] + [j * k - 0.5 for j in range(1, checkpoints)]
     assert steps[4][:checkpoints].tolist() == [j * k for j in range(checkpoints)]
     t_near = np.empty(3)
-    visits = vo.cast_camera_rays(origin, direction, start, parent, *steps, code, lo, vs, shape, t_near, 1.0)
+    has_children = np.array([True, True, False])
+    visits = vo.cast_camera_rays(
+        origin, direction, start, parent, has_children, *steps, code, lo, vs, shape, t_near, 1.0
+    )
     assert (code >= vo.OBSERVED).tolist() == [True] * 31 + [False] * 9
-    assert t_near.tolist() == pytest.approx([28.5, 28.5, 28.5])
+    assert t_near.tolist() == pytest.approx([28.5, 28.5, 1e30])  # ray 2 has no child: no t_near needed
     assert (
         visits == 31 + (31 - restart) + 29
     )  # ray 0 from voxel 0 to the occupied 30, ray 1 from its checkpoint,

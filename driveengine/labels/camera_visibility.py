@@ -549,6 +549,8 @@ class CameraMasker:
         self.free = int(free)
         self.lo, self.vs, self.shape = vo.grid_params(grid)
         self.steps = rays.steps(grid)
+        self._has_children = np.zeros(rays.num_rays, dtype=bool)
+        self._has_children[rays.parent[rays.parent >= 0]] = True
         self._state = np.zeros(grid.num_voxels, np.uint8)
         self._t_near = np.empty(rays.num_rays, np.float64)
         self.visits = 0  #: voxel visits of the last frame
@@ -565,7 +567,8 @@ class CameraMasker:
         r = self.rays
         vo.occupancy_codes(np.ascontiguousarray(semantics).reshape(-1), self.free, self.shape, self._state)
         self.visits = vo.cast_camera_rays(
-            r.origin, r.direction, r.start_m, r.parent, *self.steps, self._state, self.lo, self.vs, self.shape,
+            r.origin, r.direction, r.start_m, r.parent, self._has_children, *self.steps, self._state, self.lo, self.vs,
+            self.shape,
             self._t_near, RESTART_VOXELS * self.vs,
         )  # fmt: skip
         result = np.empty(self.grid.num_voxels, dtype=bool) if out is None else out

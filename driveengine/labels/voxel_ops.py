@@ -1221,6 +1221,7 @@ def cast_camera_rays(
     direction: np.ndarray,
     start: np.ndarray,
     parent: np.ndarray,
+    has_children: np.ndarray,
     step_offsets: np.ndarray,
     step_axes: np.ndarray,
     checkpoint_offsets: np.ndarray,
@@ -1247,12 +1248,14 @@ def cast_camera_rays(
 
     Args:
         origin, direction: (R, 3) optical centre and unit direction of each ray, ego frame, metres.
-        start: (R,) start distance along the ray; parent: (R,) index or -1.
+        start: (R,) start distance along the ray; parent: (R,) index or -1; has_children: (R,) bool, whether
+            a ray is some ray's parent (only those need ``t_near``).
         step_offsets .. start_voxel: the rays' walks (:func:`camera_ray_steps`).
         state: (V,) uint8 :func:`occupancy_codes` of the frame; :data:`OBSERVED` is added in place (one array
             rather than a separate mask: one cache line a voxel visit, ~5 % faster).
-        t_near: (R,) float64 output: distance at which each ray entered its first :data:`NEAR` voxel
-            (that voxel's entry distance), or 1e30 when it never did (a ray that stops has entered one).
+        t_near: (R,) float64 output: distance at which each parent ray entered its first :data:`NEAR` voxel
+            (that voxel's entry distance), or 1e30 when it never did (a ray that stops has entered one); 1e30
+            for rays without children.
         restart_m: see above, metres.
 
     Returns:
@@ -1286,12 +1289,14 @@ def cast_camera_rays(
         base = step_offsets[r]
         steps = step_offsets[r + 1] - base
         tn = 1e30
+        unset = has_children[r]  # t_near is still to be found (rays without children need none)
         while True:
             visits += 1
             c = state[v]
             state[v] = c | OBSERVED
             if c & (NEAR | OCCUPIED):
-                if tn > 1e29:  # the voxel's entry distance: the farthest of its entry faces, or the start
+                if unset:  # the voxel's entry distance: the farthest of its entry faces, or the start
+                    unset = False
                     tn = s
                     if dx != 0.0:
                         tn = max(tn, (lo[0] + (v // (ny * nz) + (0 if dx > 0 else 1)) * vs - ox) / dx)
