@@ -115,8 +115,9 @@ if TYPE_CHECKING:
 #: setting; without it the arrays are version 2's, bit for bit). Version 4 changed ``mask_camera``'s rays (a
 #: stride per camera from the depth it sees, levels started per ray; :mod:`~driveengine.labels.camera_visibility`):
 #: every array but ``mask_camera`` is version 3's, bit for bit. Version 5 restarts ``mask_camera``'s child rays
-#: at a checkpoint of their recorded walk, up to 16 voxels earlier (a few more voxels observed; the other
-#: arrays are version 4's, bit for bit).
+#: at the last checkpoint of their recorded walk (every 8 voxels) before a quarter voxel before their parent's
+#: ``t_near`` (version 4: 2 voxels before it); the masks differ in rare voxels, the other arrays are version
+#: 4's, bit for bit.
 GENERATOR_VERSION = 5
 
 #: Loads the points of sweep ``k``: (n, 3) x, y, z in that sweep's ego frame, metres, or None if the
