@@ -83,6 +83,14 @@ class ShardLayout:
         return 16 * self.shard_frames + 4
 
 
+def shard_path(path: str, fs: Any, layout: ShardLayout, shard: int) -> str:
+    """The file of shard ``shard`` of the array folder ``path``: a local path (``fs`` None) or a URL."""
+    key = layout.shard_key(shard)
+    if fs is None:
+        return os.path.join(path, *key.split("/"))
+    return f"{path.rstrip('/')}/{key}"
+
+
 def shard_layout(array: Any) -> ShardLayout | None:
     """The :class:`ShardLayout` of ``array`` (a ``zarr.Array``) if this module supports it, else None."""
     from zarr.codecs import BytesCodec, Crc32cCodec, ShardingCodec, ZstdCodec
@@ -132,38 +140,14 @@ class FrameArrayReader:
     Args:
         path: the array folder (local path or URL), holding ``zarr.json`` and ``c/...`` shard files.
         fs: fsspec file system of ``path`` (None: local files through ``os.pread``).
-        shard_frames: frames per shard.
-        frame_shape, dtype, fill_value: of one frame.
-        compressed: the inner chunks are zstd-compressed (else raw little-endian bytes).
-        index_at_end: the shard index is at the end of the shard file (else at its start).
-        ndim: dimensions of the array (for the shard file names ``c/<s>/0/.../0``).
-        separator: chunk key separator of the array (``/`` by default).
+        layout: the array's layout (:func:`shard_layout`).
     """
 
-    def __init__(
-        self,
-        path: str,
-        fs: Any,
-        shard_frames: int,
-        frame_shape: tuple[int, ...],
-        dtype: np.dtype,
-        fill_value: Any,
-        compressed: bool,
-        index_at_end: bool,
-        ndim: int,
-        separator: str = "/",
-    ) -> None:
+    def __init__(self, path: str, fs: Any, layout: ShardLayout) -> None:
         self.path = path
         self.fs = fs
-        self.shard_frames = shard_frames
-        self.frame_shape = frame_shape
-        self.dtype = np.dtype(dtype)
-        self.fill_value = fill_value
-        self.compressed = compressed
-        self.index_at_end = index_at_end
-        self.ndim = ndim
-        self.separator = separator
-        self.frame_bytes = int(np.prod(frame_shape)) * self.dtype.itemsize
+        self.layout = layout
+        self.frame_bytes = int(np.prod(layout.frame_shape)) * layout.dtype.itemsize
         self._index: dict[int, np.ndarray] = {}  # shard -> chunk index (a few hundred bytes)
         self._entries: dict[int, list[list[int]]] = {}  # the same as Python ints
         self._fd: int | None = None  # one open shard file (local): consecutive reads reuse it
@@ -173,27 +157,11 @@ class FrameArrayReader:
     def for_array(cls, array: Any, path: str, fs: Any) -> FrameArrayReader | None:
         """A reader for ``array`` (a ``zarr.Array`` stored at ``path``) if its layout is supported, else None."""
         layout = shard_layout(array)
-        if layout is None:
-            return None
-        return cls(
-            path=path,
-            fs=fs,
-            shard_frames=layout.shard_frames,
-            frame_shape=layout.frame_shape,
-            dtype=layout.dtype,
-            fill_value=layout.fill_value,
-            compressed=layout.zstd_level is not None,
-            index_at_end=layout.index_at_end,
-            ndim=layout.ndim,
-            separator=layout.separator,
-        )
+        return None if layout is None else cls(path, fs, layout)
 
     # -- file access -----------------------------------------------------------------------------
     def _shard_path(self, shard: int) -> str:
-        key = self.separator.join(["c", str(shard), *(["0"] * (self.ndim - 1))])
-        if self.fs is None:
-            return os.path.join(self.path, *key.split("/"))
-        return f"{self.path.rstrip('/')}/{key}"
+        return shard_path(self.path, self.fs, self.layout, shard)
 
     def _read_range(self, shard: int, start: int, stop: int) -> bytes:
         """Bytes ``start:stop`` of a shard file. Locally one descriptor is kept (of the last shard read),
@@ -225,9 +193,9 @@ class FrameArrayReader:
                 return int(self.fs.size(path))
             return os.stat(path).st_size
         except FileNotFoundError:
-            first = shard * self.shard_frames
+            first = shard * self.layout.shard_frames
             raise ShardMissingError(
-                f"shard file {path} (frames {first}..{first + self.shard_frames - 1}) is missing"
+                f"shard file {path} (frames {first}..{first + self.layout.shard_frames - 1}) is missing"
             ) from None
         except OSError as exc:
             raise ShardReadError(f"shard file {path} cannot be read ({exc})") from None
@@ -238,18 +206,22 @@ class FrameArrayReader:
         if cached is not None:
             return cached
         size = self._size(shard)
-        n = 16 * self.shard_frames + 4
+        n = self.layout.index_bytes
         if size < n:
             raise ShardReadError(
                 f"shard {self._shard_path(shard)} is truncated ({size} bytes, index needs {n})"
             )
-        raw = self._read_range(shard, size - n, size) if self.index_at_end else self._read_range(shard, 0, n)
+        raw = (
+            self._read_range(shard, size - n, size)
+            if self.layout.index_at_end
+            else self._read_range(shard, 0, n)
+        )
         body, stored = raw[:-4], int.from_bytes(raw[-4:], "little")
         if google_crc32c.value(body) != stored:
             raise ShardReadError(
                 f"shard {self._shard_path(shard)}: index checksum mismatch (truncated or corrupt)"
             )
-        index = np.frombuffer(body, dtype="<u8").reshape(self.shard_frames, 2)
+        index = np.frombuffer(body, dtype="<u8").reshape(self.layout.shard_frames, 2)
         ends = index[:, 0] + index[:, 1]
         used = index[:, 0] != _EMPTY
         if (ends[used] > size).any():
@@ -267,27 +239,27 @@ class FrameArrayReader:
             ShardReadError: a truncated or corrupt shard or chunk, or an unreadable file.
         """
         if (
-            out.shape != (stop - start, *self.frame_shape)
-            or out.dtype != self.dtype
+            out.shape != (stop - start, *self.layout.frame_shape)
+            or out.dtype != self.layout.dtype
             or not out.flags.c_contiguous
         ):
             raise ValueError(
-                f"out must be a C-contiguous {self.dtype} array of shape {(stop - start, *self.frame_shape)}"
+                f"out must be a C-contiguous {self.layout.dtype} array of shape {(stop - start, *self.layout.frame_shape)}"
             )
         frame = start
         while frame < stop:
-            shard = frame // self.shard_frames
-            last = min(stop, (shard + 1) * self.shard_frames)
+            shard = frame // self.layout.shard_frames
+            last = min(stop, (shard + 1) * self.layout.shard_frames)
             self._read_shard_run(shard, frame, last, out[frame - start : last - start])
             frame = last
 
     def _read_shard_run(self, shard: int, start: int, stop: int, out: np.ndarray) -> None:
         self._shard_index(shard)
-        first = start - shard * self.shard_frames
+        first = start - shard * self.layout.shard_frames
         entries = self._entries[shard][first : first + (stop - start)]  # Python ints: no numpy per call
         used = [e for e in entries if e[0] != _EMPTY_INT]
         if not used:
-            out[...] = self.fill_value
+            out[...] = self.layout.fill_value
             return
         lo = min(e[0] for e in used)
         hi = max(e[0] + e[1] for e in used)
@@ -298,10 +270,10 @@ class FrameArrayReader:
         flat = out.reshape(len(out), -1).view(np.uint8)
         for k, (offset, nbytes) in enumerate(entries):
             if offset == _EMPTY_INT:
-                out[k] = self.fill_value
+                out[k] = self.layout.fill_value
                 continue
             chunk = view[offset - lo : offset - lo + nbytes]
-            if self.compressed:
+            if self.layout.zstd_level is not None:
                 try:
                     zstd.decompress(chunk, flat[k])
                 except RuntimeError as exc:
@@ -391,7 +363,7 @@ class FrameArrayWriter:
         body = index.tobytes()
         index_blob = body + google_crc32c.value(body).to_bytes(4, "little")
         parts = [*self._chunks, index_blob] if lay.index_at_end else [index_blob, *self._chunks]
-        path = os.path.join(self.path, *lay.shard_key(self._shard).split("/"))
+        path = shard_path(self.path, None, lay, self._shard)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with open(path, "wb") as f:
             f.write(b"".join(parts))
