@@ -182,11 +182,18 @@ def _normalised_lattice(
     u = (np.arange(len(range(0, width, stride))) + 0.5) * stride
     v = (np.arange(len(range(0, height, stride))) + 0.5) * stride
     uu, vv = np.meshgrid(u, v)
+    return np.stack(normalised_from_pixels(intrinsic, distortion, uu, vv), axis=-1)
+
+
+def normalised_from_pixels(
+    intrinsic: np.ndarray, distortion: np.ndarray, u: np.ndarray, v: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Undistorted normalised image coordinates (x/z, y/z) of pixel positions ``u``, ``v`` (any shape) of a
+    camera with ``intrinsic`` (3, 3) and OpenCV ``distortion`` (:func:`undistort_normalised`)."""
     kinv = np.linalg.inv(intrinsic)
-    xd = kinv[0, 0] * uu + kinv[0, 1] * vv + kinv[0, 2]
-    yd = kinv[1, 1] * vv + kinv[1, 2]
-    x, y = undistort_normalised(xd, yd, np.asarray(distortion, dtype=np.float64))
-    return np.stack([x, y], axis=-1)
+    xd = kinv[0, 0] * u + kinv[0, 1] * v + kinv[0, 2]
+    yd = kinv[1, 1] * v + kinv[1, 2]
+    return undistort_normalised(xd, yd, np.asarray(distortion, dtype=np.float64))
 
 
 #: The triples of :func:`cone_depths`' ten planes that can meet in a point (no two parallel faces of the box).
@@ -244,16 +251,13 @@ def _tile_depths(
     edges_v = np.linspace(0.0, height, TILES + 1)
     su = np.union1d(np.arange(width + 1.0), edges_u)  # samples along a row, the tiles' edges among them
     sv = np.union1d(np.arange(height + 1.0), edges_v)
-    kinv = np.linalg.inv(intrinsic)
-
-    def normalised(u: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        xd = kinv[0, 0] * u + kinv[0, 1] * v + kinv[0, 2]
-        yd = kinv[1, 1] * v + kinv[1, 2]
-        return undistort_normalised(xd, yd, distortion)
-
     # rows of samples along the tiles' horizontal edges, columns along their vertical edges
-    hx, hy = normalised(su[None, :] + 0.0 * edges_v[:, None], edges_v[:, None] + 0.0 * su[None, :])
-    vx, vy = normalised(edges_u[:, None] + 0.0 * sv[None, :], sv[None, :] + 0.0 * edges_u[:, None])
+    hx, hy = normalised_from_pixels(
+        intrinsic, distortion, su[None, :] + 0.0 * edges_v[:, None], edges_v[:, None] + 0.0 * su[None, :]
+    )
+    vx, vy = normalised_from_pixels(
+        intrinsic, distortion, edges_u[:, None] + 0.0 * sv[None, :], sv[None, :] + 0.0 * edges_u[:, None]
+    )
     cu = np.searchsorted(su, edges_u)  # the edges' positions among the samples
     cv = np.searchsorted(sv, edges_v)
 
