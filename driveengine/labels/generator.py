@@ -79,8 +79,8 @@ and ~560 MB at 20 Hz for +-10 s) plus at most one shard (``shard_frames`` x 6 by
 on OpenScene's grid, 31 MB on ``fine``) plus the track cells (~36 bytes each) plus per-frame workspaces
 (~20 bytes per voxel: 12 MB on OpenScene's grid, 100 MB on ``fine``) plus the camera rays (~64 bytes
 per ray and their recorded walks, ~1.3 bytes per voxel a ray enters: 60 MB for nuPlan's eight 1920 x 1080
-cameras on OpenScene's grid, 420 MB on ``fine``; 24 / 34 MB for the synthetic rig). Shards go to disk as they fill (each frame is compressed when it is
-appended, :mod:`driveengine.store.shards`).
+cameras on OpenScene's grid, 420 MB on ``fine``; 24 / 34 MB for the synthetic rig). Shards go to disk as
+they fill (each frame is compressed when it is appended, :mod:`driveengine.store.shards`).
 
 Kernels are serial (see :mod:`~driveengine.labels.voxel_ops`); ``collect`` runs one log per process.
 """
