@@ -243,7 +243,7 @@ def _presets(tmp: Path, log, keys: np.ndarray, sweeps: dict[int, np.ndarray]) ->
     )
     fps: dict[str, float] = {}
     fps_no_cam: dict[str, float] = {}
-    mask_ratio: dict[str, tuple[float, float]] = {}
+    mask_ratio: dict[str, tuple[float, float, float]] = {}
     rig_seconds: dict[str, float] = {}
     for name in PRESETS:
         cfg = RECIPES[name]
@@ -267,7 +267,7 @@ def _presets(tmp: Path, log, keys: np.ndarray, sweeps: dict[int, np.ndarray]) ->
         occ = open_occ(tmp / f"preset-{name}-True.zarr")  # the last run's
         mid = len(keys) // 2
         sem = np.ascontiguousarray(occ.frame(mid).semantics)
-        cv._RIG_CACHE.clear()  # the rig's rays and paths from scratch: what a worker's first log of a rig pays
+        cv._RIG_CACHE.clear()  # the rig's rays and walks from scratch: what a worker's first log of a rig pays
         start = time.perf_counter()
         rays, _ = camera_rays(log, grid)
         rays.steps(grid)
