@@ -13,7 +13,9 @@ a floor measured in the same run:
 * bytes per frame in Zarr vs the same labels as OpenScene sparse ``.npy`` files;
 * the shipped recipes at each grid preset (``openscene``, ``occ3d``, ``fine``: whole-track objects and
   ``mask_camera``) end to end, frames/s per core (goal >= 27 at ``openscene``), ``fine`` against
-  ``openscene`` (goal <= 8x slower; ``fine`` has 8x the voxels), the same without ``mask_camera``;
+  ``openscene`` (goal <= 8x slower; ``fine`` has 8x the voxels), the same without ``mask_camera``, and
+  ``openscene`` with its static points merged into quarter-voxel cells (the recipe) vs every point
+  voxelised (``static_cell_m = 0``);
 * ``mask_camera`` of one frame (walking the cameras' rays through its labels) vs ``mask_lidar`` of the
   same frame (casting the key frame's sweep), per preset (goal <= 2x), and the same frame through cameras
   of nuPlan's size (1920 x 1080, f = 1545 px) on the log's mounts (the synthetic rig's 160 x 90 images
@@ -251,9 +253,11 @@ def _presets(tmp: Path, log, keys: np.ndarray, sweeps: dict[int, np.ndarray]) ->
         for _ in LabelGenerator(log, keys[:1], sweeps.get, cfg).frames():  # compile / warm caches
             pass
         runs = []
-        for camera in (True, False):
-            c = cfg if camera else replace(cfg, camera_mask=False)
-            zpath = tmp / f"preset-{name}-{camera}.zarr"
+        variants = [cfg, replace(cfg, camera_mask=False)]
+        if name == "openscene":
+            variants.append(replace(cfg, static_cell_m=0.0))
+        for c in variants:
+            zpath = tmp / f"preset-{name}-{c.camera_mask}-{c.static_cell_m}.zarr"
             # best of 3 whole logs after one (the first run of a process loads caches and allocates)
             seconds = best_time(
                 lambda c=c, zpath=zpath: write_log_labels(
@@ -262,9 +266,11 @@ def _presets(tmp: Path, log, keys: np.ndarray, sweeps: dict[int, np.ndarray]) ->
                 repeat=3,
             )
             runs.append(len(keys) / seconds)
-        fps[name], fps_no_cam[name] = runs
+        fps[name], fps_no_cam[name] = runs[:2]
+        if name == "openscene":
+            fps_points = runs[2]
         # one frame's masks: mask_camera through its labels vs mask_lidar of its own sweep
-        occ = open_occ(tmp / f"preset-{name}-True.zarr")  # the last run's
+        occ = open_occ(tmp / f"preset-{name}-True-{cfg.static_cell_m}.zarr")  # the recipe's
         mid = len(keys) // 2
         sem = np.ascontiguousarray(occ.frame(mid).semantics)
         cv._RIG_CACHE.clear()  # the rig's rays and walks from scratch: what a worker's first log of a rig pays
@@ -302,6 +308,9 @@ def _presets(tmp: Path, log, keys: np.ndarray, sweeps: dict[int, np.ndarray]) ->
         report(f"{name}: labels end to end, frames/s" + (" (goal >= 27)" if name == "openscene" else ""),
                fps[name], fps_no_cam[name], "frame/s", "vs the same without mask_camera",
                higher_is_better=True)  # fmt: skip
+    report(f"openscene: static points in {RECIPES['openscene'].static_cell_m} m cells vs every point, frames/s",
+           fps["openscene"], fps_points, "frame/s", "> 1 (static_cell_m = 0 voxelises every point)",
+           higher_is_better=True)  # fmt: skip
     report("fine vs openscene: seconds per frame (goal <= 8)", 1 / fps["fine"], 1 / fps["openscene"], "s",
            "<= 8 (fine has 8x the voxels)")  # fmt: skip
     report("occ3d vs openscene: seconds per frame", 1 / fps["occ3d"], 1 / fps["openscene"], "s",

@@ -123,6 +123,33 @@ def test_static_structures_and_ground_match_the_truth(full_size) -> None:
     assert np.count_nonzero((sem != FREE) & (true == FREE) & mask) < 0.02 * np.count_nonzero(sem != FREE)
 
 
+@pytest.fixture(scope="module")
+def full_size_cells(tmp_path_factory: pytest.TempPathFactory):
+    """As ``full_size``, with the static points merged into the shipped recipes' quarter-voxel cells."""
+    return _label(
+        tmp_path_factory.mktemp("full_cells"),
+        static_only=False,
+        rays=FULL_SIZE_RAYS,
+        whole_track=True,
+        static_cell_m=GRID.voxel_size_m / 4,
+    )
+
+
+def test_static_cells_keep_the_static_labels(full_size, full_size_cells) -> None:
+    """Merging each sweep's static points into quarter-voxel world cells (their mean, their count) before
+    voxelising (``static_cell_m``): static IoU against the truth 0.918 (per point: 0.919), the occupied
+    voxels those of per-point voxelisation but for a few on voxel faces, and several points per cell."""
+    sem, _, mask, true, _, stats = full_size_cells
+    per_point = _iou(full_size[0] == BACKGROUND, true == BACKGROUND, mask)
+    iou = _iou(sem == BACKGROUND, true == BACKGROUND, mask)
+    assert iou >= 0.9 and iou >= per_point - 0.005, (iou, per_point)
+    everywhere = np.ones(GRID.shape, bool)
+    assert _iou(sem != FREE, full_size[0] != FREE, everywhere) >= 0.98
+    assert np.count_nonzero((sem != FREE) & (true == FREE) & mask) < 0.02 * np.count_nonzero(sem != FREE)
+    assert 0 < 2 * stats.static_cells < full_size[5].aggregated_points  # >= 2 points a cell
+    assert full_size[5].static_cells == 0 and stats.far_static_points == 0
+
+
 def _moving_ious(result) -> tuple[float, float]:
     sem, _, mask, true, true_flow, _ = result
     speed = np.linalg.norm(true_flow, axis=-1)

@@ -196,6 +196,63 @@ def test_accumulate_static_is_the_per_point_rule_in_any_layout_and_prefix(layout
             assert np.array_equal(counts, np.where(full > 1, full, 0))
 
 
+@pytest.mark.parametrize("layout", ["C", "F"])
+def test_static_cells_are_the_distinct_lattice_cells_with_their_mean_and_count(layout: str) -> None:
+    """Against numpy (np.unique of the floored lattice coordinates): each cell once, in the order of its
+    first point, with the mean of its points and their number; only ``points[:stop]``; points 2^20 cells
+    or more from the sweep's translation (and non-finite ones) are counted as far and left out."""
+    rng = np.random.default_rng(21)
+    n = 5000
+    pts = rng.uniform(-3, 3, (n, 3))
+    pts[::3] = pts[1::3][: len(pts[::3])]  # repeated points: several per cell
+    pts[100] = [1e9, 0.0, 0.0]  # far
+    pts[101] = [np.nan, 0.0, 0.0]
+    pts = np.asarray(pts.astype(np.float32), order=layout)
+    yaw = 0.7
+    rot = np.array([[np.cos(yaw), -np.sin(yaw), 0.0], [np.sin(yaw), np.cos(yaw), 0.0], [0.0, 0.0, 1.0]])
+    trans = np.array([1234.56, -987.6, 3.2])  # a sweep away from the lattice's origin
+    cell = 0.125
+    stop = n - 7
+    centres, counts, far = vo.static_cells(pts, stop, rot, trans, cell)
+    assert centres.flags.f_contiguous and centres.dtype == np.float32 and counts.dtype == np.int32
+    assert far == 2
+    q = pts[:stop].astype(np.float64) @ rot.T + trans
+    keep = np.all(np.isfinite(q), axis=1) & (np.abs(q - trans).max(axis=1) < 1e5)
+    q = q[keep]
+    ijk = np.floor(q / cell).astype(np.int64)
+    uniq, first, inverse, ref_counts = np.unique(ijk, axis=0, return_index=True, return_inverse=True,
+                                                  return_counts=True)  # fmt: skip
+    order = np.argsort(first)  # cells in the order of their first point
+    sums = np.zeros((len(uniq), 3))
+    np.add.at(sums, inverse.reshape(-1), q)
+    ref_means = (sums / ref_counts[:, None])[order]
+    assert len(centres) == len(uniq) < 0.8 * stop  # repeated points share cells
+    assert np.array_equal(counts, ref_counts[order])
+    np.testing.assert_allclose(centres, ref_means, rtol=0, atol=1e-3)  # float32 of ~1000 m
+    assert np.array_equal(np.floor(centres.astype(np.float64)[:, 2] / cell), uniq[order][:, 2])
+
+
+def test_accumulate_static_with_weights_counts_each_row_as_its_points() -> None:
+    """A cell of ``w`` points counts ``w`` in the result and at contested voxels: as its points repeated."""
+    rng = np.random.default_rng(8)
+    pts = np.asfortranarray((rng.uniform(-60, 60, (4000, 3)) * [1, 1, 0.06]).astype(np.float32))
+    weights = rng.integers(1, 6, len(pts)).astype(np.int32)
+    rot, trans = np.eye(3), np.array([0.2, 0.1, -0.05])
+    repeated = np.ascontiguousarray(np.repeat(pts, weights, axis=0))
+    ref = vo.points_to_voxels(repeated, rot, trans, LO, VS, SHAPE)
+    full = np.bincount(ref[ref >= 0], minlength=NV)
+    contested = bits_of(full > 3)
+    for layout_pts in (pts, np.ascontiguousarray(pts)):  # the blocked and the per-point loop
+        occupied = np.zeros_like(contested)
+        counts = np.zeros(NV, np.int32)
+        inside = vo.accumulate_static(
+            layout_pts, rot, trans, LO, VS, SHAPE, occupied, contested, counts, -1, weights
+        )
+        assert inside == np.count_nonzero(ref >= 0)
+        assert np.array_equal(occupied, bits_of(full))
+        assert np.array_equal(counts, np.where(full > 3, full, 0))
+
+
 def test_vote_majority_ties_to_lowest_id_and_flow_of_the_winner() -> None:
     static = np.zeros(NV, np.int32)
     # voxel 10: 2 background vs 2 pedestrian (7) -> 7 (lower id); voxel 20: 3 bg vs 2 vehicle -> 10;

@@ -464,6 +464,7 @@ def accumulate_static(
     contested: np.ndarray,
     counts: np.ndarray,
     stop: int = -1,
+    weights: np.ndarray | None = None,
 ) -> int:
     """Voxelise background points: mark their voxels occupied, and count them where objects compete.
 
@@ -489,9 +490,11 @@ def accumulate_static(
         stop: only the rows ``points[:stop]`` (all when negative). Pass a sweep's whole column-major array
             and the number of its leading static points rather than the slice ``points[:stop]``, which is
             no longer contiguous (and not vectorised).
+        weights: optional (N,) int32 points each row stands for (the cells of :func:`static_cells`):
+            counted into ``counts`` and the result instead of 1.
 
     Returns:
-        The number of points that landed in the grid.
+        The number of points (the sum of their weights) that landed in the grid.
     """
     nx, ny, nz = shape[0], shape[1], shape[2]
     fnx, fny, fnz = float(nx), float(ny), float(nz)
@@ -506,12 +509,13 @@ def accumulate_static(
             px, py, pz = np.float64(points[i, 0]), np.float64(points[i, 1]), np.float64(points[i, 2])
             v = _scaled_voxel(px, py, pz, a, fnx, fny, fnz, ny, nz)
             if v >= 0:
+                n_i = 1 if weights is None else weights[i]
                 w = v >> 6
                 bit = one << np.uint64(v & 63)
                 occupied[w] |= bit
                 if contested[w] & bit:
-                    counts[v] += 1
-                inside += 1
+                    counts[v] += n_i
+                inside += n_i
         return inside
     a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11 = a
     nyz32, nz32 = np.int32(ny * nz), np.int32(nz)
@@ -536,13 +540,106 @@ def accumulate_static(
         for j in range(m):
             v = block[j]
             if v >= 0:
+                n_j = 1 if weights is None else weights[b0 + j]
                 w = v >> 6
                 bit = one << np.uint64(v & 63)
                 occupied[w] |= bit
                 if contested[w] & bit:
-                    counts[v] += 1
-                inside += 1
+                    counts[v] += n_j
+                inside += n_j
     return inside
+
+
+#: Bits per axis of a cell's position relative to its sweep's sensor cell in :func:`static_cells`' keys.
+_CELL_KEY_BITS = 21
+_CELL_KEY_OFFSET = 1 << (_CELL_KEY_BITS - 1)
+
+
+@numba.njit(cache=True)
+def static_cells(
+    points: np.ndarray, stop: int, rotation: np.ndarray, translation: np.ndarray, cell: float
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """The distinct lattice cells of a sweep's static points: their centres and point counts.
+
+    Point ``p`` lies in cell ``floor((p @ rotation.T + translation) / cell)`` (per axis) of a cubic
+    lattice fixed in the target frame (the generator's: the ego frame of the log's first pose; see
+    :attr:`~driveengine.labels.generator.LabelConfig.static_cell_m`). One pass with an open-addressing
+    table of the cells (linear probing, at most half full); each cell is reported once, in the order of
+    its first point.
+
+    Args:
+        points: (N, 3) points in their sweep's ego frame, metres; the rows ``[:stop]`` are used (all when
+            ``stop`` is negative).
+        rotation, translation: ``lattice_from_sweep`` (3, 3) and (3,), float64.
+        cell: the cells' edge, m (> 0).
+
+    Returns:
+        ``(centres, counts, far)``: (M, 3) float32 column-major cell centres in the lattice's frame, m
+        (the layout :func:`accumulate_static` vectorises over); (M,) int32 points per cell; the number of
+        points not counted because they lie 2^20 cells or more from the sweep's translation along an
+        axis (a return thousands of metres away is a broken one; non-finite points too).
+    """
+    n = points.shape[0] if stop < 0 else min(stop, points.shape[0])
+    inv = 1.0 / cell
+    bits = 4
+    while (1 << bits) <= n:  # more slots than points: never full (a sweep's points share cells: ~1/3 full)
+        bits += 1
+    mask = np.int64((1 << bits) - 1)
+    shift = np.uint64(64 - bits)
+    golden = np.uint64(0x9E3779B97F4A7C15)
+    table = np.full(1 << bits, -1, np.int64)
+    slot_cell = np.empty(1 << bits, np.int32)
+    counts = np.empty(n, np.int32)  # rows [:m] are set when their cell is found
+    sums = np.empty((n, 3), np.float64)  # of the points of each cell, lattice frame, m
+    ox = math.floor(translation[0] * inv)
+    oy = math.floor(translation[1] * inv)
+    oz = math.floor(translation[2] * inv)
+    far_cells = float(_CELL_KEY_OFFSET)
+    m = 0
+    far = 0
+    last_key = np.int64(-1)
+    last_cell = 0
+    for i in range(n):
+        px, py, pz = np.float64(points[i, 0]), np.float64(points[i, 1]), np.float64(points[i, 2])
+        qx = rotation[0, 0] * px + rotation[0, 1] * py + rotation[0, 2] * pz + translation[0]
+        qy = rotation[1, 0] * px + rotation[1, 1] * py + rotation[1, 2] * pz + translation[1]
+        qz = rotation[2, 0] * px + rotation[2, 1] * py + rotation[2, 2] * pz + translation[2]
+        fx, fy, fz = qx * inv - ox, qy * inv - oy, qz * inv - oz
+        if not ((abs(fx) < far_cells) & (abs(fy) < far_cells) & (abs(fz) < far_cells)):
+            far += 1
+            continue
+        key = (
+            ((np.int64(math.floor(fx)) + _CELL_KEY_OFFSET) << (2 * _CELL_KEY_BITS))
+            | ((np.int64(math.floor(fy)) + _CELL_KEY_OFFSET) << _CELL_KEY_BITS)
+            | (np.int64(math.floor(fz)) + _CELL_KEY_OFFSET)
+        )
+        if key != last_key:  # consecutive returns often share a cell
+            last_key = key
+            s = np.int64((np.uint64(key) * golden) >> shift)
+            while True:
+                k = table[s]
+                if k == key:
+                    last_cell = slot_cell[s]
+                    break
+                if k < 0:
+                    table[s] = key
+                    slot_cell[s] = m
+                    counts[m] = 0
+                    sums[m, 0] = sums[m, 1] = sums[m, 2] = 0.0
+                    last_cell = m
+                    m += 1
+                    break
+                s = (s + np.int64(1)) & mask
+        counts[last_cell] += 1
+        sums[last_cell, 0] += qx
+        sums[last_cell, 1] += qy
+        sums[last_cell, 2] += qz
+    out = np.empty((3, m), np.float32)
+    for j in range(m):
+        out[0, j] = sums[j, 0] / counts[j]
+        out[1, j] = sums[j, 1] / counts[j]
+        out[2, j] = sums[j, 2] / counts[j]
+    return out.T, counts[:m].copy(), far
 
 
 @numba.njit(cache=True)
