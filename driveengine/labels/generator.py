@@ -594,6 +594,12 @@ class LabelGenerator:
             static_class,
         )  # fmt: skip
 
+    def _ego_t_from_ego_k(self, t: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The rigid move of sweep ``k``'s points into the ego frame of sweep ``t``: (3, 3) rotation, (3,)
+        translation, contiguous float64 (exactly the identity for ``k == t``)."""
+        m = relative_transform(self.global_from_ego[t], self.global_from_ego[k], same=k == t)
+        return np.ascontiguousarray(m[:3, :3]), np.ascontiguousarray(m[:3, 3])
+
     def _with_cells(self, sw: _Sweep | None, k: int) -> _Sweep | None:
         """``sw`` with the lattice cells of its static points (``static_cell_m``; computed once, by the frame
         pass only, and not for classed points, which vote with their own classes point by point)."""
@@ -786,10 +792,7 @@ class LabelGenerator:
                 obj_vel = np.empty((2 * capacity, 2), np.float64)
                 obj_w = np.ones(2 * capacity, np.int32)
             n_obj = 0
-            transforms = {}
-            for k, sw in windowed:
-                m = relative_transform(global_from_ego_t, self.global_from_ego[k], same=k == kt)
-                transforms[k] = (np.ascontiguousarray(m[:3, :3]), np.ascontiguousarray(m[:3, 3]))
+            for _, sw in windowed:
                 if tracks is None and sw.obj_track.size:
                     end, dropped = vo.place_objects(
                         sw.obj_local, sw.obj_track, sw.obj_class, track_slot, slot_rot, slot_trans, slot_vel,
@@ -813,7 +816,7 @@ class LabelGenerator:
                 st.points_in_grid += points
                 n_obj = end
             for k, sw in classed:
-                rot, trans = transforms[k]
+                rot, trans = self._ego_t_from_ego_k(kt, k)
                 st.aggregated_points += sw.num_static
                 end = vo.place_static(
                     sw.points[: sw.num_static], sw.static_class, rot, trans, self.lo, self.vs, self.shape,
@@ -840,7 +843,7 @@ class LabelGenerator:
                         contested, counts, -1, sw.static_weights,
                     )  # fmt: skip
                     continue
-                rot, trans = transforms[k]
+                rot, trans = self._ego_t_from_ego_k(kt, k)
                 st.points_in_grid += vo.accumulate_static(  # the whole (contiguous) array: its static rows
                     sw.points, rot, trans, self.lo, self.vs, self.shape, occupied, contested, counts, sw.num_static
                 )  # fmt: skip
@@ -865,9 +868,8 @@ class LabelGenerator:
                 sw = cache.get(int(k))
                 if sw is None:
                     continue
-                m = relative_transform(global_from_ego_t, self.global_from_ego[k], same=k == kt)
-                origin = m[:3, :3] @ self.sensor_origin + m[:3, 3]
-                rot, trans = np.ascontiguousarray(m[:3, :3]), np.ascontiguousarray(m[:3, 3])
+                rot, trans = self._ego_t_from_ego_k(kt, int(k))
+                origin = rot @ self.sensor_origin + trans
                 if cfg.ray_dedup:
                     rays, _ = vo.cast_rays_dedup(
                         origin, sw.points, rot, trans, self.lo, self.vs, self.shape, state, end_ws

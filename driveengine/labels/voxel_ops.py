@@ -564,8 +564,8 @@ def static_cells(
     Point ``p`` lies in cell ``floor((p @ rotation.T + translation) / cell)`` (per axis) of a cubic
     lattice fixed in the target frame (the generator's: the ego frame of the log's first pose; see
     :attr:`~driveengine.labels.generator.LabelConfig.static_cell_m`). One pass with an open-addressing
-    table of the cells (linear probing, at most half full); each cell is reported once, in the order of
-    its first point.
+    table of the cells (linear probing; the keys of a block of :data:`_BLOCK` points are computed first, in a
+    vectorised loop); each cell is reported once, in the order of its first point.
 
     Args:
         points: (N, 3) points in their sweep's ego frame, metres; the rows ``[:stop]`` are used (all when
@@ -595,45 +595,62 @@ def static_cells(
     oy = math.floor(translation[1] * inv)
     oz = math.floor(translation[2] * inv)
     far_cells = float(_CELL_KEY_OFFSET)
+    r00, r01, r02 = rotation[0, 0], rotation[0, 1], rotation[0, 2]
+    r10, r11, r12 = rotation[1, 0], rotation[1, 1], rotation[1, 2]
+    r20, r21, r22 = rotation[2, 0], rotation[2, 1], rotation[2, 2]
+    t0, t1, t2 = translation[0], translation[1], translation[2]
     m = 0
     far = 0
     last_key = np.int64(-1)
     last_cell = 0
-    for i in range(n):
-        px, py, pz = np.float64(points[i, 0]), np.float64(points[i, 1]), np.float64(points[i, 2])
-        qx = rotation[0, 0] * px + rotation[0, 1] * py + rotation[0, 2] * pz + translation[0]
-        qy = rotation[1, 0] * px + rotation[1, 1] * py + rotation[1, 2] * pz + translation[1]
-        qz = rotation[2, 0] * px + rotation[2, 1] * py + rotation[2, 2] * pz + translation[2]
-        fx, fy, fz = qx * inv - ox, qy * inv - oy, qz * inv - oz
-        if not ((abs(fx) < far_cells) & (abs(fy) < far_cells) & (abs(fz) < far_cells)):
-            far += 1
-            continue
-        key = (
-            ((np.int64(math.floor(fx)) + _CELL_KEY_OFFSET) << (2 * _CELL_KEY_BITS))
-            | ((np.int64(math.floor(fy)) + _CELL_KEY_OFFSET) << _CELL_KEY_BITS)
-            | (np.int64(math.floor(fz)) + _CELL_KEY_OFFSET)
-        )
-        if key != last_key:  # consecutive returns often share a cell
-            last_key = key
-            s = np.int64((np.uint64(key) * golden) >> shift)
-            while True:
-                k = table[s]
-                if k == key:
-                    last_cell = slot_cell[s]
-                    break
-                if k < 0:
-                    table[s] = key
-                    slot_cell[s] = m
-                    counts[m] = 0
-                    sums[m, 0] = sums[m, 1] = sums[m, 2] = 0.0
-                    last_cell = m
-                    m += 1
-                    break
-                s = (s + np.int64(1)) & mask
-        counts[last_cell] += 1
-        sums[last_cell, 0] += qx
-        sums[last_cell, 1] += qy
-        sums[last_cell, 2] += qz
+    q = np.empty((3, _BLOCK), np.float64)
+    block = np.empty(_BLOCK, np.int64)
+    for b0 in range(0, n, _BLOCK):
+        nb = min(n - b0, _BLOCK)
+        for j in range(nb):  # positions and keys of the block (branch-free: vectorised), -1 for far points
+            px, py, pz = (
+                np.float64(points[b0 + j, 0]),
+                np.float64(points[b0 + j, 1]),
+                np.float64(points[b0 + j, 2]),
+            )
+            qx = r00 * px + r01 * py + r02 * pz + t0
+            qy = r10 * px + r11 * py + r12 * pz + t1
+            qz = r20 * px + r21 * py + r22 * pz + t2
+            q[0, j], q[1, j], q[2, j] = qx, qy, qz
+            fx, fy, fz = qx * inv - ox, qy * inv - oy, qz * inv - oz
+            ok = (abs(fx) < far_cells) & (abs(fy) < far_cells) & (abs(fz) < far_cells)
+            # clamped before the conversion so that it is defined for every input (unused when not ok)
+            ix = np.int64(math.floor(min(max(fx, -far_cells), far_cells)) + far_cells)
+            iy = np.int64(math.floor(min(max(fy, -far_cells), far_cells)) + far_cells)
+            iz = np.int64(math.floor(min(max(fz, -far_cells), far_cells)) + far_cells)
+            key = (ix << (2 * _CELL_KEY_BITS)) | (iy << _CELL_KEY_BITS) | iz
+            block[j] = key if ok else np.int64(-1)
+        for j in range(nb):
+            key = block[j]
+            if key < 0:
+                far += 1
+                continue
+            if key != last_key:  # consecutive returns often share a cell
+                last_key = key
+                s = np.int64((np.uint64(key) * golden) >> shift)
+                while True:
+                    k = table[s]
+                    if k == key:
+                        last_cell = slot_cell[s]
+                        break
+                    if k < 0:
+                        table[s] = key
+                        slot_cell[s] = m
+                        counts[m] = 0
+                        sums[m, 0] = sums[m, 1] = sums[m, 2] = 0.0
+                        last_cell = m
+                        m += 1
+                        break
+                    s = (s + np.int64(1)) & mask
+            counts[last_cell] += 1
+            sums[last_cell, 0] += q[0, j]
+            sums[last_cell, 1] += q[1, j]
+            sums[last_cell, 2] += q[2, j]
     out = np.empty((3, m), np.float32)
     for j in range(m):
         out[0, j] = sums[j, 0] / counts[j]
