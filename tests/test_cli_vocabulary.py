@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -133,8 +134,14 @@ def test_dash_h_and_completion() -> None:
     for name in commands():
         result = invoke(name, "-h")
         assert result.exit_code == 0 and "Usage:" in result.output, name
-    shown = invoke("--show-completion", "bash", env={"SHELL": "/bin/bash"})
-    assert shown.exit_code == 0 and "complete" in shown.output
+    # the real command under bash, as a user runs it: the completion script is for the shell it runs in
+    # (typer finds it among the process's parents; in CliRunner, without a shell parent, detection fails)
+    command = shlex.quote(os.path.join(os.path.dirname(sys.executable), "driveengine"))
+    shown = subprocess.run(
+        ["bash", "-c", f"{command} --show-completion; exit $?"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert shown.returncode == 0 and "complete -o default -F _driveengine_completion" in shown.stdout, shown
 
 
 # -- real runs -----------------------------------------------------------------------------------

@@ -421,7 +421,11 @@ def _collect_args(root: Path, out: Path, workers: int | str) -> list[str]:
 
 def _start_and_wait_for_first_commit(args: list[str], out: Path, n_logs: int) -> subprocess.Popen:
     """Start the CLI in its own session; return once a log is committed and others are still to do."""
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    # SIGINT as at a terminal, even when the tests run where it is ignored (a background job inherits SIG_IGN)
+    proc = subprocess.Popen(
+        args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )  # fmt: skip
     manifest_file = out / "mini" / "manifest.json"
     deadline = time.monotonic() + 120
     committed: dict = {}

@@ -201,9 +201,10 @@ def test_ctrl_c_keeps_part_files_says_how_to_continue_and_the_same_command_resum
     cmd += ["--out", str(out), "--no-extract", "--backoff", "0.001", "--release-json", str(manifest)]
     with FileServer(srv) as server:
         server.add_faults(META, "slow")
-        proc = subprocess.Popen(
-            [*cmd, "--base-url", server.url], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-        )
+        proc = subprocess.Popen(  # SIGINT as at a terminal, even where the tests run with it ignored
+            [*cmd, "--base-url", server.url], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        )  # fmt: skip
         part = out / (META + ".part")
         deadline = time.monotonic() + 30
         while not (part.exists() and part.stat().st_size > 0) and time.monotonic() < deadline:
