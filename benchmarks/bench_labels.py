@@ -15,7 +15,7 @@ a floor measured in the same run:
   ``mask_camera``) end to end, frames/s per core (goal >= 27 at ``openscene``), ``fine`` against
   ``openscene`` (goal <= 8x slower; ``fine`` has 8x the voxels), the same without ``mask_camera``, and
   ``openscene`` with its static points merged into quarter-voxel cells (the recipe) vs every point
-  voxelised (``static_cell_m = 0``);
+  voxelised (``static_cell_voxels = 0``);
 * ``mask_camera`` of one frame (walking the cameras' rays through its labels) vs ``mask_lidar`` of the
   same frame (casting the key frame's sweep), per preset (goal <= 2x), and the same frame through cameras
   of nuPlan's size (1920 x 1080, f = 1545 px) on the log's mounts (the synthetic rig's 160 x 90 images
@@ -255,9 +255,9 @@ def _presets(tmp: Path, log, keys: np.ndarray, sweeps: dict[int, np.ndarray]) ->
         runs = []
         variants = [cfg, replace(cfg, camera_mask=False)]
         if name == "openscene":
-            variants.append(replace(cfg, static_cell_m=0.0))
+            variants.append(replace(cfg, static_cell_voxels=0.0))
         for c in variants:
-            zpath = tmp / f"preset-{name}-{c.camera_mask}-{c.static_cell_m}.zarr"
+            zpath = tmp / f"preset-{name}-{c.camera_mask}-{c.static_cell_voxels}.zarr"
             # best of 3 whole logs after one (the first run of a process loads caches and allocates)
             seconds = best_time(
                 lambda c=c, zpath=zpath: write_log_labels(
@@ -270,7 +270,7 @@ def _presets(tmp: Path, log, keys: np.ndarray, sweeps: dict[int, np.ndarray]) ->
         if name == "openscene":
             fps_points = runs[2]
         # one frame's masks: mask_camera through its labels vs mask_lidar of its own sweep
-        occ = open_occ(tmp / f"preset-{name}-True-{cfg.static_cell_m}.zarr")  # the recipe's
+        occ = open_occ(tmp / f"preset-{name}-True-{cfg.static_cell_voxels}.zarr")  # the recipe's
         mid = len(keys) // 2
         sem = np.ascontiguousarray(occ.frame(mid).semantics)
         cv._RIG_CACHE.clear()  # the rig's rays and walks from scratch: what a worker's first log of a rig pays
@@ -308,8 +308,8 @@ def _presets(tmp: Path, log, keys: np.ndarray, sweeps: dict[int, np.ndarray]) ->
         report(f"{name}: labels end to end, frames/s" + (" (goal >= 27)" if name == "openscene" else ""),
                fps[name], fps_no_cam[name], "frame/s", "vs the same without mask_camera",
                higher_is_better=True)  # fmt: skip
-    report(f"openscene: static points in {RECIPES['openscene'].static_cell_m} m cells vs every point, frames/s",
-           fps["openscene"], fps_points, "frame/s", "> 1 (static_cell_m = 0 voxelises every point)",
+    report(f"openscene: static points in {RECIPES['openscene'].static_cell_voxels}-voxel cells vs every point, frames/s",
+           fps["openscene"], fps_points, "frame/s", "> 1 (static_cell_voxels = 0 voxelises every point)",
            higher_is_better=True)  # fmt: skip
     report("fine vs openscene: seconds per frame (goal <= 8)", 1 / fps["fine"], 1 / fps["openscene"], "s",
            "<= 8 (fine has 8x the voxels)")  # fmt: skip

@@ -254,13 +254,13 @@ def test_point_order_and_box_order_do_not_change_the_labels() -> None:
         np.testing.assert_allclose(f0, f1, atol=1e-6)
 
 
-@pytest.mark.parametrize("static_cell_m", [0.0, 0.125])
-def test_a_rigid_motion_of_the_whole_world_leaves_the_labels_unchanged(static_cell_m: float) -> None:
+@pytest.mark.parametrize("static_cell_voxels", [0.0, 0.25])
+def test_a_rigid_motion_of_the_whole_world_leaves_the_labels_unchanged(static_cell_voxels: float) -> None:
     """Also with static cells: their lattice is the first pose's ego frame, which moves with the world."""
     world = World()
-    cfg = LabelConfig(window_s=10.0, static_cell_m=static_cell_m)
+    cfg = LabelConfig(window_s=10.0, static_cell_voxels=static_cell_voxels)
     ref, stats = run(world, cfg)
-    assert (stats.static_cells > 0) == (static_cell_m > 0)
+    assert (stats.static_cells > 0) == (static_cell_voxels > 0)
     w = make_transform(yaw_to_quaternion(2.1), np.array([-1234.5, 987.25, 3.0]))
     moved = World(world_from_global=w)
     got, _ = run(moved, cfg)
@@ -321,19 +321,19 @@ def test_config_is_json_ready_and_validated() -> None:
         LabelConfig(visibility="all")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="sweep_step"):
         LabelConfig(sweep_step=-1)
-    for bad in (-0.1, 0.001, 2.0, float("nan")):
-        with pytest.raises(ValueError, match="static_cell_m"):
-            LabelConfig(static_cell_m=bad)
-    # a record of generator version 5 has no static_cell_m: every point voxelised, as version 5 did
-    old = {k: v for k, v in LabelConfig(window_s=5.0).to_dict().items() if k != "static_cell_m"}
-    assert LabelConfig.from_dict({**old, "generator_version": 5}).static_cell_m == 0.0
-    with pytest.raises(ValueError, match="static_cell_m must be a number"):
-        LabelConfig.from_dict({**old, "static_cell_m": "fine"})
+    for bad in (-0.1, 0.01, 2.0, float("nan")):
+        with pytest.raises(ValueError, match="static_cell_voxels"):
+            LabelConfig(static_cell_voxels=bad)
+    # a record of generator version 5 has no static_cell_voxels: every point voxelised, as version 5 did
+    old = {k: v for k, v in LabelConfig(window_s=5.0).to_dict().items() if k != "static_cell_voxels"}
+    assert LabelConfig.from_dict({**old, "generator_version": 5}).static_cell_voxels == 0.0
+    with pytest.raises(ValueError, match="static_cell_voxels must be a number"):
+        LabelConfig.from_dict({**old, "static_cell_voxels": "fine"})
     from driveengine.labels.recipe import RECIPES
 
     for name in ("openscene", "occ3d", "fine"):  # the shipped recipes: a quarter voxel
-        assert RECIPES[name].static_cell_m == RECIPES[name].grid.voxel_size_m / 4
-    assert RECIPES["openscene-v1"].static_cell_m == 0.0  # version 1, bit for bit
+        assert RECIPES[name].static_cell_voxels == 0.25
+    assert RECIPES["openscene-v1"].static_cell_voxels == 0.0  # version 1, bit for bit
 
 
 def test_sweep_step_adds_the_sweeps_between_key_frames() -> None:

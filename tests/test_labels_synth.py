@@ -131,13 +131,13 @@ def full_size_cells(tmp_path_factory: pytest.TempPathFactory):
         static_only=False,
         rays=FULL_SIZE_RAYS,
         whole_track=True,
-        static_cell_m=GRID.voxel_size_m / 4,
+        static_cell_voxels=0.25,
     )
 
 
 def test_static_cells_keep_the_static_labels(full_size, full_size_cells) -> None:
     """Merging each sweep's static points into quarter-voxel world cells (their mean, their count) before
-    voxelising (``static_cell_m``): static IoU against the truth 0.918 (per point: 0.919), the occupied
+    voxelising (``static_cell_voxels``): static IoU against the truth 0.918 (per point: 0.919), the occupied
     voxels those of per-point voxelisation but for a few on voxel faces, and several points per cell."""
     sem, _, mask, true, _, stats = full_size_cells
     per_point = _iou(full_size[0] == BACKGROUND, true == BACKGROUND, mask)

@@ -18,16 +18,16 @@ following the baseline of reference §5. For every key frame ``t`` (a row of ``m
    non-positive or non-finite size are ignored (counted as ``degenerate_boxes``).
 3. **Static points** (in no box) are moved rigidly into ``ego_t``:
    ``ego_t_from_ego_k = inv(global_from_ego_t) @ global_from_ego_k`` (see
-   :func:`~driveengine.geometry.relative_transform`); flow 0. With ``static_cell_m`` (the shipped
-   recipes: a quarter voxel) each sweep's static points are first merged, once per sweep, into the
+   :func:`~driveengine.geometry.relative_transform`); flow 0. With ``static_cell_voxels`` (the shipped
+   recipes: 0.25, a quarter voxel) each sweep's static points are first merged, once per sweep, into the
    distinct cells of a cubic lattice of that edge fixed in the world (on the ego frame of the log's first
    pose, so it moves with the world): per cell the **mean** of its points and their count
    (:func:`~driveengine.labels.voxel_ops.static_cells`); every frame then voxelises the cells' means,
    each voting with its count, instead of every point. The windows of consecutive frames share all but
    a sweep or two and see the same surfaces again and again, and voxelising dominated the generator's
    time (every static point of ~40 sweeps, every frame): on the bench's sweeps a cell of 1/4 voxel holds
-   2.6 points, the frames' static part takes 3.6x less time, and 99.3 % of the occupied voxels are
-   those of per-point voxelisation (a mean lies on the surface its points lie on, so a flat ground is not
+   2.6 points, a frame's static part takes 2.6x less time (10.8 -> 4.1 ms; merging costs ~1.1 ms a
+   sweep, once), and 99.3 % of the occupied voxels are those of per-point voxelisation (a mean lies on the surface its points lie on, so a flat ground is not
    moved off it; a cell's points that straddle a voxel face land on one side). Static IoU against the
    synthetic truth: 0.918 vs 0.919 per point (tests/test_labels_synth.py). Their label is the class table's
    ``background`` (OpenScene: 10), unless the source gives the sweep's points classes of their own
@@ -86,7 +86,7 @@ points once per pass, and reused by every frame whose window holds it (a sliding
 with whole-track objects the first pass reads every sweep once more, the first window's sweeps being
 kept for the frame pass). Frames are written one shard at a time, so memory is bounded by the window
 of prepared sweeps (about 12 bytes per point: 1.4 MB for a 117k-point nuPlan sweep, so ~60 MB at 2 Hz
-and ~560 MB at 20 Hz for +-10 s; with ``static_cell_m`` 16 bytes per cell more, ~0.7 MB a sweep) plus at most one shard (``shard_frames`` x 6 bytes per voxel: 3.8 MB a frame
+and ~560 MB at 20 Hz for +-10 s; with ``static_cell_voxels`` 16 bytes per cell more, ~0.7 MB a sweep) plus at most one shard (``shard_frames`` x 6 bytes per voxel: 3.8 MB a frame
 on OpenScene's grid, 31 MB on ``fine``) plus the track cells (~36 bytes each) plus per-frame workspaces
 (~20 bytes per voxel: 12 MB on OpenScene's grid, 100 MB on ``fine``) plus the camera rays (~64 bytes
 per ray and their recorded walks, ~1.3 bytes per voxel a ray enters: 60 MB for nuPlan's eight 1920 x 1080
@@ -128,7 +128,7 @@ if TYPE_CHECKING:
 #: every array but ``mask_camera`` is version 3's, bit for bit. Version 5 restarts ``mask_camera``'s child rays
 #: at the last checkpoint of their recorded walk (every 8 voxels) before a quarter voxel before their parent's
 #: ``t_near`` (version 4: 2 voxels before it); the masks differ in rare voxels, the other arrays are version
-#: 4's, bit for bit. Version 6 added ``static_cell_m`` (a setting; with 0, the default, the arrays are version
+#: 4's, bit for bit. Version 6 added ``static_cell_voxels`` (a setting; with 0, the default, the arrays are version
 #: 5's, bit for bit; the shipped recipes use a quarter voxel).
 GENERATOR_VERSION = 6
 
@@ -198,11 +198,11 @@ class LabelConfig:
             step 5); False = the plain majority vote of versions 1 and 2.
         camera_mask: also compute ``mask_camera`` (:mod:`~driveengine.labels.camera_visibility`) from
             the log's camera calibration.
-        static_cell_m: 0 = every static point is voxelised in every frame whose window holds its sweep
-            (versions 1-5); > 0 = each sweep's static points are first merged, once, into the distinct
-            cells of a cubic lattice of this edge fixed in the world, and frames voxelise the cells'
-            centres, each with its points' count as its vote (see the module doc, step 3), m. The
-            shipped recipes use a quarter voxel.
+        static_cell_voxels: 0 = every static point is voxelised in every frame whose window holds its
+            sweep (versions 1-5); > 0 = each sweep's static points are first merged, once, into the
+            distinct cells of a cubic lattice fixed in the world whose edge is this many voxels (of the
+            grid: a recipe's fraction stays with ``--grid``), and frames voxelise the cells' means, each
+            with its points' count as its vote (see the module doc, step 3). The shipped recipes: 0.25.
         recipe: the recipe's name (:mod:`~driveengine.labels.recipe`; ``custom`` for hand-made settings).
     """
 
@@ -219,7 +219,7 @@ class LabelConfig:
     track_sweep_step: int = 0
     object_priority: bool = False
     camera_mask: bool = False
-    static_cell_m: float = 0.0
+    static_cell_voxels: float = 0.0
     recipe: str = "custom"
     kind = "generator"
 
@@ -239,9 +239,9 @@ class LabelConfig:
             raise ValueError("LabelConfig.window_s, box_margin_m and box_ground_clearance_m must be finite")
         if not (np.isfinite(self.track_cell_m) and 0.01 <= self.track_cell_m <= 1.0):
             raise ValueError(f"LabelConfig.track_cell_m must be within 0.01..1 m, got {self.track_cell_m}")
-        cell = self.static_cell_m
-        if not (cell == 0 or (np.isfinite(cell) and 0.01 <= cell <= 1.0)):
-            raise ValueError(f"LabelConfig.static_cell_m must be 0 or within 0.01..1 m, got {cell}")
+        cell = self.static_cell_voxels
+        if not (cell == 0 or (np.isfinite(cell) and 0.05 <= cell <= 1.0)):
+            raise ValueError(f"LabelConfig.static_cell_voxels must be 0 or within 0.05..1 voxel, got {cell}")
         for name in ("ray_dedup", "whole_track", "track_cell_fill", "object_priority", "camera_mask"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"LabelConfig.{name} must be true or false, got {getattr(self, name)!r}")
@@ -310,7 +310,7 @@ class LabelConfig:
             except (KeyError, TypeError, ValueError) as exc:
                 raise ValueError(f"{where}: bad grid: {exc}") from None
         for name, typ in (("window_s", float), ("box_margin_m", float), ("box_ground_clearance_m", float),
-                          ("track_cell_m", float), ("static_cell_m", float), ("sweep_step", int),
+                          ("track_cell_m", float), ("static_cell_voxels", float), ("sweep_step", int),
                           ("track_sweep_step", int)):  # fmt: skip
             if name in settings:
                 v = settings[name]
@@ -377,8 +377,10 @@ class LabelStats:
     )
     aggregated_points: int = 0  #: points aggregated into frames (summed over frames)
     points_in_grid: int = 0  #: ... that landed in the grid
-    static_cells: int = 0  #: static_cell_m: lattice cells of the frames' static points (summed over frames)
-    far_static_points: int = 0  #: static_cell_m: static points too far from their sensor, dropped
+    static_cells: int = (
+        0  #: static_cell_voxels: lattice cells of the frames' static points (summed over frames)
+    )
+    far_static_points: int = 0  #: static_cell_voxels: static points too far from their sensor, dropped
     rays: int = 0
     occupied_voxels: int = 0  #: summed over frames
     observed_voxels: int = 0  #: summed over frames
@@ -446,7 +448,7 @@ class _Sweep:
     obj_class: np.ndarray  #: (n_obj,) uint8 class id
     #: (num_static,) uint8 class id of each static point, or None when the sweep's points have no classes
     static_class: np.ndarray | None = None
-    #: with ``static_cell_m``: (M, 3) float32 column-major mean of the static points of each lattice cell (in
+    #: with ``static_cell_voxels``: (M, 3) float32 column-major mean of the static points of each lattice cell (in
     #: the lattice's frame, :attr:`LabelGenerator.global_from_lattice`), and (M,) int32 the points in each
     #: (see :func:`~driveengine.labels.voxel_ops.static_cells`)
     static_cells: np.ndarray | None = None
@@ -539,7 +541,7 @@ class LabelGenerator:
         self._half_lo_extra = np.array([-c.box_margin_m, -c.box_margin_m, 0.0])
         self._half_hi_extra = np.array([c.box_margin_m, c.box_margin_m, c.box_margin_m])
         finite = np.flatnonzero(np.isfinite(self.global_from_ego).all(axis=(1, 2)))
-        #: (4, 4) ``global_from_lattice`` of the static cells' lattice (``static_cell_m``): the ego frame of the
+        #: (4, 4) ``global_from_lattice`` of the static cells' lattice (``static_cell_voxels``): the ego frame of the
         #: log's first valid pose (the log's whichever frames are labelled, and moving with the world)
         self.global_from_lattice = self.global_from_ego[finite[0]].copy() if finite.size else np.eye(4)
         self._counted: set[int] = set()  # sweeps counted in the stats by the whole-track pass
@@ -601,9 +603,9 @@ class LabelGenerator:
         return np.ascontiguousarray(m[:3, :3]), np.ascontiguousarray(m[:3, 3])
 
     def _with_cells(self, sw: _Sweep | None, k: int) -> _Sweep | None:
-        """``sw`` with the lattice cells of its static points (``static_cell_m``; computed once, by the frame
+        """``sw`` with the lattice cells of its static points (``static_cell_voxels``; computed once, by the frame
         pass only, and not for classed points, which vote with their own classes point by point)."""
-        cell = self.config.static_cell_m
+        cell = self.config.static_cell_voxels * self.vs  # m
         if sw is None or cell <= 0 or sw.static_class is not None or sw.static_cells is not None:
             return sw
         lattice_from_sweep = relative_transform(self.global_from_lattice, self.global_from_ego[k])

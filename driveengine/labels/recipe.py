@@ -13,7 +13,7 @@ name           what
 ============== ==================================================================================
 openscene      OpenScene's grid ([-50, -50, -4, 50, 50, 4] m, 0.5 m); +-10 s of 2 Hz sweeps; whole-track
                objects with priority over the background in the voxels they claim (``object_priority``);
-               static points merged per sweep into 1/4-voxel world cells (``static_cell_m``: 0.125 m);
+               static points merged per sweep into quarter-voxel world cells (``static_cell_voxels: 0.25``);
                mask_lidar of the key frame's sweep; mask_camera. nuPlan's default.
 occ3d          Occ3D-nuScenes' grid ([-40, -40, -1, 40, 40, 5.4] m, 0.4 m), otherwise as openscene.
                nuScenes' default.
@@ -53,7 +53,7 @@ RECIPES: dict[str, LabelConfig] = {
         whole_track=True,
         object_priority=True,
         camera_mask=True,
-        static_cell_m=GRID_PRESETS[grid].voxel_size_m / 4,
+        static_cell_voxels=0.25,
         recipe=name,
     )
     for name, grid in (("openscene", "openscene"), ("occ3d", "occ3d"), ("fine", "fine"))

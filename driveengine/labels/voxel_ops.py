@@ -563,7 +563,7 @@ def static_cells(
 
     Point ``p`` lies in cell ``floor((p @ rotation.T + translation) / cell)`` (per axis) of a cubic
     lattice fixed in the target frame (the generator's: the ego frame of the log's first pose; see
-    :attr:`~driveengine.labels.generator.LabelConfig.static_cell_m`). One pass with an open-addressing
+    :attr:`~driveengine.labels.generator.LabelConfig.static_cell_voxels`). One pass with an open-addressing
     table of the cells (linear probing; the keys of a block of :data:`_BLOCK` points are computed first, in a
     vectorised loop); each cell is reported once, in the order of its first point.
 
