@@ -453,6 +453,13 @@ class _Sweep:
     #: (see :func:`~driveengine.labels.voxel_ops.static_cells`)
     static_cells: np.ndarray | None = None
     static_weights: np.ndarray | None = None
+    _per_track: np.ndarray | None = None
+
+    def points_per_track(self) -> np.ndarray:
+        """(max track id + 1,) int64 object points of each track (``bincount(obj_track)``, computed once)."""
+        if self._per_track is None:
+            self._per_track = np.bincount(self.obj_track)
+        return self._per_track
 
 
 class _LogBoxes:
@@ -804,8 +811,9 @@ class LabelGenerator:
                     st.aggregated_points += sw.obj_track.size - dropped
                     st.points_in_grid += end - n_obj
                     n_obj = end
-                elif sw.obj_track.size:
-                    st.object_points_dropped += int(np.count_nonzero(track_slot[sw.obj_track] < 0))
+                elif sw.obj_track.size:  # whole-track: the window's object points of tracks absent at t
+                    per_track = sw.points_per_track()
+                    st.object_points_dropped += int(per_track @ (track_slot[: per_track.size] < 0))
             if tracks is not None:
                 obj_w[: obj_w.shape[0]] = 1
                 end, points = vo.place_track_cells(
