@@ -1402,12 +1402,11 @@ def cast_camera_rays(
         stride[0] = ny * nz if dx > 0 else -ny * nz
         stride[1] = nz if dy > 0 else -nz
         stride[2] = 1 if dz > 0 else -1
-        base = step_offsets[r]
-        steps = step_offsets[r + 1] - base
+        i = step_offsets[r] + step  # the next step, an index into step_axes' 2-bit entries
+        first, end = i, step_offsets[r + 1]
         tn = 1e30
         unset = has_children[r]  # t_near is still to be found (rays without children need none)
         while True:
-            visits += 1
             c = state[v]
             state[v] = c | OBSERVED
             if c & (NEAR | OCCUPIED):
@@ -1422,10 +1421,10 @@ def cast_camera_rays(
                         tn = max(tn, (lo[2] + (v % nz + (0 if dz > 0 else 1)) * vs - oz) / dz)
                 if c & OCCUPIED:
                     break
-            if step >= steps:
+            if i >= end:
                 break
-            i = base + step
             v += stride[(step_axes[i >> 2] >> (2 * (i & 3))) & 3]
-            step += 1
+            i += 1
+        visits += i - first + 1
         t_near[r] = tn
     return visits
