@@ -308,8 +308,9 @@ def _presets(tmp: Path, log, keys: np.ndarray, sweeps: dict[int, np.ndarray]) ->
         report(f"{name}: labels end to end, frames/s" + (" (goal >= 27)" if name == "openscene" else ""),
                fps[name], fps_no_cam[name], "frame/s", "vs the same without mask_camera",
                higher_is_better=True)  # fmt: skip
-    report(f"openscene: static points in {RECIPES['openscene'].static_cell_voxels}-voxel cells vs every point, frames/s",
-           fps["openscene"], fps_points, "frame/s", "> 1 (static_cell_voxels = 0 voxelises every point)",
+    cell = RECIPES["openscene"].static_cell_voxels
+    report(f"openscene: static points in {cell}-voxel cells vs every point, frames/s", fps["openscene"],
+           fps_points, "frame/s", "> 1 (static_cell_voxels = 0 voxelises every point)",
            higher_is_better=True)  # fmt: skip
     report("fine vs openscene: seconds per frame (goal <= 8)", 1 / fps["fine"], 1 / fps["openscene"], "s",
            "<= 8 (fine has 8x the voxels)")  # fmt: skip

@@ -213,8 +213,8 @@ def test_static_cells_are_the_distinct_lattice_cells_with_their_mean_and_count(l
     trans = np.array([1234.56, -987.6, 3.2])  # a sweep away from the lattice's origin
     cell = 0.125
     stop = n - 7
-    centres, counts, far = vo.static_cells(pts, stop, rot, trans, cell)
-    assert centres.flags.f_contiguous and centres.dtype == np.float32 and counts.dtype == np.int32
+    means, counts, far = vo.static_cells(pts, stop, rot, trans, cell)
+    assert means.flags.f_contiguous and means.dtype == np.float32 and counts.dtype == np.int32
     assert far == 2
     q = pts[:stop].astype(np.float64) @ rot.T + trans
     keep = np.all(np.isfinite(q), axis=1) & (np.abs(q - trans).max(axis=1) < 1e5)
@@ -226,10 +226,10 @@ def test_static_cells_are_the_distinct_lattice_cells_with_their_mean_and_count(l
     sums = np.zeros((len(uniq), 3))
     np.add.at(sums, inverse.reshape(-1), q)
     ref_means = (sums / ref_counts[:, None])[order]
-    assert len(centres) == len(uniq) < 0.8 * stop  # repeated points share cells
+    assert len(means) == len(uniq) < 0.8 * stop  # repeated points share cells
     assert np.array_equal(counts, ref_counts[order])
-    np.testing.assert_allclose(centres, ref_means, rtol=0, atol=1e-3)  # float32 of ~1000 m
-    assert np.array_equal(np.floor(centres.astype(np.float64)[:, 2] / cell), uniq[order][:, 2])
+    np.testing.assert_allclose(means, ref_means, rtol=0, atol=1e-3)  # float32 of ~1000 m
+    assert np.array_equal(np.floor(means.astype(np.float64)[:, 2] / cell), uniq[order][:, 2])  # in their cell
 
 
 def test_accumulate_static_with_weights_counts_each_row_as_its_points() -> None:

@@ -27,9 +27,11 @@ following the baseline of reference §5. For every key frame ``t`` (a row of ``m
    a sweep or two and see the same surfaces again and again, and voxelising dominated the generator's
    time (every static point of ~40 sweeps, every frame): on the bench's sweeps a cell of 1/4 voxel holds
    2.6 points, a frame's static part takes 2.6x less time (10.8 -> 4.1 ms; merging costs ~1.1 ms a
-   sweep, once), and 99.3 % of the occupied voxels are those of per-point voxelisation (a mean lies on the surface its points lie on, so a flat ground is not
-   moved off it; a cell's points that straddle a voxel face land on one side). Static IoU against the
-   synthetic truth: 0.918 vs 0.919 per point (tests/test_labels_synth.py). Their label is the class table's
+   sweep, once), and 99.3 % of the occupied voxels are those of per-point voxelisation (a mean lies on
+   the surface its points lie on, so a flat ground is not moved off it; a cell's points that straddle a
+   voxel face land on one side). Static IoU against the synthetic truth: 0.918 vs 0.919 per point
+   (tests/test_labels_synth.py). Cell centres instead of means moved whole ground layers by a voxel
+   where the ground lay within half a cell of a voxel face. Their label is the class table's
    ``background`` (OpenScene: 10), unless the source gives the sweep's points classes of their own
    (:class:`PointClassSource`, e.g. nuScenes-lidarseg on nuScenes key frames): then each static point
    keeps its class. In a frame whose window holds such labelled sweeps, the static points of sweeps
@@ -86,7 +88,8 @@ points once per pass, and reused by every frame whose window holds it (a sliding
 with whole-track objects the first pass reads every sweep once more, the first window's sweeps being
 kept for the frame pass). Frames are written one shard at a time, so memory is bounded by the window
 of prepared sweeps (about 12 bytes per point: 1.4 MB for a 117k-point nuPlan sweep, so ~60 MB at 2 Hz
-and ~560 MB at 20 Hz for +-10 s; with ``static_cell_voxels`` 16 bytes per cell more, ~0.7 MB a sweep) plus at most one shard (``shard_frames`` x 6 bytes per voxel: 3.8 MB a frame
+and ~560 MB at 20 Hz for +-10 s; with ``static_cell_voxels`` 16 bytes a cell more, ~0.7 MB a sweep)
+plus at most one shard (``shard_frames`` x 6 bytes per voxel: 3.8 MB a frame
 on OpenScene's grid, 31 MB on ``fine``) plus the track cells (~36 bytes each) plus per-frame workspaces
 (~20 bytes per voxel: 12 MB on OpenScene's grid, 100 MB on ``fine``) plus the camera rays (~64 bytes
 per ray and their recorded walks, ~1.3 bytes per voxel a ray enters: 60 MB for nuPlan's eight 1920 x 1080
@@ -128,8 +131,8 @@ if TYPE_CHECKING:
 #: every array but ``mask_camera`` is version 3's, bit for bit. Version 5 restarts ``mask_camera``'s child rays
 #: at the last checkpoint of their recorded walk (every 8 voxels) before a quarter voxel before their parent's
 #: ``t_near`` (version 4: 2 voxels before it); the masks differ in rare voxels, the other arrays are version
-#: 4's, bit for bit. Version 6 added ``static_cell_voxels`` (a setting; with 0, the default, the arrays are version
-#: 5's, bit for bit; the shipped recipes use a quarter voxel).
+#: 4's, bit for bit. Version 6 added ``static_cell_voxels`` (a setting; with 0, the default, the arrays are
+#: version 5's, bit for bit; the shipped recipes use a quarter voxel).
 GENERATOR_VERSION = 6
 
 #: Loads the points of sweep ``k``: (n, 3) x, y, z in that sweep's ego frame, metres, or None if the
@@ -377,10 +380,8 @@ class LabelStats:
     )
     aggregated_points: int = 0  #: points aggregated into frames (summed over frames)
     points_in_grid: int = 0  #: ... that landed in the grid
-    static_cells: int = (
-        0  #: static_cell_voxels: lattice cells of the frames' static points (summed over frames)
-    )
-    far_static_points: int = 0  #: static_cell_voxels: static points too far from their sensor, dropped
+    static_cells: int = 0  #: lattice cells of the frames' static points (summed over frames)
+    far_static_points: int = 0  #: static points too far from their sensor for the lattice, dropped
     rays: int = 0
     occupied_voxels: int = 0  #: summed over frames
     observed_voxels: int = 0  #: summed over frames
@@ -448,9 +449,9 @@ class _Sweep:
     obj_class: np.ndarray  #: (n_obj,) uint8 class id
     #: (num_static,) uint8 class id of each static point, or None when the sweep's points have no classes
     static_class: np.ndarray | None = None
-    #: with ``static_cell_voxels``: (M, 3) float32 column-major mean of the static points of each lattice cell (in
-    #: the lattice's frame, :attr:`LabelGenerator.global_from_lattice`), and (M,) int32 the points in each
-    #: (see :func:`~driveengine.labels.voxel_ops.static_cells`)
+    #: with ``static_cell_voxels``: (M, 3) float32 column-major mean of the static points of each lattice
+    #: cell (in the lattice's frame, :attr:`LabelGenerator.global_from_lattice`), and (M,) int32 the points
+    #: in each (see :func:`~driveengine.labels.voxel_ops.static_cells`)
     static_cells: np.ndarray | None = None
     static_weights: np.ndarray | None = None
     _per_track: np.ndarray | None = None
@@ -548,8 +549,8 @@ class LabelGenerator:
         self._half_lo_extra = np.array([-c.box_margin_m, -c.box_margin_m, 0.0])
         self._half_hi_extra = np.array([c.box_margin_m, c.box_margin_m, c.box_margin_m])
         finite = np.flatnonzero(np.isfinite(self.global_from_ego).all(axis=(1, 2)))
-        #: (4, 4) ``global_from_lattice`` of the static cells' lattice (``static_cell_voxels``): the ego frame of the
-        #: log's first valid pose (the log's whichever frames are labelled, and moving with the world)
+        #: (4, 4) ``global_from_lattice`` of the static cells' lattice (``static_cell_voxels``): the ego frame
+        #: of the log's first valid pose (the log's whichever frames are labelled, moving with the world)
         self.global_from_lattice = self.global_from_ego[finite[0]].copy() if finite.size else np.eye(4)
         self._counted: set[int] = set()  # sweeps counted in the stats by the whole-track pass
         self._unavailable: set[int] = set()  # ... whose point cloud could not be read
@@ -610,8 +611,8 @@ class LabelGenerator:
         return np.ascontiguousarray(m[:3, :3]), np.ascontiguousarray(m[:3, 3])
 
     def _with_cells(self, sw: _Sweep | None, k: int) -> _Sweep | None:
-        """``sw`` with the lattice cells of its static points (``static_cell_voxels``; computed once, by the frame
-        pass only, and not for classed points, which vote with their own classes point by point)."""
+        """``sw`` with the lattice cells of its static points (``static_cell_voxels``; computed once, by the
+        frame pass only, and not for classed points, which vote with their own classes point by point)."""
         cell = self.config.static_cell_voxels * self.vs  # m
         if sw is None or cell <= 0 or sw.static_class is not None or sw.static_cells is not None:
             return sw

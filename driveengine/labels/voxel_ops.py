@@ -559,7 +559,7 @@ _CELL_KEY_OFFSET = 1 << (_CELL_KEY_BITS - 1)
 def static_cells(
     points: np.ndarray, stop: int, rotation: np.ndarray, translation: np.ndarray, cell: float
 ) -> tuple[np.ndarray, np.ndarray, int]:
-    """The distinct lattice cells of a sweep's static points: their centres and point counts.
+    """The distinct lattice cells of a sweep's static points: the mean of each cell's points, and their count.
 
     Point ``p`` lies in cell ``floor((p @ rotation.T + translation) / cell)`` (per axis) of a cubic
     lattice fixed in the target frame (the generator's: the ego frame of the log's first pose; see
@@ -574,8 +574,8 @@ def static_cells(
         cell: the cells' edge, m (> 0).
 
     Returns:
-        ``(centres, counts, far)``: (M, 3) float32 column-major cell centres in the lattice's frame, m
-        (the layout :func:`accumulate_static` vectorises over); (M,) int32 points per cell; the number of
+        ``(means, counts, far)``: (M, 3) float32 column-major mean of each cell's points in the lattice's
+        frame, m (the layout :func:`accumulate_static` vectorises over); (M,) int32 points per cell; the number of
         points not counted because they lie 2^20 cells or more from the sweep's translation along an
         axis (a return thousands of metres away is a broken one; non-finite points too).
     """
