@@ -571,9 +571,8 @@ class CameraMasker:
         r = self.rays
         vo.occupancy_codes(np.ascontiguousarray(semantics).reshape(-1), self.free, self.shape, self._state)
         self.visits = vo.cast_camera_rays(
-            r.origin, r.direction, r.start_m, r.parent, self._has_children, *self.steps, self._state, self.lo, self.vs,
-            self.shape,
-            self._t_near, RESTART_VOXELS * self.vs,
+            r.origin, r.direction, r.start_m, r.parent, self._has_children, *self.steps, self._state, self.lo,
+            self.vs, self.shape, self._t_near, RESTART_VOXELS * self.vs,
         )  # fmt: skip
         result = np.empty(self.grid.num_voxels, dtype=bool) if out is None else out
         np.greater_equal(self._state, vo.OBSERVED, out=result)  # OBSERVED is the highest bit

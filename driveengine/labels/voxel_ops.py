@@ -1191,15 +1191,15 @@ def occupancy_codes(semantics: np.ndarray, free: int, shape: np.ndarray, code: n
 
 @numba.njit(cache=True, inline="always")
 def _walk_start(
-    ox: float, oy: float, oz: float, dx: float, dy: float, dz: float, s: float, exit_r: float, lo: np.ndarray,
-    vs: float, shape: np.ndarray,
+    ox: float, oy: float, oz: float, dx: float, dy: float, dz: float, exit_r: float, lo: np.ndarray, vs: float,
+    shape: np.ndarray,
 ) -> tuple[bool, int, float, float, float, float, float, float, float, int, int, int, int, int, int]:  # fmt: skip
-    """Amanatides-Woo state of a ray walked from ``s`` metres (or where it enters the grid box) to ``exit_r``:
+    """Amanatides-Woo state of a ray walked from its origin (or where it enters the grid box) to ``exit_r``:
     ``(ok, voxel, t, tmx, tmy, tmz, tdx, tdy, tdz, rx, ry, rz, step_x, step_y, step_z)``; ``ok`` False when
     it does not meet the box. ``r*`` are the steps left along each axis, ``step_*`` the C-order position's."""
     nx, ny, nz = shape[0], shape[1], shape[2]
     inv = 1.0 / vs
-    s0 = s  # clip the start to where the ray enters the box (the camera may sit outside the grid)
+    s0 = 0.0  # clip the start to where the ray enters the box (the camera may sit outside the grid)
     for a in range(3):
         o = ox if a == 0 else (oy if a == 1 else oz)
         d = dx if a == 0 else (dy if a == 1 else dz)
@@ -1268,7 +1268,7 @@ def camera_ray_steps(
             checkpoint_voxel = np.empty(checkpoint_offsets[rays], np.int32)
         for r in range(rays):
             ok, v, t, tmx, tmy, tmz, tdx, tdy, tdz, rx, ry, rz, sxv, syv, szv = _walk_start(
-                origin[r, 0], origin[r, 1], origin[r, 2], direction[r, 0], direction[r, 1], direction[r, 2], 0.0,
+                origin[r, 0], origin[r, 1], origin[r, 2], direction[r, 0], direction[r, 1], direction[r, 2],
                 exit_m[r], lo, vs, shape,
             )  # fmt: skip
             if not ok:
