@@ -182,13 +182,35 @@ def test_synthetic_world_buildings_hide_what_is_behind_them(tmp_path) -> None:
     assert not seen[:, :, :ground].any()
 
 
+@pytest.mark.parametrize("shape", [(1, 1, 1), (3, 1, 5), (7, 6, 16), (5, 4, 63), (4, 5, 64), (3, 4, 65), (3, 3, 130)])
+def test_occupancy_codes_are_the_occupied_voxels_and_their_26_neighbours(shape) -> None:
+    """The dilation against numpy's, on random scenes of every density: columns up to 64 voxels tall (one
+    bit word each, 64 a full word) and taller ones (dilated voxel by voxel)."""
+    rng = np.random.default_rng(sum(shape))
+    nx, ny, nz = shape
+    for fraction in (0.0, 0.02, 0.3, 1.0):
+        semantics = np.where(rng.random(shape) < fraction, rng.integers(0, FREE, shape), FREE).astype(np.uint8)
+        occupied = semantics != FREE
+        padded = np.pad(occupied, 1)
+        near = np.zeros(shape, bool)
+        for dx in range(3):
+            for dy in range(3):
+                for dz in range(3):
+                    near |= padded[dx : dx + nx, dy : dy + ny, dz : dz + nz]
+        code = np.full(occupied.size, 255, np.uint8)  # stale values are overwritten
+        grid_shape = np.array(shape, np.int64)
+        vo.occupancy_codes(semantics.reshape(-1), FREE, grid_shape, code, vo.occupancy_words(grid_shape))
+        expected = vo.NEAR * near.astype(np.uint8) + vo.OCCUPIED * occupied.astype(np.uint8)
+        np.testing.assert_array_equal(code, expected.reshape(-1))
+
+
 def test_kernel_marks_the_stopping_voxel_and_reports_where_it_came_near() -> None:
     grid = VoxelGrid((0.0, 0.0, 0.0), (40.0, 1.0, 1.0), 1.0)
     lo, vs, shape = vo.grid_params(grid)
     semantics = np.full(grid.num_voxels, FREE, np.uint8)
     semantics[30] = 3  # voxel x = 30
     code = np.empty(grid.num_voxels, np.uint8)
-    vo.occupancy_codes(semantics, FREE, shape, code)
+    vo.occupancy_codes(semantics, FREE, shape, code, vo.occupancy_words(shape))
     assert code.tolist() == [0] * 29 + [vo.NEAR, vo.NEAR | vo.OCCUPIED, vo.NEAR] + [0] * 8
     origin = np.tile([0.5, 0.5, 0.5], (3, 1))
     direction = np.tile([1.0, 0.0, 0.0], (3, 1))

@@ -556,6 +556,7 @@ class CameraMasker:
         self._has_children = np.zeros(rays.num_rays, dtype=bool)
         self._has_children[rays.parent[rays.parent >= 0]] = True
         self._state = np.zeros(grid.num_voxels, np.uint8)
+        self._words = vo.occupancy_words(self.shape)
         self._t_near = np.empty(rays.num_rays, np.float64)
         self.visits = 0  #: voxel visits of the last frame
 
@@ -569,7 +570,9 @@ class CameraMasker:
         from driveengine.labels import voxel_ops as vo
 
         r = self.rays
-        vo.occupancy_codes(np.ascontiguousarray(semantics).reshape(-1), self.free, self.shape, self._state)
+        vo.occupancy_codes(
+            np.ascontiguousarray(semantics).reshape(-1), self.free, self.shape, self._state, self._words
+        )
         self.visits = vo.cast_camera_rays(
             r.origin, r.direction, r.start_m, r.parent, self._has_children, *self.steps, self._state, self.lo,
             self.vs, self.shape, self._t_near, RESTART_VOXELS * self.vs,

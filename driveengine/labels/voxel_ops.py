@@ -1168,25 +1168,76 @@ def cast_rays_dedup(
 NEAR, OCCUPIED, OBSERVED = 1, 2, 4
 
 
+def occupancy_words(shape: np.ndarray) -> np.ndarray:
+    """The workspace :func:`occupancy_codes` needs for a grid of ``shape`` (nx, ny, nz): three bit words a
+    column of voxels (unused when the columns are taller than 64 voxels)."""
+    return np.empty((3, int(shape[0]) * int(shape[1])), np.uint64)
+
+
 @numba.njit(cache=True)
-def occupancy_codes(semantics: np.ndarray, free: int, shape: np.ndarray, code: np.ndarray) -> None:
+def occupancy_codes(semantics: np.ndarray, free: int, shape: np.ndarray, code: np.ndarray, words: np.ndarray) -> None:
     """``code`` (V,) uint8 = :data:`OCCUPIED` | :data:`NEAR` for the voxels of ``semantics`` (V,) that are not
-    ``free``, :data:`NEAR` for their other 26-neighbours, 0 elsewhere."""
+    ``free``, :data:`NEAR` for their other 26-neighbours, 0 elsewhere.
+
+    The 3x3x3 dilation is separable: with columns of at most 64 voxels (every preset) each column is one bit
+    word (:func:`occupancy_words` is the workspace), dilated along z by shifting it, then along y and x by
+    OR-ing the neighbouring columns' words: 0.29 ms on a labelled ``openscene`` frame vs 1.2 ms dilating
+    voxel by voxel, which taller grids still do.
+    """
     nx, ny, nz = shape[0], shape[1], shape[2]
-    code[:] = 0
     fr = np.uint8(free)
-    for v in range(semantics.shape[0]):
-        if semantics[v] == fr:
-            continue
-        x = v // (ny * nz)
-        y = (v // nz) % ny
-        z = v % nz
-        for i in range(max(x - 1, 0), min(x + 2, nx)):
-            for j in range(max(y - 1, 0), min(y + 2, ny)):
-                base = (i * ny + j) * nz
-                for k in range(max(z - 1, 0), min(z + 2, nz)):
-                    code[base + k] |= NEAR
-        code[v] |= OCCUPIED
+    if nz > 64:
+        code[:] = 0
+        for v in range(semantics.shape[0]):
+            if semantics[v] == fr:
+                continue
+            x = v // (ny * nz)
+            y = (v // nz) % ny
+            z = v % nz
+            for i in range(max(x - 1, 0), min(x + 2, nx)):
+                for j in range(max(y - 1, 0), min(y + 2, ny)):
+                    base = (i * ny + j) * nz
+                    for k in range(max(z - 1, 0), min(z + 2, nz)):
+                        code[base + k] |= NEAR
+            code[v] |= OCCUPIED
+        return
+    occ, zn, yn = words[0], words[1], words[2]
+    one = np.uint64(1)
+    column = (one << np.uint64(nz)) - one if nz < 64 else ~np.uint64(0)
+    for c in range(nx * ny):  # pack each column's occupied bits; z: a bit's neighbours in the column
+        b = c * nz
+        w = np.uint64(0)
+        for k in range(nz):
+            if semantics[b + k] != fr:
+                w |= one << np.uint64(k)
+        occ[c] = w
+        zn[c] = (w | (w << one) | (w >> one)) & column
+    for i in range(nx):  # y: the neighbouring columns in the same x plane
+        for j in range(ny):
+            c = i * ny + j
+            w = zn[c]
+            if j > 0:
+                w |= zn[c - 1]
+            if j + 1 < ny:
+                w |= zn[c + 1]
+            yn[c] = w
+    for i in range(nx):  # x: the neighbouring planes' columns; then unpack
+        for j in range(ny):
+            c = i * ny + j
+            w = yn[c]
+            if i > 0:
+                w |= yn[c - ny]
+            if i + 1 < nx:
+                w |= yn[c + ny]
+            o = occ[c]
+            b = c * nz
+            if w == 0:
+                for k in range(nz):
+                    code[b + k] = 0
+            else:
+                for k in range(nz):
+                    bit = np.uint64(k)
+                    code[b + k] = np.uint8(NEAR * ((w >> bit) & one) + OCCUPIED * ((o >> bit) & one))
 
 
 @numba.njit(cache=True, inline="always")
