@@ -182,14 +182,18 @@ def test_synthetic_world_buildings_hide_what_is_behind_them(tmp_path) -> None:
     assert not seen[:, :, :ground].any()
 
 
-@pytest.mark.parametrize("shape", [(1, 1, 1), (3, 1, 5), (7, 6, 16), (5, 4, 63), (4, 5, 64), (3, 4, 65), (3, 3, 130)])
+@pytest.mark.parametrize(
+    "shape", [(1, 1, 1), (3, 1, 5), (7, 6, 16), (5, 4, 63), (4, 5, 64), (3, 4, 65), (3, 3, 130)]
+)
 def test_occupancy_codes_are_the_occupied_voxels_and_their_26_neighbours(shape) -> None:
     """The dilation against numpy's, on random scenes of every density: columns up to 64 voxels tall (one
     bit word each, 64 a full word) and taller ones (dilated voxel by voxel)."""
     rng = np.random.default_rng(sum(shape))
     nx, ny, nz = shape
     for fraction in (0.0, 0.02, 0.3, 1.0):
-        semantics = np.where(rng.random(shape) < fraction, rng.integers(0, FREE, shape), FREE).astype(np.uint8)
+        semantics = np.where(rng.random(shape) < fraction, rng.integers(0, FREE, shape), FREE).astype(
+            np.uint8
+        )
         occupied = semantics != FREE
         padded = np.pad(occupied, 1)
         near = np.zeros(shape, bool)

@@ -1175,7 +1175,9 @@ def occupancy_words(shape: np.ndarray) -> np.ndarray:
 
 
 @numba.njit(cache=True)
-def occupancy_codes(semantics: np.ndarray, free: int, shape: np.ndarray, code: np.ndarray, words: np.ndarray) -> None:
+def occupancy_codes(
+    semantics: np.ndarray, free: int, shape: np.ndarray, code: np.ndarray, words: np.ndarray
+) -> None:
     """``code`` (V,) uint8 = :data:`OCCUPIED` | :data:`NEAR` for the voxels of ``semantics`` (V,) that are not
     ``free``, :data:`NEAR` for their other 26-neighbours, 0 elsewhere.
 
