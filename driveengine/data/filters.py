@@ -47,7 +47,6 @@ import json
 import logging
 import os
 import re
-import secrets
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -61,6 +60,7 @@ from numpy.typing import NDArray
 from driveengine.data.plan import log_offsets, split_frame_ids
 from driveengine.data.reader import StreamError
 from driveengine.errors import DriveEngineError
+from driveengine.files import atomic_path
 from driveengine.store.dataset import CommittedLog
 
 IntArray = NDArray[np.int64]
@@ -306,18 +306,15 @@ class ColumnCache:
         counts = json.dumps([log.entry.frames for log in logs]).encode()
         meta = {**(table.schema.metadata or {}), _COUNTS_KEY: counts}
         path = self.path(key)
-        tmp = self.directory / f".{key}.{secrets.token_hex(6)}.tmp"
         try:
-            self.directory.mkdir(parents=True, exist_ok=True)
             with (
+                atomic_path(path, durable=False) as tmp,
                 pa.OSFile(str(tmp), "wb") as sink,
                 pa.ipc.new_file(sink, table.schema.with_metadata(meta)) as w,
             ):
                 w.write_table(table)
-            os.replace(tmp, path)
         except (OSError, pa.ArrowException) as exc:
             logger.debug("%s: filter column cache not written (%s)", path, exc)
-            tmp.unlink(missing_ok=True)
             return
         self._evict()
 

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from driveengine.files import atomic_write_bytes
+
 STATE_DIR = ".driveengine"
 
 
@@ -33,16 +35,6 @@ def archives_dir(root: str | Path) -> Path:
 def staging_dir(root: str | Path, archive_basename: str) -> Path:
     """``<root>/.driveengine/staging/<archive>``: where an archive is extracted before moving into place."""
     return Path(root) / STATE_DIR / "staging" / archive_basename
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
@@ -68,7 +60,7 @@ class DownloadRecord:
 def write_download_record(root: str | Path, record: DownloadRecord) -> None:
     """Store ``record`` atomically as ``archives/<archive>.download.json``."""
     path = archives_dir(root) / f"{Path(record.name).name}.download.json"
-    _write_atomic(path, json.dumps(record.__dict__, indent=1))
+    atomic_write_bytes(path, json.dumps(record.__dict__, indent=1).encode())
 
 
 def read_download_record(root: str | Path, archive_basename: str) -> DownloadRecord | None:
@@ -99,7 +91,7 @@ def write_checksums_file(root: str | Path) -> Path:
     """Write ``<root>/.driveengine/checksums.md5`` from the download records (``md5sum -c`` from ``root``)."""
     lines = [f"{r.md5}  {r.name}\n" for r in all_download_records(root)]
     path = Path(root) / STATE_DIR / "checksums.md5"
-    _write_atomic(path, "".join(lines))
+    atomic_write_bytes(path, "".join(lines).encode())
     return path
 
 
@@ -109,7 +101,7 @@ def write_extraction(
     """Record what an archive extracted: the file list first, then the marker (the commit point)."""
     base = Path(archive_name).name
     folder = archives_dir(root)
-    _write_atomic(folder / f"{base}.files.txt", "".join(f"{f}\n" for f in sorted(files)))
+    atomic_write_bytes(folder / f"{base}.files.txt", "".join(f"{f}\n" for f in sorted(files)).encode())
     marker = {
         "name": archive_name,
         "files": len(files),
@@ -117,7 +109,7 @@ def write_extraction(
         "md5": md5,
         "extracted": time.time(),
     }
-    _write_atomic(folder / f"{base}.extracted.json", json.dumps(marker, indent=1))
+    atomic_write_bytes(folder / f"{base}.extracted.json", json.dumps(marker, indent=1).encode())
 
 
 def extraction_marker(root: str | Path, archive_basename: str) -> dict[str, Any] | None:

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from driveengine.errors import DriveEngineError
+from driveengine.files import atomic_path
 from driveengine.labels.occ3d_import import OCC3D_GRID, labels_path
 from driveengine.schemas.classes import OCC3D_NUSCENES_CLASSES
 from driveengine.store.dataset import open_split
@@ -31,14 +32,8 @@ class Occ3DExportError(DriveEngineError):
 
 
 def _write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            np.savez_compressed(f, **arrays)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_path(path, durable=False) as tmp, open(tmp, "wb") as f:
+        np.savez_compressed(f, **arrays)  # (a file object: given a name, numpy would append .npz)
 
 
 def export_occ3d(split_dir: str | os.PathLike[str], out: str | os.PathLike[str]) -> Iterator[str]:

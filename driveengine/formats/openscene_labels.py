@@ -43,6 +43,7 @@ from typing import Any
 import numpy as np
 
 from driveengine.errors import DriveEngineError
+from driveengine.files import atomic_path
 from driveengine.schemas.classes import FREE, NUM_CLASSES
 from driveengine.schemas.grid import GRID, VoxelGrid
 
@@ -264,12 +265,9 @@ def write_label_file(
     truncated ``.npy`` behind.
     """
     occ, rows = dense_to_sparse(semantics, flow, grid)
-    for path, arr in ((Path(occ_path), occ), (Path(flow_path), rows)):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        with open(tmp, "wb") as f:
-            np.save(f, arr, allow_pickle=False)
-        os.replace(tmp, path)
+    for path, arr in ((occ_path, occ), (flow_path, rows)):
+        with atomic_path(path, durable=False) as tmp, open(tmp, "wb") as f:
+            np.save(f, arr, allow_pickle=False)  # (a file object: given a name, numpy would append .npy)
     return int(occ.shape[0])
 
 

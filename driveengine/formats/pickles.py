@@ -126,7 +126,7 @@ def dumps(obj: object) -> bytes:
 
 def write_pickle(path: str | os.PathLike[str], obj: object) -> None:
     """Write ``obj`` to ``path`` atomically (temporary file, fsync, rename) with :func:`dumps`."""
-    from driveengine.store.manifest import atomic_write_bytes
+    from driveengine.files import atomic_write_bytes
 
     atomic_write_bytes(path, dumps(obj))
 

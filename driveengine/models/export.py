@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from driveengine.files import atomic_path, atomic_write_bytes
 from driveengine.models.backbones import (
     PUBLISHED_WIDTH,
     BackboneError,
@@ -246,17 +247,6 @@ class ExportedBackbone:
     info: BackboneInfo
 
 
-def _atomic_write(path: Path, write: Callable[[Path], object]) -> None:
-    """``write(tmp)`` then rename ``tmp`` to ``path``; the temporary file is removed on failure."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def save_backbone(
     model: nn.Module | Mapping[str, torch.Tensor],
     path: str | os.PathLike[str],
@@ -287,11 +277,12 @@ def save_backbone(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     out_state = {f"{key_prefix}{k}": v for k, v in state.items()}
-    _atomic_write(path, lambda tmp: torch.save(out_state, tmp))
+    with atomic_path(path, durable=False) as tmp:
+        torch.save(out_state, tmp)
     meta = backbone_info(spec, width, state, path, key_prefix, dict(info or {}))
     meta_path = path.with_suffix(".json")
     text = json.dumps(meta.to_json_dict(), indent=1, allow_nan=False) + "\n"
-    _atomic_write(meta_path, lambda tmp: tmp.write_text(text))
+    atomic_write_bytes(meta_path, text.encode(), durable=False)
     return ExportedBackbone(path, meta_path, meta)
 
 

@@ -74,13 +74,12 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from driveengine.errors import DriveEngineError
+from driveengine.files import ATOMIC_TMP_RE, fsync_dir
 from driveengine.store.manifest import (
-    ATOMIC_TMP_RE,
     MANIFEST_NAME,
     LogEntry,
     Manifest,
     ManifestError,
-    fsync_dir,
     is_remote,
     join_location,
     load_or_create_manifest,

@@ -49,8 +49,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
-import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
@@ -58,13 +56,12 @@ from typing import Any, NoReturn
 
 from driveengine import __version__
 from driveengine.errors import DriveEngineError
+from driveengine.files import atomic_write_bytes
 from driveengine.schemas import FORMAT_NAME, FORMAT_VERSION, GRID, OLDEST_FORMAT_VERSION, OPENSCENE_CLASSES
 from driveengine.schemas.classes import ClassTable, class_table_from_record
 from driveengine.schemas.grid import VoxelGrid
 
 MANIFEST_NAME = "manifest.json"
-#: Names of :func:`atomic_write_bytes`' temporaries: ``.<name>.<12 hex>.tmp``.
-ATOMIC_TMP_RE = re.compile(r"\..+\.[0-9a-f]{12}\.tmp")
 
 #: A JSON value (statistics recorded for information only).
 JsonValue = Any
@@ -529,39 +526,6 @@ def load_or_create_manifest(
     if manifest_path(local_path(split_dir)).exists():
         return load_manifest(split_dir)
     return Manifest(split=split)
-
-
-def fsync_dir(path: str | os.PathLike[str]) -> None:
-    """fsync a directory so that renames inside it survive a crash (no-op where unsupported)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically: temporary file in the same folder, fsync, rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
-    # os.open with 0o666 lets the umask decide the mode (mkstemp would force 0600 on shared datasets).
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
 
 
 def save_manifest(

@@ -56,6 +56,7 @@ import torch
 from torch import nn
 
 from driveengine.data import FrameStream, MixedStream, MixSource
+from driveengine.files import atomic_path
 from driveengine.models.heads import ModelOutputs, predict
 from driveengine.schemas import VoxelGrid
 from driveengine.schemas.classes import ClassTable
@@ -591,9 +592,9 @@ def _csv_number(value: float | int | None) -> str:
 
 
 def _atomic_save(obj: dict[str, object], path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    """A checkpoint saved whole or not at all, fsynced (a resume after a crash reads it)."""
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
 
 
 # -- evaluation -------------------------------------------------------------------------------------

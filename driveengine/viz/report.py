@@ -400,7 +400,7 @@ def write_report(
     Raises:
         VizError: ``out`` cannot be written, or the errors of :func:`collect_report`.
     """
-    from driveengine.store.manifest import atomic_write_bytes
+    from driveengine.files import atomic_write_bytes
 
     out = Path(out)
     if out.suffix.lower() not in (".html", ".htm"):
