@@ -445,3 +445,40 @@ def test_memory_is_bounded_by_one_shard_not_the_log_length(tmp_path: Path) -> No
     frame_bytes = GRID.num_voxels * (1 + 2 * 2 + 1)
     short, long = peak(4), peak(12)
     assert long - short < frame_bytes  # 8 more frames cost less than one more frame of memory
+
+
+def test_sweeps_beyond_a_sweeps_size_are_skipped_unread_and_noted(tmp_path: Path, monkeypatch) -> None:
+    """The label generator's point loader never reads a file larger than a sweep can be
+    (``MAX_SWEEP_FILE_BYTES``), and nuScenes' reader refuses more points than a sweep holds (as nuPlan's
+    does, tests/test_pcd.py): each such sweep is skipped, counted as unreadable and noted by file."""
+    from types import SimpleNamespace
+
+    from driveengine.errors import SourceError
+    from driveengine.labels import generator
+    from driveengine.labels.generator import LabelStats, source_point_loader
+    from driveengine.sources.nuscenes import reader as nuscenes_reader
+    from driveengine.sources.pcd import write_nuplan_pcd
+
+    write_nuplan_pcd(tmp_path / "a.pcd", np.ones((100, 3), np.float32))
+    log = SimpleNamespace(sweep_lidar_path=np.array(["a.pcd"]), ego_from_lidar=np.eye(4))
+    stats = LabelStats()
+    load = source_point_loader(NuplanSource(), log, tmp_path, stats)  # type: ignore[arg-type]
+    assert load(0).shape == (100, 3)
+    size = (tmp_path / "a.pcd").stat().st_size
+    monkeypatch.setattr(generator, "MAX_SWEEP_FILE_BYTES", size - 1)
+    assert load(0) is None
+    assert stats.sweeps_unreadable == 1 and stats.notes == [
+        f"{tmp_path / 'a.pcd'}: {size} bytes, more than a sweep's {size - 1}; skipped"
+    ]
+
+    monkeypatch.setattr(nuscenes_reader, "MAX_SWEEP_POINTS", 9)
+    (tmp_path / "b.pcd.bin").write_bytes(np.zeros((10, 5), "<f4").tobytes())
+    assert (
+        nuscenes_reader.sweep_file_defect(tmp_path / "b.pcd.bin")
+        == "10 points, more than the 9 a sweep may hold"
+    )
+    with pytest.raises(SourceError, match=r"b\.pcd\.bin: 10 points, more than the 9 a sweep may hold"):
+        nuscenes_reader.points_ego(
+            (tmp_path / "b.pcd.bin").read_bytes(), str(tmp_path / "b.pcd.bin"), np.eye(4)
+        )
+    assert nuscenes_reader.points_ego(bytes(9 * 20), "c.pcd.bin", np.eye(4)).shape == (9, 4)

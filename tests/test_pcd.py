@@ -352,6 +352,40 @@ def test_corrupt_compressed_sizes(tmp_path: Path) -> None:
         read_pcd(path)
 
 
+def test_a_sweep_announcing_more_points_than_a_sweep_holds_is_refused_before_decoding(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A compressed body may expand ~88x, so a sweep's point count is bounded from its header
+    (:data:`MAX_SWEEP_POINTS`): here a file announcing one point more with a 1000-byte body gets the
+    points error, not the body's; nuPlan's reader and collect's cheap file check apply the bound."""
+    import driveengine.sources.nuplan as nuplan
+    from driveengine.errors import SourceError
+    from driveengine.sources.base import MAX_SWEEP_POINTS
+
+    n = MAX_SWEEP_POINTS + 1
+    header = (
+        f"VERSION 0.7\nFIELDS x y z\nSIZE 4 4 4\nTYPE F F F\nCOUNT 1 1 1\nWIDTH {n}\nHEIGHT 1\n"
+        f"VIEWPOINT 0 0 0 1 0 0 0\nPOINTS {n}\nDATA binary_compressed\n"
+    )
+    data = header.encode() + (1000).to_bytes(4, "little") + (12 * n).to_bytes(4, "little") + bytes(1000)
+    with pytest.raises(PCDError, match="cannot expand"):  # unbounded, the body is what is wrong
+        parse_pcd(data)
+    with pytest.raises(PCDError, match=f"{n} points, more than the {MAX_SWEEP_POINTS} a sweep may hold"):
+        parse_pcd(data, max_points=MAX_SWEEP_POINTS)
+    with pytest.raises(SourceError, match=f"{n} points"):
+        nuplan.nuplan_points_ego(data, "LIDAR_TOP/hostile.pcd")
+    # a whole file over a (lowered) bound: refused by the reader, and its frame dropped by collect's check
+    path = tmp_path / "sweep.pcd"
+    write_nuplan_pcd(path, RNG.normal(size=(100, 3)).astype(np.float32))
+    assert nuplan.pcd_file_defect(path) is None and nuplan.nuplan_points_ego(
+        path.read_bytes(), "s"
+    ).shape == (100, 4)
+    monkeypatch.setattr(nuplan, "MAX_SWEEP_POINTS", 99)
+    assert nuplan.pcd_file_defect(path) == "100 points, more than the 99 a sweep may hold"
+    with pytest.raises(PCDError, match=f"{path}: 100 points, more than the 99"):
+        nuplan.nuplan_points_ego(path.read_bytes(), str(path))
+
+
 def test_xyz_missing_raises(tmp_path: Path) -> None:
     path = tmp_path / "i.pcd"
     write_pcd(path, {"intensity": np.ones(2, np.float32)})

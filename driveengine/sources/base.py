@@ -32,6 +32,14 @@ from driveengine.schemas.classes import ClassTable
 from driveengine.sources.logdata import LogData
 from driveengine.splits import SplitDef
 
+#: The most points a sweep may hold. A sweep file announcing more is refused before it is decoded (a
+#: damaged or hostile file must not take a worker's memory): nuPlan's merged sweeps hold ~100-250k
+#: points, nuScenes' ~35k, a 128-beam LiDAR's ~260k.
+MAX_SWEEP_POINTS = 8_000_000
+#: The largest sweep file read at all: :data:`MAX_SWEEP_POINTS` points of 128 bytes (ASCII PCD needs
+#: ~60-100 bytes a point, binary formats 16-32).
+MAX_SWEEP_FILE_BYTES = MAX_SWEEP_POINTS * 128
+
 
 @dataclass(frozen=True)
 class InputLog:
@@ -113,7 +121,8 @@ class Source(Protocol):
                 sensor frame move them with it).
 
         Raises:
-            SourceError: the bytes are not a point cloud of this dataset's format.
+            SourceError: the bytes are not a point cloud of this dataset's format, or hold more than
+                :data:`MAX_SWEEP_POINTS` points (refused before they are decoded).
         """
         ...
 

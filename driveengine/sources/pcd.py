@@ -459,12 +459,16 @@ def _header_end(data: bytes | bytearray) -> int:
     return match.end() if match else min(len(data), _MAX_HEADER_BYTES)
 
 
-def parse_pcd(data: bytes | bytearray, path: PathType = "<bytes>") -> PointCloud:
+def parse_pcd(
+    data: bytes | bytearray, path: PathType = "<bytes>", max_points: int | None = None
+) -> PointCloud:
     """Parse a whole PCD file held in memory (for example bytes fetched with fsspec).
 
     Args:
         data: the file's bytes.
         path: name used in error messages.
+        max_points: refuse a file announcing more points than this, before decoding it (a compressed
+            body may expand up to ~88x).
 
     Returns:
         The :class:`PointCloud` (field arrays are views of one aligned copy of the body).
@@ -473,6 +477,8 @@ def parse_pcd(data: bytes | bytearray, path: PathType = "<bytes>") -> PointCloud
         PCDError: the data is malformed or truncated.
     """
     header = _parse_header_bytes(path, bytes(data[: _header_end(data)]))
+    if max_points is not None and header.points > max_points:
+        raise PCDError(path, f"{header.points} points, more than the {max_points} a sweep may hold: damaged?")
     body = np.frombuffer(data, dtype=np.uint8)[header.data_offset :].copy()  # copy: aligned, writable
     return _decode(path, header, body)
 

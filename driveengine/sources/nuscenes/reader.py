@@ -37,6 +37,7 @@ import numpy as np
 
 from driveengine.errors import SourceError
 from driveengine.geometry import make_transform, quaternion_to_matrix, quaternion_yaw, valid_poses
+from driveengine.sources.base import MAX_SWEEP_POINTS
 from driveengine.sources.logdata import LogData
 from driveengine.sources.nuscenes.constants import (
     CAMERA_CHANNELS,
@@ -327,6 +328,12 @@ def points_ego(data: bytes, path: str, ego_from_lidar: np.ndarray) -> np.ndarray
             f"truncated sweep: {len(data)} bytes is not a whole number of {PCD_BIN_POINT_BYTES}-byte points",
             _HINT_FILES,
         )
+    if len(data) // PCD_BIN_POINT_BYTES > MAX_SWEEP_POINTS:
+        raise SourceError(
+            path,
+            f"{len(data) // PCD_BIN_POINT_BYTES} points, more than the {MAX_SWEEP_POINTS} a sweep may hold: damaged?",
+            _HINT_FILES,
+        )
     raw = np.frombuffer(data, dtype="<f4").reshape(-1, PCD_BIN_FIELDS)
     m = np.asarray(ego_from_lidar, dtype=np.float64)
     out = np.empty((raw.shape[0], 4), dtype=np.float32)
@@ -345,6 +352,8 @@ def sweep_file_defect(path: Path) -> str | None:
         return "empty sweep file"
     if size % PCD_BIN_POINT_BYTES:
         return f"{size} bytes is not a whole number of {PCD_BIN_POINT_BYTES}-byte points: truncated"
+    if size // PCD_BIN_POINT_BYTES > MAX_SWEEP_POINTS:
+        return f"{size // PCD_BIN_POINT_BYTES} points, more than the {MAX_SWEEP_POINTS} a sweep may hold"
     return None
 
 
