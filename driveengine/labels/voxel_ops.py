@@ -1183,8 +1183,8 @@ def occupancy_codes(
 
     The 3x3x3 dilation is separable: with columns of at most 64 voxels (every preset) each column is one bit
     word (:func:`occupancy_words` is the workspace), dilated along z by shifting it, then along y and x by
-    OR-ing the neighbouring columns' words: 0.29 ms on a labelled ``openscene`` frame vs 1.2 ms dilating
-    voxel by voxel, which taller grids still do.
+    OR-ing the neighbouring columns' words: 0.29 ms on the bench's labelled ``openscene`` frame (29.7k
+    occupied voxels) vs 1.2 ms dilating voxel by voxel, which taller grids still do.
     """
     nx, ny, nz = shape[0], shape[1], shape[2]
     fr = np.uint8(free)
