@@ -25,8 +25,8 @@ openscene-v1   DriveEngine's labels before whole-track objects and mask_camera (
 The shipped recipes aggregate the key frames' sweeps (2 Hz). Where the source has more (nuPlan: every
 20 Hz sweep), ``sweep_step`` buys static quality with time: static IoU against the synthetic truth on
 the test frame 0.81 at 2 Hz, 0.92 at 4 Hz (``sweep_step: 5``), 0.98 at 10 Hz (``sweep_step: 2``), at
-34.7, 25.1 and 15.1 frames/s on the bench's log; the voxels missed at 2 Hz are ground voxels far away
-that rays graze (docs/ARCHITECTURE.md, Labels).
+34.7, 25.1 and 15.1 frames/s on the bench's log; the voxels missed at 2 Hz are mostly ground voxels far
+away that rays graze (docs/ARCHITECTURE.md, Labels).
 
 A **custom recipe** is a YAML file of settings, optionally on top of a shipped one::
 
