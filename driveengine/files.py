@@ -1,13 +1,17 @@
 """Atomic file writes: a reader of the target sees the old file or the whole new one, never a part.
 
-Every file DriveEngine writes in place of another goes through :func:`atomic_path` (or
-:func:`atomic_write_bytes`): the data goes to a temporary sibling ``.<name>.<12 hex>.tmp`` (random, so
-concurrent writers never share one; a leading dot, so listings skip it; :data:`ATOMIC_TMP_RE` recognises
-the leftovers of a killed writer), which is renamed onto the target when the write succeeded and removed
-when it failed (any exception, Ctrl-C included). ``durable=True`` also fsyncs the file before the rename
-and its folder after it, so a power cut keeps the old file or the new one: for records other runs rely
-on (manifests, checkpoints, download state). Outputs that a rerun rebuilds (exports, caches) skip the
-fsyncs.
+The files that replace an earlier version of themselves — manifests, pickles, download records,
+checkpoints, exported labels and backbones, the filter cache — go through :func:`atomic_path` (or
+:func:`atomic_write_bytes`). (Collect's shards and label groups have their own commit,
+:mod:`driveengine.store.commit`; downloads resume from ``.part`` files.) The data goes to a temporary
+sibling ``.<name>.<12 hex>.tmp``: random, so concurrent writers never share one; hidden from ``ls``; and
+never what a reader looks for, as readers list their own names. It is renamed onto the target when the
+write succeeded and removed when it failed (any exception, Ctrl-C included); a killed writer leaves it
+behind, and :data:`ATOMIC_TMP_RE` recognises it (collect and ``pretrain`` remove such leftovers in the
+folders they own, :func:`remove_stale_temporaries`). ``durable=True`` also fsyncs the file before the
+rename (an error there fails the write: the target is kept) and its folder after it, so a power cut
+keeps the old file or the new one: for records other runs rely on (manifests, checkpoints, download
+state). Outputs that a rerun rebuilds (exports, caches) skip the fsyncs.
 """
 
 from __future__ import annotations
@@ -25,10 +29,6 @@ ATOMIC_TMP_RE = re.compile(r"\..+\.[0-9a-f]{12}\.tmp")
 
 def fsync_dir(path: str | os.PathLike[str]) -> None:
     """fsync a directory so that renames inside it survive a crash (no-op where unsupported)."""
-    _fsync(path)
-
-
-def _fsync(path: str | os.PathLike[str]) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
@@ -39,6 +39,22 @@ def _fsync(path: str | os.PathLike[str]) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def remove_stale_temporaries(folder: str | os.PathLike[str]) -> list[Path]:
+    """Remove the temporaries that killed writers of :func:`atomic_path` left in ``folder`` (not below);
+    returns them. Only for a folder one process writes at a time (a live writer's temporary looks the
+    same)."""
+    removed = []
+    try:
+        entries = list(os.scandir(folder))
+    except FileNotFoundError:
+        return removed
+    for entry in entries:
+        if ATOMIC_TMP_RE.fullmatch(entry.name) and entry.is_file(follow_symlinks=False):
+            Path(entry.path).unlink(missing_ok=True)
+            removed.append(Path(entry.path))
+    return removed
 
 
 @contextmanager
@@ -55,8 +71,12 @@ def atomic_path(path: str | os.PathLike[str], *, durable: bool = True) -> Iterat
     tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
     try:
         yield tmp
-        if durable:
-            _fsync(tmp)
+        if durable:  # an error here (EIO, ENOSPC) fails the write; the target keeps its old content
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -187,10 +187,15 @@ def test_synthetic_world_buildings_hide_what_is_behind_them(tmp_path) -> None:
 )
 def test_occupancy_codes_are_the_occupied_voxels_and_their_26_neighbours(shape) -> None:
     """The dilation against numpy's, on random scenes of every density: columns up to 64 voxels tall (one
-    bit word each, 64 a full word) and taller ones (dilated voxel by voxel)."""
+    bit word each, 64 a full word) and taller ones (dilated voxel by voxel). One workspace and one output
+    serve every scene, densest first, and start as all ones: nothing of an earlier scene may remain."""
     rng = np.random.default_rng(sum(shape))
     nx, ny, nz = shape
-    for fraction in (0.0, 0.02, 0.3, 1.0):
+    grid_shape = np.array(shape, np.int64)
+    words = vo.occupancy_words(grid_shape)
+    words[:] = ~np.uint64(0)
+    code = np.full(nx * ny * nz, 255, np.uint8)
+    for fraction in (1.0, 0.3, 0.02, 0.0):
         semantics = np.where(rng.random(shape) < fraction, rng.integers(0, FREE, shape), FREE).astype(
             np.uint8
         )
@@ -201,11 +206,12 @@ def test_occupancy_codes_are_the_occupied_voxels_and_their_26_neighbours(shape) 
             for dy in range(3):
                 for dz in range(3):
                     near |= padded[dx : dx + nx, dy : dy + ny, dz : dz + nz]
-        code = np.full(occupied.size, 255, np.uint8)  # stale values are overwritten
-        grid_shape = np.array(shape, np.int64)
-        vo.occupancy_codes(semantics.reshape(-1), FREE, grid_shape, code, vo.occupancy_words(grid_shape))
+        vo.occupancy_codes(semantics.reshape(-1), FREE, grid_shape, code, words)
         expected = vo.NEAR * near.astype(np.uint8) + vo.OCCUPIED * occupied.astype(np.uint8)
         np.testing.assert_array_equal(code, expected.reshape(-1))
+    if nz <= 64:  # a workspace of another (smaller) grid is refused, not written past its end
+        with pytest.raises(ValueError, match="smaller than occupancy_words"):
+            vo.occupancy_codes(semantics.reshape(-1), FREE, grid_shape, code, words[:, :-1])
 
 
 def test_kernel_marks_the_stopping_voxel_and_reports_where_it_came_near() -> None:

@@ -83,3 +83,47 @@ def test_durable_writes_fsync_the_file_and_its_folder(tmp_path: Path, monkeypatc
         assert synced[1] == str(tmp_path)
     else:
         assert synced == []
+
+
+def test_a_failed_fsync_or_rename_keeps_the_old_file_and_leaves_nothing(tmp_path: Path, monkeypatch) -> None:
+    """A durable write whose fsync fails (EIO, ENOSPC) fails, before the rename; a rename that fails (the
+    target is a folder) removes the temporary."""
+    import errno
+
+    target = tmp_path / "manifest.json"
+    target.write_bytes(b"old")
+
+    def broken_fsync(fd: int) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(os, "fsync", broken_fsync)
+    with pytest.raises(OSError, match="Input/output error"):
+        files.atomic_write_bytes(target, b"new")
+    assert target.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["manifest.json"]
+    files.atomic_write_bytes(target, b"new", durable=False)  # no fsync asked: written
+    assert target.read_bytes() == b"new"
+    monkeypatch.undo()
+
+    folder = tmp_path / "a_folder"
+    (folder / "inside").mkdir(parents=True)
+    with pytest.raises(OSError):
+        files.atomic_write_bytes(folder, b"data")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_folder", "manifest.json"]
+
+
+def test_remove_stale_temporaries_removes_only_atomic_leftovers(tmp_path: Path) -> None:
+    leftovers = [tmp_path / ".last.pt.0123456789ab.tmp", tmp_path / ".config.json.abcdef012345.tmp"]
+    kept = [
+        tmp_path / "last.pt",
+        tmp_path / ".last.pt.tmp",
+        tmp_path / "x.0123456789ab.tmp",
+        tmp_path / ".hidden",
+    ]
+    for p in leftovers + kept:
+        p.write_bytes(b"x")
+    (tmp_path / ".dir.0123456789ab.tmp").mkdir()  # a folder of that name is not ours
+    assert sorted(files.remove_stale_temporaries(tmp_path)) == sorted(leftovers)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [p.name for p in kept] + [".dir.0123456789ab.tmp"]
+    )
+    assert files.remove_stale_temporaries(tmp_path / "missing") == []

@@ -449,7 +449,7 @@ def test_memory_is_bounded_by_one_shard_not_the_log_length(tmp_path: Path) -> No
 
 def test_sweeps_beyond_a_sweeps_size_are_skipped_unread_and_noted(tmp_path: Path, monkeypatch) -> None:
     """The label generator's point loader never reads a file larger than a sweep can be
-    (``MAX_SWEEP_FILE_BYTES``), and nuScenes' reader refuses more points than a sweep holds (as nuPlan's
+    (``MAX_SWEEP_BYTES``), and nuScenes' reader refuses more points than a sweep holds (as nuPlan's
     does, tests/test_pcd.py): each such sweep is skipped, counted as unreadable and noted by file."""
     from types import SimpleNamespace
 
@@ -465,7 +465,7 @@ def test_sweeps_beyond_a_sweeps_size_are_skipped_unread_and_noted(tmp_path: Path
     load = source_point_loader(NuplanSource(), log, tmp_path, stats)  # type: ignore[arg-type]
     assert load(0).shape == (100, 3)
     size = (tmp_path / "a.pcd").stat().st_size
-    monkeypatch.setattr(generator, "MAX_SWEEP_FILE_BYTES", size - 1)
+    monkeypatch.setattr(generator, "MAX_SWEEP_BYTES", size - 1)
     assert load(0) is None
     assert stats.sweeps_unreadable == 1 and stats.notes == [
         f"{tmp_path / 'a.pcd'}: {size} bytes, more than a sweep's {size - 1}; skipped"

@@ -355,12 +355,13 @@ def test_corrupt_compressed_sizes(tmp_path: Path) -> None:
 def test_a_sweep_announcing_more_points_than_a_sweep_holds_is_refused_before_decoding(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A compressed body may expand ~88x, so a sweep's point count is bounded from its header
-    (:data:`MAX_SWEEP_POINTS`): here a file announcing one point more with a 1000-byte body gets the
-    points error, not the body's; nuPlan's reader and collect's cheap file check apply the bound."""
+    """A compressed body may expand ~88x, so a sweep's point count and decoded size are bounded from its
+    header (:data:`MAX_SWEEP_POINTS`, :data:`MAX_SWEEP_BYTES`): here a file announcing one point more with
+    a 1000-byte body gets the points error, not the body's, and 1.1M points of 500-byte records (550 MB)
+    the bytes error; nuPlan's reader and collect's cheap file check apply both."""
     import driveengine.sources.nuplan as nuplan
     from driveengine.errors import SourceError
-    from driveengine.sources.base import MAX_SWEEP_POINTS
+    from driveengine.sources.base import MAX_SWEEP_BYTES, MAX_SWEEP_POINTS
 
     n = MAX_SWEEP_POINTS + 1
     header = (
@@ -374,6 +375,20 @@ def test_a_sweep_announcing_more_points_than_a_sweep_holds_is_refused_before_dec
         parse_pcd(data, max_points=MAX_SWEEP_POINTS)
     with pytest.raises(SourceError, match=f"{n} points"):
         nuplan.nuplan_points_ego(data, "LIDAR_TOP/hostile.pcd")
+    # fewer points with wide records announce as many bytes: bounded too (MAX_SWEEP_BYTES)
+    wide = (
+        b"VERSION 0.7\nFIELDS x y z pad\nSIZE 4 4 4 4\nTYPE F F F U\nCOUNT 1 1 1 122\nWIDTH 1100000\nHEIGHT 1\n"
+        b"POINTS 1100000\nDATA binary_compressed\n"
+        + (10**6).to_bytes(4, "little")
+        + (500 * 1_100_000).to_bytes(4, "little")
+        + bytes(10**6)
+    )
+    with pytest.raises(
+        SourceError, match=f"1100000 points of 500 bytes, more than the {MAX_SWEEP_BYTES} bytes"
+    ):
+        nuplan.nuplan_points_ego(wide, "LIDAR_TOP/wide.pcd")
+    (tmp_path / "wide.pcd").write_bytes(wide)
+    assert nuplan.pcd_file_defect(tmp_path / "wide.pcd").startswith("1100000 points of 500 bytes, more than")
     # a whole file over a (lowered) bound: refused by the reader, and its frame dropped by collect's check
     path = tmp_path / "sweep.pcd"
     write_nuplan_pcd(path, RNG.normal(size=(100, 3)).astype(np.float32))

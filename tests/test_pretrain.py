@@ -153,10 +153,13 @@ def test_resume_continues_the_same_steps_and_loss_curve(split, tmp_path):
 def test_resume_auto_in_the_same_run_truncates_the_csv(split, tmp_path):
     cfg = _config(split, tmp_path, name="auto", max_steps=4, ckpt_every=2, eval_every=0)
     pretrain(cfg)
+    stale = tmp_path / "runs" / "auto" / ".last.pt.0123456789ab.tmp"  # what a run killed mid-save leaves
+    stale.write_bytes(b"part of a checkpoint")
     again = pretrain(
         _config(split, tmp_path, name="auto", max_steps=4, ckpt_every=2, eval_every=0, resume="auto")
     )
     assert again["train_loss"] == []  # the run had finished: nothing left to do
+    assert not stale.exists()  # the resumed run removed it
     with open(tmp_path / "runs" / "auto" / "metrics.csv", newline="") as f:
         assert [int(r["step"]) for r in csv.DictReader(f)] == [1, 2, 3, 4]
 

@@ -200,6 +200,24 @@ def test_points_and_sweeps(split):
             assert np.allclose(extra[:, 4], 0.5)
 
 
+def test_a_sweep_file_larger_than_a_sweep_can_be_is_refused_unread(split, monkeypatch, tmp_path):
+    """The points field reads at most ``MAX_SWEEP_BYTES`` + 1 bytes of a sweep file and refuses a
+    larger one in one line naming the log and the file (collect drops such sweeps; this is a file changed
+    since)."""
+    import driveengine.sources.base as sources_base
+    from driveengine.data.reader import BlobFiles
+
+    big = tmp_path / "big.pcd"
+    big.write_bytes(bytes(1000))
+    assert len(BlobFiles({}).read(str(big), limit=10)) == 11 and len(BlobFiles({}).read(str(big))) == 1000
+    monkeypatch.setattr(sources_base, "MAX_SWEEP_BYTES", 10)
+    stream = FrameStream(split.root, split.split, fields=("points",), shuffle=False)
+    with pytest.raises(
+        StreamError, match=r"^log \S+: sensor file \S+\.pcd is larger than 10 bytes: damaged\?"
+    ):
+        next(iter(stream))
+
+
 def test_images_are_resized_with_scaled_intrinsics(split):
     stream = FrameStream(
         split.root, split.split, fields=("images",), image_size=(32, 18), shuffle=False, history=2

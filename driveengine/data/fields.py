@@ -212,11 +212,14 @@ class PointsField(SampleField):
         """(N, 4) float32 points of the key frame at ``row`` in its own ego frame."""
         from driveengine.errors import SourceError
         from driveengine.sources import get_source
+        from driveengine.sources.base import MAX_SWEEP_BYTES
 
         relative = log.column("lidar_path")[row]
         try:
             return get_source(log.source).points_ego(
-                log.read_bytes(relative), log.sensor_path(relative), log.column("lidar2ego")[row]
+                log.read_bytes(relative, MAX_SWEEP_BYTES),
+                log.sensor_path(relative),
+                log.column("lidar2ego")[row],
             )
         except SourceError as exc:
             raise StreamError(f"log {log.name}: {exc}") from None

@@ -119,17 +119,19 @@ class BlobFiles:
             fs = self._fs[protocol] = fsspec.core.url_to_fs(path, **options)[0]
         return fs, path
 
-    def read(self, path: str) -> bytes:
-        """The bytes of ``path`` (local path or URL).
+    def read(self, path: str, limit: int | None = None) -> bytes:
+        """The bytes of ``path`` (local path or URL); with ``limit``, at most ``limit + 1`` of them (so a
+        caller can tell a file larger than ``limit`` without reading it whole).
 
         Raises:
             FileNotFoundError: no such file.
         """
         fs, path = self._fs_of(path)
+        end = None if limit is None else limit + 1
         if "::" in path:
-            return fs.cat_file(path)
+            return fs.cat_file(path, end=end)
         with fs.open(path, "rb") as f:
-            return f.read()
+            return f.read(-1 if end is None else end)
 
     def prefetch(self, path: str) -> None:
         """Fetch a remote sensor file into the cache (no-op for local files or without a cache)."""
@@ -314,19 +316,28 @@ class LogReader:
         """Path or URL of a sensor file named relative to the blob root."""
         return join_path(self.blob_root(), relative)
 
-    def read_bytes(self, relative: str) -> bytes:
+    def read_bytes(self, relative: str, limit: int | None = None) -> bytes:
         """The bytes of a sensor file (``relative`` to the blob root).
 
+        Args:
+            relative: the file, relative to the blob root.
+            limit: the largest size accepted, bytes (a larger file is refused, not read whole).
+
         Raises:
-            StreamError: the file is missing.
+            StreamError: the file is missing or larger than ``limit``.
         """
         path = self.sensor_path(relative)
         try:
-            return self.blobs.read(path)
+            data = self.blobs.read(path, limit)
         except FileNotFoundError:
             raise StreamError(
                 f"log {self.name}: sensor file {path} is missing (check blob_root or re-download the blobs)"
             ) from None
+        if limit is not None and len(data) > limit:
+            raise StreamError(
+                f"log {self.name}: sensor file {path} is larger than {limit} bytes: damaged? (collect it again)"
+            )
+        return data
 
     # -- errors ----------------------------------------------------------------------------------
     def wrap_error(self, exc: Exception) -> StreamError:

@@ -115,7 +115,7 @@ from driveengine.labels import voxel_ops as vo
 from driveengine.schemas import FORMAT_VERSION, GRID, VoxelGrid
 from driveengine.schemas.classes import OPENSCENE_CLASSES, ClassTable
 from driveengine.sources import source_label_grid
-from driveengine.sources.base import MAX_SWEEP_FILE_BYTES, Source
+from driveengine.sources.base import MAX_SWEEP_BYTES, Source
 from driveengine.sources.logdata import LogData
 from driveengine.store.occ import OccStorage
 
@@ -977,11 +977,9 @@ def source_point_loader(source: Source, log: LogData, blob_root: Path, stats: La
         path = Path(blob_root) / str(log.sweep_lidar_path[k])
         try:
             size = path.stat().st_size
-            if size > MAX_SWEEP_FILE_BYTES:  # not read at all (bounded memory per log)
+            if size > MAX_SWEEP_BYTES:  # not read at all (bounded memory per log)
                 stats.sweeps_unreadable += 1
-                stats.notes.append(
-                    f"{path}: {size} bytes, more than a sweep's {MAX_SWEEP_FILE_BYTES}; skipped"
-                )
+                stats.notes.append(f"{path}: {size} bytes, more than a sweep's {MAX_SWEEP_BYTES}; skipped")
                 return None
             data = path.read_bytes()
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):

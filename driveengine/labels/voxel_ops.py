@@ -1203,6 +1203,8 @@ def occupancy_codes(
                         code[base + k] |= NEAR
             code[v] |= OCCUPIED
         return
+    if words.shape[0] < 3 or words.shape[1] < nx * ny:  # numba does not check bounds
+        raise ValueError("occupancy_codes: words is smaller than occupancy_words(shape)")
     occ, zn, yn = words[0], words[1], words[2]
     one = np.uint64(1)
     column = (one << np.uint64(nz)) - one if nz < 64 else ~np.uint64(0)

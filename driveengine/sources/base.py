@@ -36,9 +36,10 @@ from driveengine.splits import SplitDef
 #: damaged or hostile file must not take a worker's memory): nuPlan's merged sweeps hold ~100-250k
 #: points, nuScenes' ~35k, a 128-beam LiDAR's ~260k.
 MAX_SWEEP_POINTS = 8_000_000
-#: The largest sweep file read at all: :data:`MAX_SWEEP_POINTS` points of 128 bytes (ASCII PCD needs
-#: ~60-100 bytes a point, binary formats 16-32).
-MAX_SWEEP_FILE_BYTES = MAX_SWEEP_POINTS * 128
+#: The largest sweep file read at all, and the most bytes a sweep's points may decode to (a PCD's
+#: records of every field; a compressed body expands up to ~88x): 64 bytes a point (nuPlan's records
+#: are 24 bytes, nuScenes' 20, an ASCII PCD's lines ~40-60).
+MAX_SWEEP_BYTES = MAX_SWEEP_POINTS * 64
 
 
 @dataclass(frozen=True)
@@ -122,7 +123,8 @@ class Source(Protocol):
 
         Raises:
             SourceError: the bytes are not a point cloud of this dataset's format, or hold more than
-                :data:`MAX_SWEEP_POINTS` points (refused before they are decoded).
+                :data:`MAX_SWEEP_POINTS` points or :data:`MAX_SWEEP_BYTES` of them (refused before they are
+                decoded).
         """
         ...
 

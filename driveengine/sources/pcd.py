@@ -459,16 +459,29 @@ def _header_end(data: bytes | bytearray) -> int:
     return match.end() if match else min(len(data), _MAX_HEADER_BYTES)
 
 
+def _over_limits(header: PCDHeader, max_points: int | None, max_bytes: int | None) -> str | None:
+    """Why a file announcing ``header`` is beyond the limits (points; bytes of its decoded records), or None."""
+    if max_points is not None and header.points > max_points:
+        return f"{header.points} points, more than the {max_points} a sweep may hold"
+    decoded = header.points * header.dtype.itemsize
+    if max_bytes is not None and decoded > max_bytes:
+        return f"{header.points} points of {header.dtype.itemsize} bytes, more than the {max_bytes} bytes a sweep may hold"
+    return None
+
+
 def parse_pcd(
-    data: bytes | bytearray, path: PathType = "<bytes>", max_points: int | None = None
+    data: bytes | bytearray,
+    path: PathType = "<bytes>",
+    max_points: int | None = None,
+    max_bytes: int | None = None,
 ) -> PointCloud:
     """Parse a whole PCD file held in memory (for example bytes fetched with fsspec).
 
     Args:
         data: the file's bytes.
         path: name used in error messages.
-        max_points: refuse a file announcing more points than this, before decoding it (a compressed
-            body may expand up to ~88x).
+        max_points, max_bytes: refuse a file announcing more points, or records of more bytes in all,
+            than these, before decoding it (a compressed body may expand up to ~88x).
 
     Returns:
         The :class:`PointCloud` (field arrays are views of one aligned copy of the body).
@@ -477,8 +490,8 @@ def parse_pcd(
         PCDError: the data is malformed or truncated.
     """
     header = _parse_header_bytes(path, bytes(data[: _header_end(data)]))
-    if max_points is not None and header.points > max_points:
-        raise PCDError(path, f"{header.points} points, more than the {max_points} a sweep may hold: damaged?")
+    if (reason := _over_limits(header, max_points, max_bytes)) is not None:
+        raise PCDError(path, f"{reason}: damaged?")
     body = np.frombuffer(data, dtype=np.uint8)[header.data_offset :].copy()  # copy: aligned, writable
     return _decode(path, header, body)
 
@@ -512,8 +525,11 @@ def read_pcd(path: PathType) -> PointCloud:
     return _decode(path, header, body[: len(start) + (n or 0)])
 
 
-def pcd_defect(path: str | os.PathLike[str]) -> str | None:
-    """What is wrong with a ``.pcd`` file, or None when it looks whole.
+def pcd_defect(
+    path: str | os.PathLike[str], max_points: int | None = None, max_bytes: int | None = None
+) -> str | None:
+    """What is wrong with a ``.pcd`` file, or None when it looks whole (and within the limits of
+    :func:`parse_pcd`).
 
     Parses the header (:func:`driveengine.sources.pcd.read_pcd_header`) and compares the file size with
     what the header announces: ``binary`` needs ``POINTS x`` record size bytes after the header
@@ -528,6 +544,8 @@ def pcd_defect(path: str | os.PathLike[str]) -> str | None:
         return exc.reason
     except OSError as exc:
         return f"cannot read ({exc.strerror or exc})"
+    if (reason := _over_limits(header, max_points, max_bytes)) is not None:
+        return reason
     body = size - header.data_offset
     need = header.points * header.dtype.itemsize
     if header.encoding == "binary" and body < need:

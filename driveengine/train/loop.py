@@ -56,7 +56,7 @@ import torch
 from torch import nn
 
 from driveengine.data import FrameStream, MixedStream, MixSource
-from driveengine.files import atomic_path
+from driveengine.files import atomic_path, atomic_write_bytes, remove_stale_temporaries
 from driveengine.models.heads import ModelOutputs, predict
 from driveengine.schemas import VoxelGrid
 from driveengine.schemas.classes import ClassTable
@@ -879,7 +879,8 @@ def pretrain(config: PretrainConfig) -> PretrainSummary:
     csv_log = None
     if is_main:
         run.mkdir(parents=True, exist_ok=True)
-        (run / "config.json").write_text(json.dumps(config.to_dict(), indent=1) + "\n")
+        remove_stale_temporaries(run)  # a checkpoint's temporary left by a killed run
+        atomic_write_bytes(run / "config.json", (json.dumps(config.to_dict(), indent=1) + "\n").encode())
         csv_log = CsvLog(run / "metrics.csv", step if ckpt is not None else None)
 
     def save_checkpoint() -> Path | None:

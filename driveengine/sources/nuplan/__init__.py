@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from driveengine.schemas.classes import OPENSCENE_CLASSES
-from driveengine.sources.base import MAX_SWEEP_POINTS, InputLog, logs_in_folder
+from driveengine.sources.base import MAX_SWEEP_BYTES, MAX_SWEEP_POINTS, InputLog, logs_in_folder
 from driveengine.sources.logdata import LogData
 from driveengine.sources.nuplan.constants import CAMERA_CHANNELS, LIDAR_CHANNEL
 from driveengine.splits import SplitDef
@@ -55,7 +55,7 @@ def nuplan_points_ego(data: bytes, path: str) -> np.ndarray:
     """(N, 4) float32 x, y, z, intensity of a nuPlan ``.pcd`` (its points are in the ego frame already)."""
     from driveengine.sources.pcd import parse_pcd  # numba: imported on first use
 
-    cloud = parse_pcd(bytearray(data), path, max_points=MAX_SWEEP_POINTS)
+    cloud = parse_pcd(bytearray(data), path, max_points=MAX_SWEEP_POINTS, max_bytes=MAX_SWEEP_BYTES)
     out = np.empty((cloud.num_points, 4), dtype=np.float32)
     out[:, :3] = cloud.xyz
     out[:, 3] = cloud.fields["intensity"] if "intensity" in cloud.fields else 0.0
@@ -69,13 +69,10 @@ def sensor_folders(blob_root: Path, log_name: str) -> list[Path]:
 
 
 def pcd_file_defect(path: Path) -> str | None:
-    """:func:`driveengine.sources.pcd.pcd_defect` (imported on first use: numba)."""
-    from driveengine.sources.pcd import pcd_defect, read_pcd_header
+    """:func:`driveengine.sources.pcd.pcd_defect` within a sweep's limits (imported on first use: numba)."""
+    from driveengine.sources.pcd import pcd_defect
 
-    defect = pcd_defect(path)
-    if defect is None and (points := read_pcd_header(path).points) > MAX_SWEEP_POINTS:
-        return f"{points} points, more than the {MAX_SWEEP_POINTS} a sweep may hold"
-    return defect
+    return pcd_defect(path, max_points=MAX_SWEEP_POINTS, max_bytes=MAX_SWEEP_BYTES)
 
 
 class NuplanSource:

@@ -372,13 +372,15 @@ def lidarseg_classes(log: LogData, sweep: int, blob_root: Path, num_points: int)
         return None
     path = Path(blob_root) / rel
     try:
-        data = path.read_bytes()
+        with open(path, "rb") as f:
+            data = f.read(num_points + 1)  # one byte a point: a larger file is not read whole
     except OSError as exc:
         raise SourceError(
             path, f"lidarseg labels listed in lidarseg.json but unreadable ({exc.strerror or exc})"
         ) from None
     if len(data) != num_points:
-        raise SourceError(path, f"lidarseg labels: {len(data)} bytes for a sweep of {num_points} points")
+        size = f"{len(data)} bytes" if len(data) <= num_points else "more bytes"
+        raise SourceError(path, f"lidarseg labels: {size} for a sweep of {num_points} points")
     ids = np.frombuffer(data, dtype=np.uint8)
     classes = log.lidarseg_class[ids]
     if (classes == UNKNOWN_CLASS).any():
