@@ -19,7 +19,8 @@ from __future__ import annotations
 import os
 import re
 import secrets
-from collections.abc import Iterator
+import shutil
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -41,19 +42,47 @@ def fsync_dir(path: str | os.PathLike[str]) -> None:
         os.close(fd)
 
 
-def remove_stale_temporaries(folder: str | os.PathLike[str]) -> list[Path]:
-    """Remove the temporaries that killed writers of :func:`atomic_path` left in ``folder`` (not below);
-    returns them. Only for a folder one process writes at a time (a live writer's temporary looks the
-    same)."""
+def fsync_file(path: str | os.PathLike[str]) -> None:
+    """fsync a written file's data to disk (errors propagate: the data may not be there)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _is_atomic_temporary(name: str) -> bool:
+    return ATOMIC_TMP_RE.fullmatch(name) is not None
+
+
+def remove_stale_temporaries(
+    folder: str | os.PathLike[str],
+    is_temporary: Callable[[str], bool] = _is_atomic_temporary,
+    folders: bool = False,
+) -> list[Path]:
+    """Remove the temporaries that killed writers left in ``folder`` (not below); returns them. Only for a
+    folder one process writes at a time (a live writer's temporary looks the same).
+
+    Args:
+        folder: where to look (a missing folder has none).
+        is_temporary: which names are temporaries (default: :func:`atomic_path`'s).
+        folders: also remove folders of such names, with their contents (default: files only).
+    """
     removed = []
     try:
         entries = list(os.scandir(folder))
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         return removed
     for entry in entries:
-        if ATOMIC_TMP_RE.fullmatch(entry.name) and entry.is_file(follow_symlinks=False):
+        if not is_temporary(entry.name):
+            continue
+        if entry.is_dir(follow_symlinks=False):
+            if not folders:
+                continue
+            shutil.rmtree(entry.path, ignore_errors=True)
+        else:
             Path(entry.path).unlink(missing_ok=True)
-            removed.append(Path(entry.path))
+        removed.append(Path(entry.path))
     return removed
 
 
@@ -72,11 +101,7 @@ def atomic_path(path: str | os.PathLike[str], *, durable: bool = True) -> Iterat
     try:
         yield tmp
         if durable:  # an error here (EIO, ENOSPC) fails the write; the target keeps its old content
-            fd = os.open(tmp, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            fsync_file(tmp)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

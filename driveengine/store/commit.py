@@ -74,7 +74,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from driveengine.errors import DriveEngineError
-from driveengine.files import ATOMIC_TMP_RE, fsync_dir
+from driveengine.files import ATOMIC_TMP_RE, fsync_dir, fsync_file, remove_stale_temporaries
 from driveengine.store.manifest import (
     MANIFEST_NAME,
     LogEntry,
@@ -180,28 +180,12 @@ def clean_stale_temporaries(split_dir: str | os.PathLike[str]) -> list[str]:
         The removed paths, relative to ``split_dir``.
     """
     split_dir = Path(split_dir)
-    removed = []
-    for sub in (META_DIR, OCC_DIR, "."):
-        folder = split_dir / sub
-        if not folder.is_dir():
-            continue
-        for entry in os.scandir(folder):
-            if not is_temporary(entry.name):
-                continue
-            if entry.is_dir(follow_symlinks=False):
-                shutil.rmtree(entry.path, ignore_errors=True)
-            else:
-                Path(entry.path).unlink(missing_ok=True)
-            removed.append(os.path.relpath(entry.path, split_dir))
+    removed = [
+        os.path.relpath(path, split_dir)
+        for sub in (META_DIR, OCC_DIR, ".")
+        for path in remove_stale_temporaries(split_dir / sub, is_temporary, folders=True)
+    ]
     return sorted(removed)
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
@@ -232,7 +216,7 @@ def sha256_tree(root: str | os.PathLike[str]) -> str:
 def _fsync_tree(root: Path) -> None:
     for dirpath, _dirs, files in os.walk(root):
         for name in files:
-            _fsync_file(Path(dirpath) / name)
+            fsync_file(Path(dirpath) / name)
         fsync_dir(dirpath)
 
 
@@ -274,7 +258,7 @@ def commit_log_files(
             _fsync_tree(tmp)
             checksums[rel] = sha256_tree(tmp)
         else:
-            _fsync_file(tmp)
+            fsync_file(tmp)
             checksums[rel] = sha256_file(tmp)
     if may_commit is not None and not may_commit():
         raise CommitError(
