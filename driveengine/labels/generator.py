@@ -101,6 +101,7 @@ Kernels are serial (see :mod:`~driveengine.labels.voxel_ops`); ``collect`` runs 
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, fields
@@ -976,15 +977,16 @@ def source_point_loader(source: Source, log: LogData, blob_root: Path, stats: La
     def load(k: int) -> np.ndarray | None:
         path = Path(blob_root) / str(log.sweep_lidar_path[k])
         try:
-            size = path.stat().st_size
-            if size > MAX_SWEEP_BYTES:  # not read at all (bounded memory per log)
-                stats.sweeps_unreadable += 1
-                stats.notes.append(f"{path}: {size} bytes, more than a sweep's {MAX_SWEEP_BYTES}; skipped")
-                return None
-            data = path.read_bytes()
+            with open(path, "rb") as f:
+                data = f.read(MAX_SWEEP_BYTES + 1)  # a larger file is not read whole (bounded memory per log)
+                size = os.fstat(f.fileno()).st_size if len(data) > MAX_SWEEP_BYTES else len(data)
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             stats.sweeps_missing += 1
             stats.notes.append(f"{path}: missing point cloud, sweep skipped")
+            return None
+        if size > MAX_SWEEP_BYTES:
+            stats.sweeps_unreadable += 1
+            stats.notes.append(f"{path}: {size} bytes, more than a sweep's {MAX_SWEEP_BYTES}; skipped")
             return None
         try:
             return source.points_ego(data, str(path), log.ego_from_lidar)[:, :3]

@@ -328,12 +328,8 @@ def points_ego(data: bytes, path: str, ego_from_lidar: np.ndarray) -> np.ndarray
             f"truncated sweep: {len(data)} bytes is not a whole number of {PCD_BIN_POINT_BYTES}-byte points",
             _HINT_FILES,
         )
-    if len(data) // PCD_BIN_POINT_BYTES > MAX_SWEEP_POINTS:
-        raise SourceError(
-            path,
-            f"{len(data) // PCD_BIN_POINT_BYTES} points, more than the {MAX_SWEEP_POINTS} a sweep may hold: damaged?",
-            _HINT_FILES,
-        )
+    if (too_many := _too_many_points(len(data))) is not None:
+        raise SourceError(path, f"{too_many}: damaged?", _HINT_FILES)
     raw = np.frombuffer(data, dtype="<f4").reshape(-1, PCD_BIN_FIELDS)
     m = np.asarray(ego_from_lidar, dtype=np.float64)
     out = np.empty((raw.shape[0], 4), dtype=np.float32)
@@ -352,9 +348,17 @@ def sweep_file_defect(path: Path) -> str | None:
         return "empty sweep file"
     if size % PCD_BIN_POINT_BYTES:
         return f"{size} bytes is not a whole number of {PCD_BIN_POINT_BYTES}-byte points: truncated"
-    if size // PCD_BIN_POINT_BYTES > MAX_SWEEP_POINTS:
-        return f"{size // PCD_BIN_POINT_BYTES} points, more than the {MAX_SWEEP_POINTS} a sweep may hold"
-    return None
+    return _too_many_points(size)
+
+
+def _too_many_points(size: int) -> str | None:
+    """Why a ``.pcd.bin`` of ``size`` bytes holds more points than a sweep may, or None."""
+    points = size // PCD_BIN_POINT_BYTES
+    return (
+        f"{points} points, more than the {MAX_SWEEP_POINTS} a sweep may hold"
+        if points > MAX_SWEEP_POINTS
+        else None
+    )
 
 
 def lidarseg_classes(log: LogData, sweep: int, blob_root: Path, num_points: int) -> np.ndarray | None:
