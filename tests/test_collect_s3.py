@@ -21,9 +21,8 @@ import numpy as np
 import pytest
 
 from driveengine.collect.plan import plan_tasks
-from driveengine.collect.pool import KILL_HOOK_ENV
+from driveengine.collect.pool import KILL_HOOK_ENV, KILL_ONCE_ENV
 from driveengine.collect.runner import CollectConfig, collect
-from driveengine.collect.schedulers import KILL_ONCE_ENV
 from driveengine.data import FrameStream
 from driveengine.store.check import DIFFERS, MISSING, OK, collected_split_folder, verify_split
 from driveengine.store.commit import (

@@ -91,6 +91,8 @@ class LogResult:
         broken: ``"<file>: <defect>"`` of the first broken sensor files found (their frames dropped).
         seconds: wall time of the job.
         peak_rss_mib: peak resident memory of the worker process so far, MiB.
+        worker_deaths: how the workers of this log's earlier attempts died (local pool runs; e.g.
+            ``signal 9, SIGKILL``); empty when the first attempt ended it.
     """
 
     log_name: str
@@ -103,6 +105,7 @@ class LogResult:
     broken: list[str] = field(default_factory=list)
     seconds: float = 0.0
     peak_rss_mib: float = 0.0
+    worker_deaths: list[str] = field(default_factory=list)
 
 
 def _split_tokens(task: LogTask) -> frozenset[str] | None:

@@ -89,6 +89,8 @@ class CollectSummary:
         cleaned: leftovers removed: temporaries of crashed runs (folder, at start); objects that no
             manifest entry names (object store, at start and end: crashed or killed attempts, logs redone).
         broken: ``"<file>: <defect>"`` of the first broken sensor files met (their frames dropped).
+        retried: log -> how the workers of its earlier attempts died (local pool), whether the log was
+            then done (the text summary lists these) or failed (its reason says so).
     """
 
     split_dir: Path | str
@@ -102,6 +104,7 @@ class CollectSummary:
     peak_rss_mib: float = 0.0
     cleaned: list[str] = field(default_factory=list)
     broken: list[str] = field(default_factory=list)
+    retried: dict[str, list[str]] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -113,7 +116,7 @@ class CollectSummary:
             "split_dir": str(self.split_dir), "ok": self.ok, "done": list(self.done), "skipped": list(self.skipped),
             "failed": dict(self.failed), "frames": self.frames, "dropped": dict(sorted(self.dropped.items())),
             "empty": dict(self.empty), "seconds": round(self.seconds, 3), "peak_rss_mib": round(self.peak_rss_mib, 1),
-            "cleaned": len(self.cleaned), "broken": list(self.broken),
+            "cleaned": len(self.cleaned), "broken": list(self.broken), "retried": dict(self.retried),
         }  # fmt: skip
 
     def format(self) -> str:
@@ -143,6 +146,9 @@ class CollectSummary:
             )
         elif self.cleaned:
             lines.append(f"removed {len(self.cleaned)} stale temporaries of an interrupted run")
+        for name, deaths in sorted(self.retried.items()):
+            if name not in self.failed:
+                lines.append(f"  retried {name} after its worker died ({'; '.join(deaths)})")
         for name, reason in sorted(self.failed.items()):
             lines.append(f"  FAILED {name}: {reason}")
         if self.failed:
@@ -273,6 +279,8 @@ def _consume(
     try:
         for result in results:
             summary.peak_rss_mib = max(summary.peak_rss_mib, result.peak_rss_mib)
+            if result.worker_deaths:
+                summary.retried[result.log_name] = list(result.worker_deaths)
             refused = None if result.entry is None else output.check_result(result.entry)
             if refused is not None:
                 result.status, result.reason = "failed", refused

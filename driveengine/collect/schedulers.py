@@ -27,9 +27,9 @@ the client reacts, and stops them).
 pool worker before it starts the log (see :mod:`driveengine.collect.pool`); a Dask worker, or this
 process in an in-process run (``workers=1``: the client itself dies), while working on it, at the first
 frame whose labels are made (the frame shard is written and, on an object store, uploaded by then;
-before it starts when the log has no labels). When :data:`KILL_ONCE_ENV` also names a file, only the
-process that creates that file dies (once per test), so the retry succeeds. Unset (the normal case)
-they do nothing.
+before it starts when the log has no labels). When :data:`~driveengine.collect.pool.KILL_ONCE_ENV`
+(``DRIVEENGINE_TEST_KILL_ONCE_FILE``) also names a file, only the process that creates that file dies
+(once per test), so the retry succeeds. Unset (the normal case) they do nothing.
 """
 
 from __future__ import annotations
@@ -44,29 +44,20 @@ from collections.abc import Callable, Iterator
 
 from driveengine.collect.config import CollectError
 from driveengine.collect.job import LogResult, LogTask, run_log
+from driveengine.collect.pool import KILL_HOOK_ENV, kill_for_test, run_pool
 
 #: Called with (log name, frames just labelled) as labels are made (in-process and pool runs).
 Progress = Callable[[str, int], None]
-#: Environment variable naming a file: with the kill hook, only the process that creates it dies (tests).
-KILL_ONCE_ENV = "DRIVEENGINE_TEST_KILL_ONCE_FILE"
 
 
 def _kill_hook(task: LogTask) -> Callable[[int], None] | None:
     """The test hook of the module doc for ``task``: a progress callback that SIGKILLs this process, or
     None (the normal case: the environment names no log, or another one)."""
-    from driveengine.collect.pool import KILL_HOOK_ENV
-
     if os.environ.get(KILL_HOOK_ENV) != task.log_name:
         return None
 
     def kill(_frames: int = 0) -> None:
-        once = os.environ.get(KILL_ONCE_ENV)
-        if once:
-            try:
-                os.close(os.open(once, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
-            except FileExistsError:
-                return
-        os.kill(os.getpid(), signal.SIGKILL)
+        kill_for_test()
 
     return kill
 
@@ -107,8 +98,6 @@ def run_tasks(
         return _results_dask(tasks, scheduler)
     if workers <= 1 or len(tasks) == 1:
         return _results_inline(tasks, report)
-    from driveengine.collect.pool import run_pool
-
     return run_pool(tasks, min(workers, len(tasks)), report)
 
 
