@@ -210,25 +210,28 @@ def _how_it_died(exitcode: int | None, server_died: bool) -> str:
 _PF_EXITING = 0x4
 
 
-def _parent_pid(pid: int) -> int | None:
-    """The parent of process ``pid`` from ``/proc``; None when it is gone or there is no ``/proc``."""
+def _stat_fields(pid: int) -> list[bytes] | None:
+    """Fields 3 on (state, parent pid, ..., flags at index 6) of ``/proc/<pid>/stat``; None when the
+    process is gone or there is no ``/proc``."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_bytes()
     except OSError:
         return None
-    return int(stat[stat.rindex(b")") + 2 :].split()[1])
+    return stat[stat.rindex(b")") + 2 :].split()  # the name, in parentheses, may hold spaces
+
+
+def _parent_pid(pid: int) -> int | None:
+    """The parent of process ``pid`` from ``/proc``; None when it is gone or there is no ``/proc``."""
+    fields = _stat_fields(pid)
+    return None if fields is None else int(fields[1])
 
 
 def _exited(pid: int) -> bool:
     """Whether process ``pid`` has exited or is exiting: gone, a zombie, or flagged ``PF_EXITING``. A killed
     process closes its files while it exits, before it becomes a zombie, so its pipes can report it dead
     while ``/proc`` still shows it running; the flag is set by then."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_bytes()
-    except OSError:
-        return True
-    fields = stat[stat.rindex(b")") + 2 :].split()
-    return fields[0] in (b"Z", b"X") or bool(int(fields[6]) & _PF_EXITING)
+    fields = _stat_fields(pid)
+    return fields is None or fields[0] in (b"Z", b"X") or bool(int(fields[6]) & _PF_EXITING)
 
 
 def _start_worker(context: ForkServerContext, client: Connection, kill_on_log: str | None) -> _Worker:
