@@ -11,10 +11,17 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from types import SimpleNamespace
 
-from driveengine.collect.pool import RETRIES, SERVER_DEATHS, _Attempts, _exited, _parent_pid, _Worker
+from driveengine.collect.pool import (
+    RETRIES,
+    SERVER_DEATHS,
+    _Attempts,
+    _exited,
+    _parent_pid,
+    _stat_fields,
+    _Worker,
+)
 
 
 @dataclass
@@ -36,14 +43,6 @@ def _reaped_pids(n: int) -> list[int]:
     return [child.pid for child in children]
 
 
-def _state(pid: int) -> str | None:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return stat[stat.rindex(")") + 2 :].split()[0]
-
-
 def test_exited_tells_a_running_process_from_a_zombie_and_a_reaped_one() -> None:
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
@@ -51,8 +50,8 @@ def test_exited_tells_a_running_process_from_a_zombie_and_a_reaped_one() -> None
         assert _parent_pid(child.pid) == os.getpid() and _parent_pid(os.getpid()) == os.getppid()
         child.kill()
         deadline = time.monotonic() + 20
-        while _state(child.pid) != "Z":  # dead, not yet waited for
-            assert time.monotonic() < deadline, _state(child.pid)
+        while (_stat_fields(child.pid) or [b"?"])[0] != b"Z":  # dead, not yet waited for
+            assert time.monotonic() < deadline, _stat_fields(child.pid)
             time.sleep(0.01)
         assert _exited(child.pid)
     finally:

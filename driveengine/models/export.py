@@ -275,7 +275,6 @@ def save_backbone(
     state = backbone_state_dict(model)
     spec, width = identify_backbone(state)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     out_state = {f"{key_prefix}{k}": v for k, v in state.items()}
     with atomic_path(path, durable=False) as tmp:
         torch.save(out_state, tmp)
